@@ -1,0 +1,17 @@
+"""P2PL and its baselines (fedavg, centralized, local): small and alike."""
+
+from __future__ import annotations
+
+from p2pl.algorithms.base import Algorithm
+from p2pl.algorithms.centralized import Centralized
+from p2pl.algorithms.fedavg import FedAvg
+from p2pl.algorithms.local import Local
+from p2pl.algorithms.p2pl import P2PL
+from p2pl.errors import choose
+
+ALGORITHMS = ("p2pl", "fedavg", "centralized", "local")
+
+
+def make_algorithm(name: str) -> Algorithm:
+    choose("algorithm", name, ALGORITHMS)
+    return {"p2pl": P2PL, "fedavg": FedAvg, "centralized": Centralized, "local": Local}[name]()

@@ -1,0 +1,44 @@
+"""``p2pl compare``: P2PL, FedAvg, centralized and local on the same data, model and seeds."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from typing import Any
+
+from p2pl.algorithms import ALGORITHMS
+from p2pl.cli.common import add_config_arguments, add_output_arguments, config_from_args, out_dir
+from p2pl.report import accuracy_curves, console, plot_accuracy, round_progress, summary_table
+from p2pl.sim.simulator import run_experiment
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = sub.add_parser("compare", help="run p2pl, fedavg, centralized and local side by side")
+    add_config_arguments(parser)
+    add_output_arguments(parser, "runs/compare")
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    base = config_from_args(args)
+    directory = out_dir(args, base) if args.out or base.output.dir != "runs/default" else out_dir(args, base)
+    if not args.out and base.output.dir == "runs/default":
+        directory = directory.parent / "compare"
+    summaries: dict[str, dict[str, Any]] = {}
+    curves = {}
+    enabled = base.output.progress and not args.quiet
+    for name in ALGORITHMS:
+        cfg = replace(base, algorithm=name)
+        with round_progress(name, cfg.rounds, enabled) as update:
+            result = run_experiment(cfg, directory / name, progress=update, resume=not args.fresh)
+        summaries[name] = result.summary
+        curves[name] = accuracy_curves(result.history)
+    console.print(summary_table(summaries, title=f"{base.devices} devices, {base.data.name}, {base.rounds} rounds"))
+    plot_accuracy(curves, directory / "accuracy.png", title="test accuracy per round: mean (solid), min (dashed)")
+    p2pl, fedavg = summaries["p2pl"]["final"]["accuracy"], summaries["fedavg"]["final"]["accuracy"]
+    console.print(
+        f"P2PL vs FedAvg: mean {100 * (p2pl['mean'] - fedavg['mean']):+.1f} points, "
+        f"min {100 * (p2pl['min'] - fedavg['min']):+.1f} points"
+    )
+    console.print(f"results in {directory}/ (one folder per algorithm, accuracy.png)")
+    return 0

@@ -1,0 +1,27 @@
+"""``p2pl run``: one experiment, results written atomically to --out, resumable."""
+
+from __future__ import annotations
+
+import argparse
+
+from p2pl.cli.common import add_config_arguments, add_output_arguments, config_from_args, out_dir
+from p2pl.report import console, round_progress, summary_table
+from p2pl.sim.simulator import run_experiment
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = sub.add_parser("run", help="run one experiment (default: P2PL, 100 devices, digits)")
+    add_config_arguments(parser)
+    add_output_arguments(parser, "runs/default")
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    directory = out_dir(args, cfg)
+    enabled = cfg.output.progress and not args.quiet
+    with round_progress(f"{cfg.algorithm} x{cfg.devices}", cfg.rounds, enabled) as update:
+        result = run_experiment(cfg, directory, progress=update, resume=not args.fresh)
+    console.print(summary_table({cfg.algorithm: result.summary}))
+    console.print(f"results in {directory}/ (metrics.csv, rounds.csv, summary.json, config.toml)")
+    return 0

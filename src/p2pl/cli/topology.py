@@ -1,0 +1,36 @@
+"""``p2pl topology``: degree statistics, diameter and spectral gap of W; optional PNG drawing."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from p2pl.cli.common import add_config_arguments, config_from_args
+from p2pl.graph.draw import draw_topology
+from p2pl.graph.stats import format_stats, graph_stats
+from p2pl.graph.topology import build_topology
+from p2pl.graph.weights import mixing_weights
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = sub.add_parser("topology", help="describe the device graph of a config (and draw it)")
+    add_config_arguments(parser)
+    parser.add_argument("--png", type=Path, help="save a drawing of the graph to this PNG file")
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    topology = build_topology(cfg.topology, cfg.devices, cfg.seed)
+    sizes = None
+    if cfg.consensus.weights == "data-size":
+        from p2pl.sim.experiment import build_experiment
+
+        sizes = build_experiment(cfg).setting.data_sizes
+    weights = mixing_weights(cfg.devices, topology.edges, cfg.consensus.weights, sizes)
+    print(f"topology {topology.name}, weights {cfg.consensus.weights}")
+    print(format_stats(graph_stats(topology, weights)))
+    if args.png:
+        draw_topology(topology, args.png, title=f"{topology.name}, {cfg.devices} devices")
+        print(f"drawing saved to {args.png}")
+    return 0

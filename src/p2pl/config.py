@@ -1,0 +1,312 @@
+"""Typed experiment configuration: dataclasses, TOML loading, ``--set`` overrides, saving.
+
+Every section is a dataclass with defaults, so an empty TOML file is the default experiment.
+Unknown keys are errors that name the key and the valid ones; values are type-checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from p2pl.errors import P2PLError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # dataset registry name
+    root: str = "data"  # directory holding file-based datasets
+    download: bool = False  # never download unless asked
+    test_fraction: float = 0.2  # held-out share for datasets without a standard test split
+    path: str = ""  # a user's own data file or folder (npz, csv, image folder)
+    label_column: str = "label"  # csv: the label column
+    device_assignment: str = ""  # optional file assigning each training sample to a device
+
+
+@dataclass
+class PartitionConfig:
+    scheme: str = "iid"  # iid | dirichlet | shards | quantity
+    alpha: float = 0.5  # dirichlet concentration (label skew); smaller = more skewed
+    shards_per_device: int = 2  # shards: label shards per device
+    quantity_sigma: float = 1.0  # quantity: sigma of the log-normal local sizes
+    min_size: int = 1  # every device gets at least this many samples
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"  # model registry name
+    hidden: list[int] = field(default_factory=lambda: [64])  # mlp hidden widths
+    factory: str = ""  # user model, "package.module:factory"
+
+
+@dataclass
+class TopologyConfig:
+    name: str = "random-geometric"
+    radius: float = 0.25  # random-geometric: link range in the unit square
+    p: float = 0.1  # erdos-renyi: edge probability
+    k: int = 4  # small-world: neighbours in the ring lattice; random-regular: degree
+    rewire: float = 0.1  # small-world: rewiring probability
+    m: int = 2  # barabasi-albert: edges per new node
+    rows: int = 0  # grid/torus rows (0: most square)
+    area_m: float = 0.0  # random-geometric in metres: side of the square area (0: unit square)
+    range_m: float = 0.0  # random-geometric in metres: radio range
+    path: str = ""  # edge-list file for name = "edge-list"
+    allow_disconnected: bool = False
+
+
+@dataclass
+class LinksConfig:
+    """Intermittent links, device dropout, stragglers and mobility (see p2pl.graph.links)."""
+
+    model: str = "static"  # static | bernoulli | gilbert-elliott
+    p_up: float = 1.0  # bernoulli: probability a link is up in a round
+    ge_good_to_bad: float = 0.1  # gilbert-elliott: P(good -> bad) per round
+    ge_bad_to_good: float = 0.3  # gilbert-elliott: P(bad -> good) per round
+    ge_up_good: float = 1.0  # gilbert-elliott: P(link up | good)
+    ge_up_bad: float = 0.0  # gilbert-elliott: P(link up | bad)
+    dropout: float = 0.0  # probability a device is absent in a round
+    straggler_prob: float = 0.0  # probability a present device straggles in a round
+    straggler_work: float = 0.5  # share of its local epochs' steps a straggler finishes
+    mobility_speed: float = 0.0  # random waypoint speed per round (area units); 0 = static
+    mobility_pause: int = 0  # rounds a device pauses at each waypoint
+
+
+@dataclass
+class SyncConfig:
+    enabled: bool = True  # max norm synchronization before training
+    steps: int = 0  # 0: until no device changes (at most the diameter)
+
+
+@dataclass
+class TrainingConfig:
+    optimizer: str = "momentum"  # sgd | momentum | adam
+    lr: float = 0.05
+    momentum: float = 0.9  # used by "momentum"
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    local_epochs: int = 5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam
+    eps: float = 1e-8  # adam
+
+
+@dataclass
+class ConsensusConfig:
+    weights: str = "uniform"  # metropolis | max-degree | uniform | data-size
+    steps: int = 1  # consensus steps per round
+    affinity: float = 1.0  # (1-a) own + a mix; 1 = plain P2PL (our reading of arXiv 2312.13602)
+    every: int = 1  # sparse communication: cooperate every r rounds
+
+
+@dataclass
+class EvalConfig:
+    every: int = 1  # evaluate every k rounds (and always the last)
+    after_local: bool = False  # also evaluate after local training (oscillation)
+    test_batch: int = 4096  # test samples per evaluation chunk
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/default"
+    checkpoint_every: int = 1  # rounds between resumable checkpoints (0: never)
+    progress: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    algorithm: str = "p2pl"  # p2pl | fedavg | centralized | local
+    devices: int = 100
+    rounds: int = 50
+    seed: int = 0
+    engine: str = "vectorized"  # vectorized | reference
+    threads: int = 0  # torch CPU threads; 0 = choose from the workload size
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    links: LinksConfig = field(default_factory=LinksConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    consensus: ConsensusConfig = field(default_factory=ConsensusConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def validate(self) -> ExperimentConfig:
+        """Check numbers and ranges (names are checked by the registries that use them)."""
+        positive_ints = {
+            "devices": self.devices,
+            "rounds": self.rounds,
+            "training.batch_size": self.training.batch_size,
+            "training.local_epochs": self.training.local_epochs,
+            "consensus.steps": self.consensus.steps,
+            "consensus.every": self.consensus.every,
+            "eval.every": self.eval.every,
+            "eval.test_batch": self.eval.test_batch,
+            "partition.shards_per_device": self.partition.shards_per_device,
+        }
+        for key, value in positive_ints.items():
+            if value <= 0:
+                raise P2PLError(f"{key} must be a positive integer, got {value}; set e.g. --set {key}=1")
+        non_negative = {
+            "sync.steps": self.sync.steps,
+            "output.checkpoint_every": self.output.checkpoint_every,
+            "training.weight_decay": self.training.weight_decay,
+            "partition.min_size": self.partition.min_size,
+            "threads": self.threads,
+        }
+        for key, num in non_negative.items():
+            if num < 0:
+                raise P2PLError(f"{key} must be >= 0, got {num}")
+        positive_floats = {
+            "training.lr": self.training.lr,
+            "partition.alpha": self.partition.alpha,
+            "partition.quantity_sigma": self.partition.quantity_sigma,
+            "training.eps": self.training.eps,
+        }
+        for key, num in positive_floats.items():
+            if not num > 0:
+                raise P2PLError(f"{key} must be > 0, got {num}")
+        if not 0 <= self.training.momentum < 1:
+            raise P2PLError(f"training.momentum must be in [0, 1), got {self.training.momentum}")
+        if len(self.training.betas) != 2 or not all(0 <= b < 1 for b in self.training.betas):
+            raise P2PLError(f"training.betas must be two numbers in [0, 1), got {self.training.betas}")
+        if not 0 < self.consensus.affinity <= 1:
+            raise P2PLError(f"consensus.affinity must be in (0, 1], got {self.consensus.affinity}")
+        if not 0 < self.data.test_fraction < 1:
+            raise P2PLError(f"data.test_fraction must be in (0, 1), got {self.data.test_fraction}")
+        if any(h <= 0 for h in self.model.hidden):
+            raise P2PLError(f"model.hidden widths must be positive, got {self.model.hidden}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass with strict keys and types
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check (and where lossless, convert) a TOML value to the annotated field type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise P2PLError(f"{key} must be a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise P2PLError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise P2PLError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise P2PLError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise P2PLError(f"{key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {key}")  # a bug in this module, not input
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        where = f"[{prefix.rstrip('.')}]" if prefix else "the top level"
+        raise P2PLError(
+            f"unknown config key {prefix + unknown[0]!r} in {where}; valid keys: {', '.join(fields)}"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        tp = hints[name]
+        key = prefix + name
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise P2PLError(f"{key} must be a table ([{key}]), got {value!r}")
+            kwargs[name] = _from_dict(tp, value, key + ".")  # type: ignore[arg-type]
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    cfg: ExperimentConfig = _from_dict(ExperimentConfig, data)
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``section.key=value``; the value is read as TOML, falling back to a bare string."""
+    if "=" not in text:
+        raise P2PLError(f"--set expects section.key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise P2PLError(f"--set expects section.key=value, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise P2PLError(f"--set {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise P2PLError(f"config file {str(file)!r} not found; pass an existing TOML file")
+    try:
+        return tomllib.loads(file.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise P2PLError(f"config file {str(file)!r} is not valid TOML: {err}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a TOML config (or the defaults), apply ``--set`` overrides, type-check and validate."""
+    data = read_toml(path) if path else {}
+    apply_overrides(data, overrides or [])
+    return config_from_dict(data).validate()
+
+
+def dumps_config(cfg: ExperimentConfig) -> str:
+    return tomli_w.dumps(config_to_dict(cfg))

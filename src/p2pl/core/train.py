@@ -1,0 +1,205 @@
+"""Local training for a batch of devices: one batched forward/backward per local step.
+
+The P2PL local phase, written once: the simulator runs it over all N devices, a Ray shard over
+its devices, and a real node over a batch of one. Devices with fewer samples take fewer steps
+(exactly what they would do alone); absent devices (work 0) take none; stragglers stop after a
+share of their steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, vmap
+
+from p2pl.config import TrainingConfig
+from p2pl.core import optim
+from p2pl.core.params import ParamSpec
+from p2pl.core.schedule import EpochPlan, Partition, epoch_plan
+from p2pl.errors import P2PLError, choose
+
+STRATEGIES = ("auto", "bmm", "vmap", "loop")
+
+LossGrad = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+BatchedLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _has_conv(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+
+
+def _is_plain_mlp(model: nn.Module) -> bool:
+    return isinstance(model, nn.Sequential) and all(isinstance(m, (nn.Flatten, nn.Linear, nn.ReLU)) for m in model)
+
+
+def choose_strategy(model: nn.Module, requested: str = "auto") -> str:
+    """The fastest exact way to batch this model's local steps over devices on CPU.
+
+    bmm: a plain MLP as batched matmuls (fastest); vmap: any functional model, batched by
+    torch.func; loop: one device at a time (batched convolutions are not faster than a loop on
+    CPU, see BENCHMARKS.md).
+    """
+    choose("training strategy", requested, STRATEGIES)
+    if requested == "bmm" and not _is_plain_mlp(model):
+        raise P2PLError("training strategy 'bmm' needs a plain MLP (Flatten/Linear/ReLU); use 'vmap'")
+    if requested != "auto":
+        return requested
+    if _is_plain_mlp(model):
+        return "bmm"
+    return "loop" if _has_conv(model) else "vmap"
+
+
+def _masked_mean(per_sample: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over each device's real samples in the batch (padding is masked out)."""
+    return (per_sample * mask).sum(-1) / mask.sum(-1)
+
+
+def _bmm_losses(model: nn.Module, spec: ParamSpec) -> BatchedLoss:
+    layers = list(model)  # type: ignore[call-overload]
+
+    def losses(flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        p = spec.unflatten(flat)
+        h = x.flatten(2)  # [n, b, features]
+        for i, layer in enumerate(layers):
+            if isinstance(layer, nn.Linear):
+                h = torch.baddbmm(p[f"{i}.bias"].unsqueeze(1), h, p[f"{i}.weight"].transpose(1, 2))
+            elif isinstance(layer, nn.ReLU):
+                h = torch.relu(h)
+        n, b, c = h.shape
+        per_sample = F.cross_entropy(h.reshape(n * b, c), y.reshape(-1), reduction="none").view(n, b)
+        return _masked_mean(per_sample, mask)
+
+    return losses
+
+
+def _vmap_losses(model: nn.Module, spec: ParamSpec) -> BatchedLoss:
+    def device_loss(flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(model, spec.unflatten(flat), (x,))
+        return _masked_mean(F.cross_entropy(logits, y, reduction="none"), mask)
+
+    return vmap(device_loss)  # type: ignore[no-any-return]
+
+
+def _loop_losses(model: nn.Module, spec: ParamSpec) -> BatchedLoss:
+    def losses(flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = []
+        for i in range(flat.shape[0]):
+            valid = mask[i] > 0  # a device's short last batch: only its real samples
+            logits = functional_call(model, spec.unflatten(flat[i]), (x[i][valid],))
+            out.append(F.cross_entropy(logits, y[i][valid]))
+        return torch.stack(out)
+
+    return losses
+
+
+def make_loss_grad(model: nn.Module, spec: ParamSpec, strategy: str) -> LossGrad:
+    """f(flat [n,P], x [n,b,...], y [n,b], mask [n,b]) -> (grads [n,P], losses [n])."""
+    batched = {"bmm": _bmm_losses, "vmap": _vmap_losses, "loop": _loop_losses}[strategy](model, spec)
+
+    def loss_grad(
+        flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        leaf = flat.detach().requires_grad_(True)
+        with torch.enable_grad():
+            losses = batched(leaf, x, y, mask)
+            # Devices are independent, so d(sum of losses)/d(row n) is device n's own gradient.
+            (grads,) = torch.autograd.grad(losses.sum(), leaf)
+        return grads, losses.detach()
+
+    return loss_grad
+
+
+def step_limits(sizes: np.ndarray, cfg: TrainingConfig, work: np.ndarray | None) -> torch.Tensor:
+    """Local steps each device takes this round: E epochs of ceil(|D_n|/B) mini-batches, or a
+    share of them for a straggler (``work`` in [0, 1]; 0 = absent)."""
+    per_epoch = (torch.from_numpy(np.asarray(sizes, dtype=np.int64)) + cfg.batch_size - 1) // cfg.batch_size
+    full = per_epoch * cfg.local_epochs
+    if work is None:
+        return full
+    share = torch.from_numpy(np.asarray(work, dtype=np.float64))
+    return torch.minimum(torch.ceil(full.double() * share - 1e-9).long(), full)
+
+
+@dataclass
+class RoundStats:
+    mean_loss: torch.Tensor  # [N] mean training loss over the steps taken (nan if none)
+    steps: torch.Tensor  # [N] local steps taken
+
+
+class VectorizedTrainer:
+    """Owns the per-device optimizer state of a batch of devices and runs their local epochs."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: ParamSpec,
+        x_train: torch.Tensor,
+        y_train: torch.Tensor,
+        partition: Partition,
+        cfg: TrainingConfig,
+        seed: int,
+        strategy: str = "auto",
+    ) -> None:
+        self.spec = spec
+        self.x_train, self.y_train = x_train, y_train
+        self.partition = partition
+        self.cfg = cfg
+        self.seed = seed
+        self.strategy = choose_strategy(model, strategy)
+        self.loss_grad = make_loss_grad(model, spec, self.strategy)
+        self.state = optim.init_state(cfg, len(partition.indices), spec.total)
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.partition.indices)
+
+    def train(self, params: torch.Tensor, round_index: int, work: np.ndarray | None = None) -> RoundStats:
+        """Run this round's local epochs, updating ``params [N, P]`` in place."""
+        limits = step_limits(self.partition.sizes, self.cfg, work)
+        taken = torch.zeros(self.num_devices, dtype=torch.int64)
+        loss_sum = torch.zeros(self.num_devices, dtype=torch.float64)
+        for epoch in range(self.cfg.local_epochs):
+            if not bool((taken < limits).any()):
+                break
+            plan = epoch_plan(self.partition, self.seed, round_index, epoch, self.cfg.batch_size)
+            for t in range(plan.max_steps):
+                active = (t < plan.steps) & (taken < limits)
+                if not bool(active.any()):
+                    break
+                self._step(params, plan, t, active, loss_sum)
+                taken += active.long()
+        mean = torch.where(taken > 0, loss_sum / taken.clamp_min(1), torch.full_like(loss_sum, float("nan")))
+        return RoundStats(mean.float(), taken)
+
+    def _step(
+        self, params: torch.Tensor, plan: EpochPlan, t: int, active: torch.Tensor, loss_sum: torch.Tensor
+    ) -> None:
+        idx, mask = plan.batch(t)
+        everyone = bool(active.all())
+        rows = None if everyone else active.nonzero().squeeze(1)
+        if rows is not None:
+            idx, mask = idx[rows], mask[rows]
+        # Trim padding columns nobody in this step uses (keeps batch tensors tight).
+        width = int(mask.sum(1).max())
+        idx, mask = idx[:, :width], mask[:, :width]
+        x, y = self.x_train[idx], self.y_train[idx]
+        flat = params if rows is None else params[rows]
+        grads, losses = self.loss_grad(flat, x, y, mask.to(x.dtype))
+        optim.step(self.cfg, params, grads, self.state, rows)
+        if rows is None:
+            loss_sum += losses.double()
+        else:
+            loss_sum[rows] += losses.double()
+
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.state.tensors)
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for key in self.state.tensors:
+            self.state.tensors[key] = tensors[key].clone()

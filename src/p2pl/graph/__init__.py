@@ -1,0 +1,1 @@
+"""Topologies, mixing weights, graph statistics and link / failure models."""

@@ -1,0 +1,145 @@
+"""Graph statistics to report with every run: degrees, diameter, components, spectral gap of W."""
+
+from __future__ import annotations
+
+import networkx as nx
+import numpy as np
+import scipy.sparse as sp
+import scipy.sparse.csgraph as csgraph
+import scipy.sparse.linalg as spla
+
+from p2pl.graph.topology import Topology
+from p2pl.graph.weights import MixingWeights
+
+# Exact diameter = one BFS per device. Above these sizes it is replaced by networkx's 2-sweep
+# approximation, a lower bound, and "diameter_exact" says so.
+EXACT_DIAMETER_MAX_DEVICES = 3000
+EXACT_DIAMETER_MAX_WORK = 400_000_000  # N * (N + 2E) BFS steps: ~a few seconds in scipy's C BFS
+DENSE_EIG_MAX_DEVICES = 2000
+
+
+def _diameter(graph: nx.Graph, num_devices: int, num_edges: int) -> tuple[int, bool]:
+    """(diameter, exact) of a connected graph."""
+    if num_devices == 1:
+        return 0, True
+    if num_edges == num_devices * (num_devices - 1) // 2:
+        return 1, True  # complete: no BFS needed (and the all-pairs BFS would be the slowest case)
+    work = num_devices * (num_devices + 2 * num_edges)
+    if num_devices > EXACT_DIAMETER_MAX_DEVICES or work > EXACT_DIAMETER_MAX_WORK:
+        return int(nx.approximation.diameter(graph, seed=0)), False
+    adj = nx.to_scipy_sparse_array(graph, nodelist=range(num_devices), format="csr")
+    best = 0
+    # All-pairs BFS in chunks of sources keeps memory at chunk x N instead of N x N.
+    for start in range(0, num_devices, 256):
+        sources = np.arange(start, min(start + 256, num_devices))
+        dist = csgraph.shortest_path(adj, method="D", unweighted=True, directed=False, indices=sources)
+        best = max(best, int(dist.max()))
+    return best, True
+
+
+def _sparse_second_magnitude(w: sp.csr_matrix) -> float | None:
+    """|λ₂| of a large sparse W by shift-invert around ±1.
+
+    Plain largest-magnitude ARPACK crawls when λ₂ is within ~1e-7 of 1 (a ring of 10,000 devices),
+    while shift-invert near 1 separates 1 and λ₂ by orders of magnitude. It finds the eigenvalues
+    nearest to 1 and to -1, which are the extreme ones when the spectrum is real; that holds for
+    every rule in :mod:`p2pl.graph.weights` (each W is diagonally similar to a symmetric matrix).
+    A complex answer means that assumption failed, so we fall back to largest-magnitude ARPACK.
+    """
+    symmetric = abs(w - w.T).max() <= 1e-12
+    solve = spla.eigsh if symmetric else spla.eigs
+    eps = 1e-6  # shift just outside [-1, 1] keeps W - σI non-singular
+    try:
+        top = solve(w, k=2, sigma=1.0 + eps, which="LM", return_eigenvectors=False, tol=1e-12)
+        bottom = solve(w, k=1, sigma=-1.0 - eps, which="LM", return_eigenvectors=False, tol=1e-12)
+        vals = np.concatenate([np.asarray(top), np.asarray(bottom)])
+        if np.max(np.abs(np.imag(vals))) <= 1e-9:
+            real = np.sort(np.real(vals))  # [λ_min, λ₂, λ₁ = 1]
+            return float(max(abs(real[0]), abs(real[1])))
+    except (spla.ArpackNoConvergence, spla.ArpackError, RuntimeError, ValueError):
+        pass
+    try:
+        vals = spla.eigs(w, k=2, which="LM", return_eigenvectors=False, tol=1e-10, maxiter=2000)
+    except (spla.ArpackNoConvergence, spla.ArpackError):
+        return None
+    return float(np.sort(np.abs(vals))[0])
+
+
+def spectral_gap(weights: MixingWeights) -> float | None:
+    """1 − |λ₂| of W (W may be non-symmetric); None if the sparse eigensolver does not converge."""
+    n = weights.num_devices
+    if n == 1:
+        return 1.0  # a single device is its own average: consensus is immediate
+    if n <= DENSE_EIG_MAX_DEVICES:
+        second = float(np.sort(np.abs(np.linalg.eigvals(weights.dense())))[-2])
+    else:
+        found = _sparse_second_magnitude(weights.to_sparse())
+        if found is None:
+            return None
+        second = found
+    # W is non-negative and row-stochastic, so |λ| <= 1; clip rounding just outside [0, 1].
+    return float(min(1.0, max(0.0, 1.0 - second)))
+
+
+def graph_stats(topology: Topology, weights: MixingWeights) -> dict[str, float | int | None]:
+    """Degree statistics, connectivity, diameter and spectral gap.
+
+    ``diameter`` is exact when ``diameter_exact`` is true (N <= 3000 and not too dense);
+    otherwise it is a lower bound from the 2-sweep heuristic. None when disconnected.
+    """
+    graph = topology.graph
+    n = topology.num_devices
+    degrees = np.fromiter((d for _, d in graph.degree()), dtype=np.int64, count=n)
+    num_edges = int(graph.number_of_edges())
+    components = int(nx.number_connected_components(graph))
+    connected = components == 1
+    diameter: int | None = None
+    exact = True
+    if connected:
+        diameter, exact = _diameter(graph, n, num_edges)
+    return {
+        "devices": n,
+        "edges": num_edges,
+        "degree_min": int(degrees.min()),
+        "degree_mean": float(degrees.mean()),
+        "degree_max": int(degrees.max()),
+        "degree_std": float(degrees.std()),
+        "diameter": diameter,
+        "diameter_exact": exact,
+        "connected": connected,
+        "components": components,
+        "spectral_gap": spectral_gap(weights),
+    }
+
+
+def _num(value: float | int | None, fmt: str = ".4g") -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return str(value)
+    return format(value, fmt)
+
+
+def format_stats(stats: dict[str, float | int | None]) -> str:
+    """A few aligned lines for a terminal."""
+    get = stats.get
+    diameter = _num(get("diameter"))
+    if get("diameter") is not None and not get("diameter_exact", True):
+        diameter = f">= {diameter} (lower bound)"
+    components = get("components")
+    rows = [
+        ("devices", f"{_num(get('devices'))}   edges {_num(get('edges'))}"),
+        (
+            "degree",
+            f"min {_num(get('degree_min'))}   mean {_num(get('degree_mean'), '.3f')}   "
+            f"max {_num(get('degree_max'))}   std {_num(get('degree_std'), '.3f')}",
+        ),
+        ("connected", f"{_num(get('connected'))} ({_num(components)} component{'s' if components != 1 else ''})"),
+        ("diameter", diameter),
+        ("spectral gap", _num(get("spectral_gap"))),
+    ]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {text}" for label, text in rows)
+

@@ -1,0 +1,277 @@
+"""Communication topologies: which devices can exchange parameters (DESIGN.md §3).
+
+Every graph has nodes exactly ``0..N-1`` (device ids) and no self-loops; a device always mixes
+with itself through its self weight, never through an edge.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+from scipy.spatial import cKDTree
+
+from p2pl.config import TopologyConfig
+from p2pl.errors import P2PLError, choose
+
+TOPOLOGIES: tuple[str, ...] = (
+    "complete",
+    "ring",
+    "grid",
+    "torus",
+    "star",
+    "erdos-renyi",
+    "random-geometric",
+    "small-world",
+    "barabasi-albert",
+    "random-regular",
+    "edge-list",
+)
+
+
+# eq=False: the fields are a mutable graph and an array, so value equality/hashing is meaningless.
+@dataclass(frozen=True, eq=False)
+class Topology:
+    """A built topology. Treat ``graph`` as read-only; link failures work on edge arrays instead."""
+
+    name: str
+    graph: nx.Graph  # nodes exactly 0..N-1
+    positions: np.ndarray | None = None  # [N, 2] float64 for geometric graphs (unit square or metres)
+
+    @property
+    def num_devices(self) -> int:
+        return int(self.graph.number_of_nodes())
+
+    @property
+    def edges(self) -> np.ndarray:
+        """int64 [E, 2] with u < v, rows sorted lexicographically (independent of insertion order)."""
+        return graph_edges(self.graph)
+
+
+def graph_edges(graph: nx.Graph) -> np.ndarray:
+    """The undirected edges of ``graph`` as a canonical int64 [E, 2] array (u < v, sorted rows)."""
+    edges = np.array(list(graph.edges()), dtype=np.int64).reshape(-1, 2)
+    edges.sort(axis=1)
+    edges = edges[edges[:, 0] != edges[:, 1]]  # defensive: self-loops are not links
+    order = np.lexsort((edges[:, 1], edges[:, 0]))
+    return np.ascontiguousarray(edges[order])
+
+
+def _graph_from_edges(num_devices: int, edges: np.ndarray) -> nx.Graph:
+    graph = nx.Graph()
+    graph.add_nodes_from(range(num_devices))  # isolated devices must still be nodes
+    graph.add_edges_from(edges.tolist())
+    graph.remove_edges_from(list(nx.selfloop_edges(graph)))
+    return graph
+
+
+def geometric_graph(positions: np.ndarray, radius: float) -> nx.Graph:
+    """Link devices whose Euclidean distance is ``<= radius`` (k-d tree: fast at 10,000+ devices)."""
+    pos = np.asarray(positions, dtype=np.float64)
+    if pos.ndim != 2 or pos.shape[0] < 1:
+        raise P2PLError(f"positions must be an [N, 2] array of device coordinates, got shape {pos.shape}")
+    if not np.all(np.isfinite(pos)):
+        raise P2PLError("positions contain NaN or infinite coordinates; give finite device positions")
+    if not (math.isfinite(radius) and radius > 0):
+        raise P2PLError(f"link radius must be a positive finite number, got {radius}")
+    pairs = cKDTree(pos).query_pairs(r=float(radius), output_type="ndarray")  # distance <= r
+    return _graph_from_edges(pos.shape[0], np.asarray(pairs, dtype=np.int64).reshape(-1, 2))
+
+
+def read_edge_list(path: str | Path, num_devices: int) -> nx.Graph:
+    """Read a user's edge list: one ``u v`` pair of device ids per line; ``#`` comments allowed."""
+    file = Path(path)
+    if not file.is_file():
+        raise P2PLError(f"edge-list file {str(file)!r} not found; set topology.path to an existing file")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise P2PLError(f"cannot read edge-list file {str(file)!r}: {err}") from None
+    edges: list[tuple[int, int]] = []
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        where = f"{file}:{lineno}"
+        parts = line.split()
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            u, v = int(parts[0]), int(parts[1])
+        except ValueError:
+            raise P2PLError(
+                f"{where}: expected two integer device ids 'u v', got {raw.strip()!r}; "
+                "fix the line or comment it out with '#'"
+            ) from None
+        for node in (u, v):
+            if not 0 <= node < num_devices:
+                raise P2PLError(
+                    f"{where}: device id {node} is out of range for {num_devices} devices; "
+                    f"ids must be in [0, {num_devices - 1}] (or raise `devices`)"
+                )
+        if u == v:
+            raise P2PLError(f"{where}: self-loop {u} {v}; a device always mixes with itself, remove the line")
+        edges.append((u, v))
+    return _graph_from_edges(num_devices, np.asarray(edges, dtype=np.int64).reshape(-1, 2))
+
+
+def _grid_shape(rows: int, num_devices: int, name: str) -> tuple[int, int]:
+    if rows < 0:
+        raise P2PLError(f"topology.rows must be >= 0 (0: most square), got {rows}")
+    if rows == 0:
+        # Most square factorisation; a prime N degenerates to 1 x N (a path / ring), which is valid.
+        rows = max(r for r in range(1, math.isqrt(num_devices) + 1) if num_devices % r == 0)
+    if num_devices % rows != 0:
+        divisors = [r for r in range(1, num_devices + 1) if num_devices % r == 0]
+        raise P2PLError(
+            f"{name} with topology.rows = {rows} cannot hold {num_devices} devices (rows x cols must "
+            f"equal devices); set topology.rows to a divisor of {num_devices} "
+            f"({', '.join(map(str, divisors[:12]))}{', ...' if len(divisors) > 12 else ''}) or 0"
+        )
+    return rows, num_devices // rows
+
+
+def _lattice(rows: int, cols: int, wrap: bool) -> nx.Graph:
+    """Grid/torus with device id ``r * cols + c`` (built from arrays: grid_2d_graph relabels slowly)."""
+    ids = np.arange(rows * cols, dtype=np.int64).reshape(rows, cols)
+    if wrap:
+        right, down = np.roll(ids, -1, axis=1), np.roll(ids, -1, axis=0)
+        pairs = [np.stack([ids.ravel(), right.ravel()], 1), np.stack([ids.ravel(), down.ravel()], 1)]
+    else:
+        pairs = [
+            np.stack([ids[:, :-1].ravel(), ids[:, 1:].ravel()], 1),
+            np.stack([ids[:-1, :].ravel(), ids[1:, :].ravel()], 1),
+        ]
+    # With 1 or 2 rows/cols the wrap creates self-loops/duplicates; _graph_from_edges drops them.
+    return _graph_from_edges(rows * cols, np.concatenate(pairs))
+
+
+def _check_parameters(cfg: TopologyConfig, name: str) -> None:
+    """N-independent checks, done first so a bad config fails the same way for every N."""
+    if name == "erdos-renyi" and not 0 < cfg.p <= 1:
+        raise P2PLError(f"topology.p must be in (0, 1] for erdos-renyi, got {cfg.p}")
+    if name == "random-geometric":
+        if not cfg.area_m >= 0:
+            raise P2PLError(f"topology.area_m must be >= 0 (0: unit square), got {cfg.area_m}")
+        if cfg.area_m > 0:
+            if not (math.isfinite(cfg.range_m) and cfg.range_m > 0):
+                raise P2PLError(
+                    f"topology.range_m must be > 0 metres when topology.area_m = {cfg.area_m}, "
+                    f"got {cfg.range_m}; set the radio range, e.g. topology.range_m = 100"
+                )
+        else:
+            if cfg.range_m != 0:
+                raise P2PLError(
+                    f"topology.range_m = {cfg.range_m} needs topology.area_m > 0 (the side of the area "
+                    "in metres); set topology.area_m, or use topology.radius for the unit square"
+                )
+            if not (math.isfinite(cfg.radius) and cfg.radius > 0):
+                raise P2PLError(f"topology.radius must be > 0 for random-geometric, got {cfg.radius}")
+    if name == "small-world":
+        if cfg.k < 2 or cfg.k % 2:
+            raise P2PLError(f"topology.k must be an even number >= 2 for small-world, got {cfg.k}")
+        if not 0 <= cfg.rewire <= 1:
+            raise P2PLError(f"topology.rewire must be in [0, 1], got {cfg.rewire}")
+    if name == "barabasi-albert" and cfg.m < 1:
+        raise P2PLError(f"topology.m must be >= 1 for barabasi-albert, got {cfg.m}")
+    if name == "random-regular" and cfg.k < 1:
+        raise P2PLError(f"topology.k must be >= 1 for random-regular, got {cfg.k}")
+    if name == "edge-list" and not cfg.path:
+        raise P2PLError("topology.path is empty; set it to an edge-list file for topology 'edge-list'")
+
+
+def _disconnected_hint(cfg: TopologyConfig, name: str) -> tuple[str, str]:
+    """(what was built, how to connect it) for the disconnected-graph message."""
+    if name == "random-geometric":
+        if cfg.area_m > 0:
+            return f" with range {cfg.range_m:g} m in {cfg.area_m:g} m", "increase topology.range_m"
+        return f" with radius {cfg.radius:g}", "increase topology.radius"
+    if name == "erdos-renyi":
+        return f" with p {cfg.p:g}", "increase topology.p"
+    if name in ("random-regular", "small-world"):
+        return f" with k {cfg.k}", "increase topology.k"
+    if name == "edge-list":
+        return f" from {cfg.path!r}", "add links to the edge list"
+    return "", "change the topology"
+
+
+def build_topology(cfg: TopologyConfig, num_devices: int, seed: int) -> Topology:
+    """Build ``cfg.name`` over ``num_devices`` devices; same (cfg, N, seed) => identical graph."""
+    name = choose("topology", cfg.name, TOPOLOGIES)
+    n = num_devices
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise P2PLError(f"devices must be a positive integer, got {num_devices!r}")
+    n = int(n)
+    _check_parameters(cfg, name)
+    # One generator for everything random here: positions come from it, networkx gets an int from it.
+    rng = np.random.default_rng(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+    positions: np.ndarray | None = None
+
+    if name == "random-geometric":
+        side = cfg.area_m if cfg.area_m > 0 else 1.0
+        radius = cfg.range_m if cfg.area_m > 0 else cfg.radius
+        positions = rng.random((n, 2)) * side
+        graph = geometric_graph(positions, radius)
+    elif name == "edge-list":
+        graph = read_edge_list(cfg.path, n)
+    elif n == 1:
+        graph = _graph_from_edges(1, np.empty((0, 2), dtype=np.int64))  # one device, nothing to link
+    elif name == "complete":
+        graph = nx.complete_graph(n)
+    elif name == "ring":
+        graph = nx.cycle_graph(n) if n >= 3 else nx.path_graph(n)  # cycle_graph(2) is a multi-edge
+    elif name in ("grid", "torus"):
+        rows, cols = _grid_shape(cfg.rows, n, name)
+        graph = _lattice(rows, cols, wrap=name == "torus")
+    elif name == "star":
+        graph = nx.star_graph(n - 1)  # centre is device 0
+    else:
+        graph = _random_graph(cfg, name, n, int(rng.integers(2**31 - 1)))
+
+    if set(graph.nodes) != set(range(n)):  # a bug here, not user input
+        raise AssertionError(f"{name} graph nodes are not exactly 0..{n - 1}")
+    # Canonical form: nodes inserted in id order, edges sorted, plain nx.Graph, whatever the generator.
+    graph = _graph_from_edges(n, graph_edges(graph))
+    if not cfg.allow_disconnected and n > 1:
+        components = nx.number_connected_components(graph)
+        if components > 1:
+            detail, fix = _disconnected_hint(cfg, name)
+            raise P2PLError(
+                f"{name} graph{detail} is disconnected ({components} components); "
+                f"{fix} or set topology.allow_disconnected = true"
+            )
+    return Topology(name=name, graph=graph, positions=positions)
+
+
+def _random_graph(cfg: TopologyConfig, name: str, n: int, nx_seed: int) -> nx.Graph:
+    if name == "erdos-renyi":
+        # fast_gnp is O(N + E); gnp_random_graph is O(N^2) and too slow at 10,000 devices.
+        return nx.fast_gnp_random_graph(n, cfg.p, seed=nx_seed)
+    if name == "small-world":
+        if cfg.k >= n:
+            raise P2PLError(f"topology.k = {cfg.k} must be < devices = {n} for small-world; lower topology.k")
+        if cfg.allow_disconnected:
+            return nx.watts_strogatz_graph(n, cfg.k, cfg.rewire, seed=nx_seed)
+        try:  # retries rewiring until connected, instead of refusing the first unlucky draw
+            return nx.connected_watts_strogatz_graph(n, cfg.k, cfg.rewire, tries=100, seed=nx_seed)
+        except nx.NetworkXError:
+            raise P2PLError(
+                f"small-world graph with k {cfg.k} and rewire {cfg.rewire:g} stayed disconnected after "
+                "100 tries; increase topology.k or set topology.allow_disconnected = true"
+            ) from None
+    if name == "barabasi-albert":
+        if cfg.m >= n:
+            raise P2PLError(f"topology.m = {cfg.m} must be < devices = {n} for barabasi-albert; lower it")
+        return nx.barabasi_albert_graph(n, cfg.m, seed=nx_seed)
+    if name == "random-regular":
+        if cfg.k >= n:
+            raise P2PLError(f"topology.k = {cfg.k} must be < devices = {n} for random-regular; lower it")
+        if (n * cfg.k) % 2:
+            raise P2PLError(
+                f"random-regular needs devices * k even, got {n} * {cfg.k}; change topology.k or devices"
+            )
+        return nx.random_regular_graph(cfg.k, n, seed=nx_seed)
+    raise AssertionError(f"unhandled topology {name!r}")  # TOPOLOGIES and this function disagree

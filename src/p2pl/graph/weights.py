@@ -1,0 +1,198 @@
+"""Consensus (mixing) weights of DESIGN.md §2: ``θ_n ← Σ_{m ∈ N_n ∪ {n}} W_nm θ_m``.
+
+| rule         | W_nm (m a neighbour)             | W_nn                         |
+|--------------|----------------------------------|------------------------------|
+| metropolis   | 1 / (1 + max(d_n, d_m))          | 1 − Σ_m W_nm                 |
+| max-degree   | 1 / (1 + d_max)                  | 1 − d_n / (1 + d_max)        |
+| uniform      | 1 / (1 + d_n)                    | 1 / (1 + d_n)                |
+| data-size    | |D_m| / Σ_{j ∈ N_n ∪ {n}} |D_j|  | |D_n| / Σ_{j ∈ N_n ∪ {n}} |D_j| |
+
+The formulas live in one function, :func:`_row_formula`, over a flat list of (row, neighbour)
+pairs. :func:`mixing_weights` calls it for the whole graph at once (vectorized), and
+:func:`row_weights` for the single row a real device computes from what it sees locally, so the
+simulator and the networked node cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from p2pl.errors import P2PLError, choose
+
+WEIGHT_RULES: tuple[str, ...] = ("metropolis", "max-degree", "uniform", "data-size")
+
+
+# eq=False: array fields make generated __eq__ ambiguous; compare .dense() instead.
+@dataclass(frozen=True, eq=False)
+class MixingWeights:
+    """Sparse W: off-diagonal entries as (dst, src, weight) plus the diagonal ``self_weight``.
+
+    Row ``dst`` is the receiving device n, column ``src`` its neighbour m. Both directions of
+    every undirected link appear, sorted by dst then src.
+    """
+
+    num_devices: int
+    dst: np.ndarray  # int64 [M]
+    src: np.ndarray  # int64 [M]
+    weight: np.ndarray  # float64 [M], W[dst, src]
+    self_weight: np.ndarray  # float64 [N], W[n, n]
+
+    def dense(self) -> np.ndarray:
+        w = np.zeros((self.num_devices, self.num_devices), dtype=np.float64)
+        w[self.dst, self.src] = self.weight
+        w[np.diag_indices(self.num_devices)] = self.self_weight
+        return w
+
+    def to_sparse(self) -> sp.csr_matrix:
+        diag = np.arange(self.num_devices, dtype=np.int64)
+        rows = np.concatenate([self.dst, diag])
+        cols = np.concatenate([self.src, diag])
+        vals = np.concatenate([self.weight, self.self_weight])
+        return sp.csr_matrix((vals, (rows, cols)), shape=(self.num_devices, self.num_devices))
+
+
+def _row_formula(
+    rule: str,
+    row: np.ndarray,
+    own_degree: np.ndarray,
+    neighbour_degree: np.ndarray,
+    own_size: np.ndarray | None,
+    neighbour_size: np.ndarray | None,
+    max_degree: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The table above, once. Returns (W_nm per pair, W_nn per row).
+
+    ``row`` [M] indexes the receiving device of each (n, m) pair into the per-row arrays
+    ``own_degree`` / ``own_size`` [R]; ``neighbour_*`` [M] describe m as n sees it.
+    """
+    num_rows = own_degree.shape[0]
+    if rule == "metropolis":
+        w = 1.0 / (1.0 + np.maximum(own_degree[row], neighbour_degree))
+        self_w = 1.0 - np.bincount(row, weights=w, minlength=num_rows)
+    elif rule == "max-degree":
+        w = np.full(row.shape[0], 1.0 / (1.0 + max_degree))
+        self_w = 1.0 - own_degree / (1.0 + max_degree)
+    elif rule == "uniform":
+        w = 1.0 / (1.0 + own_degree[row])
+        self_w = 1.0 / (1.0 + own_degree)
+    elif rule == "data-size":
+        assert own_size is not None and neighbour_size is not None  # checked by the callers
+        total = own_size + np.bincount(row, weights=neighbour_size, minlength=num_rows)
+        w = neighbour_size / total[row]
+        self_w = own_size / total
+    else:  # pragma: no cover - callers validate the name with choose()
+        raise AssertionError(rule)
+    return w.astype(np.float64), np.asarray(self_w, dtype=np.float64)
+
+
+def _check_sizes(sizes: np.ndarray, what: str) -> None:
+    if sizes.size and not (np.all(np.isfinite(sizes)) and np.all(sizes > 0)):
+        raise P2PLError(f"{what} must all be positive (every device needs local data), got {sizes.min()}")
+
+
+def _undirected_edges(num_devices: int, edges: np.ndarray) -> np.ndarray:
+    """Validate and canonicalize edges to unique rows with u < v (duplicates would inflate degrees)."""
+    e = np.asarray(edges)
+    if e.size == 0:
+        return np.empty((0, 2), dtype=np.int64)
+    if e.ndim != 2 or e.shape[1] != 2 or not np.issubdtype(e.dtype, np.integer):
+        raise P2PLError(f"edges must be an integer [E, 2] array of device ids, got {e.dtype} {e.shape}")
+    e = np.sort(e.astype(np.int64), axis=1)
+    if e.min() < 0 or e.max() >= num_devices:
+        raise P2PLError(f"edge endpoints must be device ids in [0, {num_devices}), got {e.min()}..{e.max()}")
+    if np.any(e[:, 0] == e[:, 1]):
+        raise P2PLError("edges contain a self-loop; a device mixes with itself through its self weight")
+    return np.unique(e, axis=0)
+
+
+def mixing_weights(
+    num_devices: int, edges: np.ndarray, rule: str, data_sizes: np.ndarray | None = None
+) -> MixingWeights:
+    """W for the live undirected links ``edges`` (int64 [E, 2]); isolated devices keep W_nn = 1."""
+    rule = choose("consensus weight rule (consensus.weights)", rule, WEIGHT_RULES)
+    if num_devices < 1:
+        raise P2PLError(f"devices must be a positive integer, got {num_devices}")
+    e = _undirected_edges(num_devices, edges)
+    dst = np.concatenate([e[:, 0], e[:, 1]])
+    src = np.concatenate([e[:, 1], e[:, 0]])
+    order = np.lexsort((src, dst))
+    dst, src = dst[order], src[order]
+    degree = np.bincount(dst, minlength=num_devices).astype(np.int64)
+    # "Max degree of the given live graph": with failed links this is the live maximum.
+    max_degree = int(degree.max()) if num_devices else 0
+
+    sizes: np.ndarray | None = None
+    if rule == "data-size":
+        if data_sizes is None:
+            raise P2PLError("consensus.weights = 'data-size' needs each device's data size; pass data_sizes")
+        sizes = np.asarray(data_sizes, dtype=np.float64).reshape(-1)
+        if sizes.shape[0] != num_devices:
+            raise P2PLError(f"data_sizes has {sizes.shape[0]} entries for {num_devices} devices")
+        _check_sizes(sizes, "data sizes")
+
+    weight, self_weight = _row_formula(
+        rule,
+        dst,
+        degree,
+        degree[src],
+        sizes,
+        None if sizes is None else sizes[src],
+        max_degree,
+    )
+    return MixingWeights(num_devices, dst, src, weight, self_weight)
+
+
+def row_weights(
+    rule: str,
+    own_id: int,
+    own_degree: int,
+    neighbour_ids: Sequence[int],
+    neighbour_degrees: Sequence[int],
+    own_size: float | None = None,
+    neighbour_sizes: Sequence[float] | None = None,
+    max_degree: int | None = None,
+) -> tuple[float, dict[int, float]]:
+    """One device's row of W from local knowledge: ``(W_nn, {m: W_nm})``.
+
+    ``neighbour_ids`` are the neighbours heard from this round (a missing one is simply not in the
+    row, and the rest renormalize); ``own_degree`` must equal their number. ``max_degree`` is
+    needed by 'max-degree' only, sizes by 'data-size' only.
+    """
+    rule = choose("consensus weight rule (consensus.weights)", rule, WEIGHT_RULES)
+    ids = np.asarray(list(neighbour_ids), dtype=np.int64).reshape(-1)
+    degs = np.asarray(list(neighbour_degrees), dtype=np.int64).reshape(-1)
+    if own_degree != ids.shape[0]:
+        raise P2PLError(f"device {own_id}: own_degree {own_degree} != {ids.shape[0]} neighbours given")
+    if len(set(ids.tolist())) != ids.shape[0] or own_id in set(ids.tolist()):
+        raise P2PLError(f"device {own_id}: neighbour ids must be distinct and exclude itself, got {ids}")
+    if rule == "metropolis" and degs.shape[0] != ids.shape[0]:
+        raise P2PLError(f"device {own_id}: {degs.shape[0]} neighbour degrees for {ids.shape[0]} neighbours")
+    if rule == "max-degree" and (max_degree is None or max_degree < own_degree):
+        raise P2PLError(f"device {own_id}: max-degree needs max_degree >= own degree, got {max_degree}")
+    own_sizes: np.ndarray | None = None
+    nbr_sizes: np.ndarray | None = None
+    if rule == "data-size":
+        if own_size is None or neighbour_sizes is None:
+            raise P2PLError(f"device {own_id}: data-size weights need own_size and neighbour_sizes")
+        own_sizes = np.asarray([own_size], dtype=np.float64)
+        nbr_sizes = np.asarray(list(neighbour_sizes), dtype=np.float64).reshape(-1)
+        if nbr_sizes.shape[0] != ids.shape[0]:
+            raise P2PLError(f"device {own_id}: {nbr_sizes.shape[0]} sizes for {ids.shape[0]} neighbours")
+        _check_sizes(np.concatenate([own_sizes, nbr_sizes]), f"device {own_id}: data sizes")
+    if rule != "metropolis":
+        degs = np.zeros(ids.shape[0], dtype=np.int64)  # unused by the other rules
+
+    weight, self_weight = _row_formula(
+        rule,
+        np.zeros(ids.shape[0], dtype=np.int64),  # every pair belongs to row 0: this device
+        np.asarray([own_degree], dtype=np.int64),
+        degs,
+        own_sizes,
+        nbr_sizes,
+        int(max_degree or 0),
+    )
+    return float(self_weight[0]), {int(m): float(w) for m, w in zip(ids.tolist(), weight.tolist())}

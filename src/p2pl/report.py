@@ -1,0 +1,98 @@
+"""What a person reads: progress bars, result tables and accuracy plots."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from p2pl.metrics import History
+
+console = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def round_progress(label: str, total: int, enabled: bool = True) -> Iterator[Any]:
+    """A progress bar with ETA; yields ``update(round, total, metrics)``."""
+    if not enabled:
+        yield None
+        return
+    columns = (
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rounds"),
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+    )  # fmt: skip
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(label, total=total, status="")
+
+        def update(k: int, _total: int, metrics: dict[str, float]) -> None:
+            status = f"acc mean {metrics['acc_mean']:.3f} min {metrics['acc_min']:.3f}"
+            progress.update(task, completed=k, status=status)
+
+        yield update
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def summary_table(summaries: dict[str, dict[str, Any]], title: str = "") -> Table:
+    """Final accuracy / loss across devices, side by side for one or more runs."""
+    table = Table(title=title or None)
+    table.add_column("run")
+    for col in ("devices", "acc mean", "acc min", "acc max", "loss mean", "rounds to 80%", "sync steps",
+                "MB sent/device", "time s"):  # fmt: skip
+        table.add_column(col, justify="right")
+    for name, s in summaries.items():
+        acc, loss = s["final"]["accuracy"], s["final"]["loss"]
+        to80 = s["rounds_to_mean_accuracy"].get("0.8")
+        table.add_row(
+            name, str(s["devices"]), _pct(acc["mean"]), _pct(acc["min"]), _pct(acc["max"]), f"{loss['mean']:.3f}",
+            "-" if to80 is None else str(to80), str(s.get("sync_steps", 0)),
+            f"{s['bytes_sent_per_device'] / 1e6:.2f}", f"{s['wall_time_s']:.1f}",
+        )  # fmt: skip
+    return table
+
+
+def accuracy_curves(h: History) -> dict[str, np.ndarray]:
+    acc = np.stack(h.accuracy)
+    return {"round": np.asarray(h.eval_rounds), "mean": acc.mean(1), "min": acc.min(1), "max": acc.max(1)}
+
+
+def plot_accuracy(
+    curves: dict[str, dict[str, np.ndarray]], path: Path, title: str = "", band: bool = True
+) -> None:
+    """Mean device accuracy per round (solid), min (dashed) and the min–max band, per run."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from p2pl import atomic
+
+    fig = Figure(figsize=(7.5, 4.5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for i, (name, c) in enumerate(curves.items()):
+        color = f"C{i}"
+        ax.plot(c["round"], 100 * c["mean"], color=color, label=f"{name} mean")
+        if c["min"] is not None and not np.allclose(c["min"], c["mean"]):
+            ax.plot(c["round"], 100 * c["min"], color=color, linestyle="--", linewidth=1, label=f"{name} min")
+            if band:
+                ax.fill_between(c["round"], 100 * c["min"], 100 * c["max"], color=color, alpha=0.12)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2, loc="lower right")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic.write_bytes(path, buf.getvalue())

@@ -1,0 +1,435 @@
+"""gRPC transport with mutual TLS on real 127.0.0.1 sockets, plus the mailbox it feeds."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+pytest.importorskip("grpc")
+pytest.importorskip("cryptography")
+
+import grpc
+from safetensors.torch import save as st_save
+
+from p2pl.errors import P2PLError
+from p2pl.node import certs, wire
+from p2pl.node.mailbox import (
+    ACCEPTED,
+    DUPLICATE,
+    STALE,
+    TOO_FAR_AHEAD,
+    UNKNOWN_SENDER,
+    Mailbox,
+)
+from p2pl.node.transport import SEND_METHOD, PeerClient, PeerServer
+from p2pl.node.wire import MessageHeader, ModelSpec
+
+pytestmark = pytest.mark.integration
+
+MAX = 64 * 1024  # server-side message limit in these tests
+TIMEOUT = 3.0
+
+
+def _params(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"fc.weight": torch.randn(4, 3, generator=g), "fc.bias": torch.randn(4, generator=g)}
+
+
+SPEC = ModelSpec.from_tensors(_params())
+
+
+def _msg(sender: str, round: int = 0, step: int = 0, seed: int = 0, kind: str = "params") -> bytes:
+    header = MessageHeader(kind, sender, round, step, SPEC.fingerprint)
+    return wire.encode(header, _params(seed) if kind in wire.PAYLOAD_KINDS else None)
+
+
+def _raw(header: dict, payload: bytes = b"") -> bytes:
+    h = json.dumps(header).encode()
+    return struct.pack("<4sI", b"P2PL", len(h)) + h + payload
+
+
+def _header_dict(sender: str, payload: bytes, **kw) -> dict:
+    d = {
+        "version": 1,
+        "kind": "params",
+        "sender": sender,
+        "round": 0,
+        "step": 0,
+        "fingerprint": SPEC.fingerprint,
+        "payload_size": len(payload),
+        "extras": {},
+    }
+    d.update(kw)
+    return d
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> dict[str, certs.TlsConfig]:
+    root = tmp_path_factory.mktemp("pki")
+    certs.init_ca(root / "ca")
+    certs.init_ca(root / "evil-ca")
+    out: dict[str, certs.TlsConfig] = {}
+    for dev in ("dev-a", "dev-b", "dev-c"):
+        certs.issue_device_cert(root / "ca", dev, root / "devs")
+        out[dev] = certs.load_tls_config(root / "devs", dev)
+    # same device name as a legitimate device, but from another CA
+    certs.issue_device_cert(root / "evil-ca", "dev-a", root / "evil")
+    out["evil-a"] = certs.load_tls_config(root / "evil", "dev-a")
+    return out
+
+
+class Net:
+    """Starts servers/clients and stops them all at teardown."""
+
+    def __init__(self, pki: dict[str, certs.TlsConfig]) -> None:
+        self.pki = pki
+        self.servers: list[PeerServer] = []
+        self.clients: list[PeerClient] = []
+
+    def server(self, dev: str, *, addr: str = "127.0.0.1:0", **kw) -> tuple[PeerServer, Mailbox]:
+        mailbox = kw.pop("mailbox", None) or Mailbox()
+        tls = kw.pop("tls", self.pki.get(dev))
+        srv = PeerServer(dev, addr, tls, mailbox, SPEC, kw.pop("max_message_bytes", MAX), **kw)
+        srv.start()
+        self.servers.append(srv)
+        return srv, mailbox
+
+    def client(self, dev: str, *, tls: certs.TlsConfig | str | None = "default", **kw) -> PeerClient:
+        kw.setdefault("backoff_initial", 0.3)
+        kw.setdefault("backoff_max", 2.0)
+        kw.setdefault("max_message_bytes", 4 * MAX)
+        cl = PeerClient(dev, self.pki[dev] if tls == "default" else tls, **kw)  # type: ignore[arg-type]
+        self.clients.append(cl)
+        return cl
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.close()
+        for s in self.servers:
+            s.stop(grace=None)
+
+
+@pytest.fixture
+def net(pki) -> Iterator[Net]:
+    n = Net(pki)
+    yield n
+    n.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ------------------------------------------------------------------------------ happy paths
+
+
+def test_params_round_trip_between_two_servers(net):
+    srv_a, box_a = net.server("dev-a")
+    srv_b, box_b = net.server("dev-b")
+    cl_a, cl_b = net.client("dev-a"), net.client("dev-b")
+    assert cl_a.send("dev-b", srv_b.address, _msg("dev-a", seed=1), TIMEOUT)
+    assert cl_b.send("dev-a", srv_a.address, _msg("dev-b", seed=2), TIMEOUT)
+    got_b = box_b.wait_for("params", 0, 0, {"dev-a"}, time.monotonic() + TIMEOUT)
+    got_a = box_a.wait_for("params", 0, 0, {"dev-b"}, time.monotonic() + TIMEOUT)
+    for got, sender, seed in ((got_b, "dev-a", 1), (got_a, "dev-b", 2)):
+        msg = got[sender]
+        assert msg.sender == sender and msg.tensors is not None
+        for name, t in _params(seed).items():
+            assert torch.equal(msg.tensors[name], t)
+    # a retry of the same message is acknowledged but stored once
+    assert cl_a.send("dev-b", srv_b.address, _msg("dev-a", seed=1), TIMEOUT)
+    assert len(box_b) == 1 and box_b.rejected == {DUPLICATE: 1}
+    assert srv_b.stats()["send.accepted"] == 1
+    assert cl_a.stats()["send.ok"] == 2
+
+
+def test_send_many_in_parallel(net):
+    (srv_b, box_b), (srv_c, box_c) = net.server("dev-b"), net.server("dev-c")
+    cl = net.client("dev-a")
+    ok = cl.send_many({"dev-b": srv_b.address, "dev-c": srv_c.address}, _msg("dev-a", 2), TIMEOUT)
+    assert ok == {"dev-b": True, "dev-c": True}
+    for box in (box_b, box_c):
+        box.set_round(2)
+        assert set(box.wait_for("params", 2, 0, {"dev-a"}, time.monotonic() + 1)) == {"dev-a"}
+
+
+def test_fetch_pulls_parameters(net):
+    def on_fetch(req: wire.Message) -> bytes | None:
+        assert req.kind == "sync-fetch" and req.sender == "dev-a"
+        if req.step > 5:
+            return None
+        header = MessageHeader("sync-params", "dev-b", req.round, req.step, SPEC.fingerprint)
+        return wire.encode(header, _params(7))
+
+    srv_b, _ = net.server("dev-b", fetch_handler=on_fetch)
+    cl = net.client("dev-a")
+    msg = cl.fetch("dev-b", srv_b.address, _msg("dev-a", 0, 1, kind="sync-fetch"), TIMEOUT, SPEC)
+    assert msg is not None and msg.kind == "sync-params" and msg.sender == "dev-b" and msg.step == 1
+    assert msg.tensors is not None and torch.equal(msg.tensors["fc.bias"], _params(7)["fc.bias"])
+    assert cl.fetch("dev-b", srv_b.address, _msg("dev-a", 0, 9, kind="sync-fetch"), TIMEOUT, SPEC) is None
+    # impersonated fetch request is refused
+    cl_c = net.client("dev-c")
+    assert cl_c.fetch("dev-b", srv_b.address, _msg("dev-a", kind="sync-fetch"), TIMEOUT, SPEC) is None
+    assert srv_b.stats()["fetch.rejected.auth"] == 1
+
+
+def test_fetch_without_handler_returns_none(net):
+    srv_b, _ = net.server("dev-b")
+    cl = net.client("dev-a")
+    assert cl.fetch("dev-b", srv_b.address, _msg("dev-a", kind="sync-fetch"), TIMEOUT, SPEC) is None
+    assert not cl.is_down("dev-b")  # the peer answered; it is not down
+
+
+# -------------------------------------------------------------------------------- security
+
+
+def test_certificate_from_other_ca_is_refused(net):
+    srv_b, box_b = net.server("dev-b")
+    evil = net.client("dev-a", tls=net.pki["evil-a"], attempts=1)
+    t0 = time.monotonic()
+    assert evil.send("dev-b", srv_b.address, _msg("dev-a"), TIMEOUT) is False
+    assert time.monotonic() - t0 < TIMEOUT
+    assert len(box_b) == 0 and box_b.accepted == 0
+    assert "send.received" not in srv_b.stats()  # the handshake failed before any handler ran
+
+
+def test_client_without_certificate_is_refused(net, pki):
+    srv_b, box_b = net.server("dev-b")
+    creds = grpc.ssl_channel_credentials(root_certificates=pki["dev-a"].ca_cert)
+    with (
+        grpc.secure_channel(
+            srv_b.address, creds, options=[("grpc.ssl_target_name_override", "dev-b")]
+        ) as channel,
+        pytest.raises(grpc.RpcError) as info,
+    ):
+        channel.unary_unary(SEND_METHOD)(_msg("dev-a"), timeout=TIMEOUT)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert len(box_b) == 0 and "send.received" not in srv_b.stats()
+
+
+def test_sender_must_match_certificate(net, caplog):
+    srv_b, box_b = net.server("dev-b")
+    cl_c = net.client("dev-c")
+    with caplog.at_level(logging.WARNING, logger="p2pl.node.transport"):
+        assert cl_c.send("dev-b", srv_b.address, _msg("dev-a"), TIMEOUT) is False
+    assert "header sender 'dev-a' does not match certificate CN 'dev-c'" in caplog.text
+    assert len(box_b) == 0 and srv_b.stats()["send.rejected.auth"] == 1
+    assert cl_c.send("dev-b", srv_b.address, _msg("dev-c"), TIMEOUT) is True  # still serving
+
+
+def test_client_verifies_server_identity(net):
+    srv_b, box_b = net.server("dev-b")
+    cl = net.client("dev-a", attempts=1)
+    # dev-b's server answers at that address, but we meant to reach dev-c
+    assert cl.send("dev-c", srv_b.address, _msg("dev-a"), TIMEOUT) is False
+    assert len(box_b) == 0
+
+
+def test_insecure_mode_must_be_explicit(net):
+    with pytest.raises(P2PLError, match="insecure=True"):
+        PeerServer("dev-a", "127.0.0.1:0", None, Mailbox(), SPEC)
+    with pytest.raises(P2PLError, match="insecure=True"):
+        PeerClient("dev-a", None)
+    with pytest.raises(P2PLError, match="not 'dev-b'"):
+        PeerClient("dev-b", net.pki["dev-a"])
+    srv, box = net.server("dev-b", tls=None, insecure=True)
+    cl = net.client("dev-a", tls=None, insecure=True)
+    assert cl.send("dev-b", srv.address, _msg("dev-a"), TIMEOUT)
+    assert len(box) == 1
+
+
+# ---------------------------------------------------------------------- invalid messages
+
+
+def _nan_message() -> bytes:
+    t = _params()
+    t["fc.weight"][0, 0] = float("nan")
+    p = st_save(t)
+    return _raw(_header_dict("dev-a", p), p)
+
+
+def _crafted(**changes: torch.Tensor) -> bytes:
+    t = {**_params(), **changes}
+    p = st_save(t)
+    return _raw(_header_dict("dev-a", p), p)
+
+
+def _other_model() -> bytes:
+    other = {"w": torch.zeros(3)}
+    header = MessageHeader("params", "dev-a", 0, 0, ModelSpec.from_tensors(other).fingerprint)
+    return wire.encode(header, other)
+
+
+BAD_MESSAGES = {
+    "malformed header": (lambda: struct.pack("<4sI", b"P2PL", 7) + b"{broken", "not valid UTF-8 JSON"),
+    "oversized": (lambda: _msg("dev-a") + b"\x00" * MAX, "exceeds the limit"),
+    "wrong shape": (lambda: _crafted(**{"fc.bias": torch.zeros(5)}), "has shape (5,), expected (4,)"),
+    "wrong dtype": (lambda: _crafted(**{"fc.bias": torch.zeros(4, dtype=torch.float64)}), "dtype float64"),
+    "wrong fingerprint": (_other_model, "different model architecture"),
+    "nan values": (_nan_message, "NaN or infinite"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MESSAGES))
+def test_invalid_message_refused_and_server_keeps_serving(net, caplog, case):
+    make, reason = BAD_MESSAGES[case]
+    srv_b, box_b = net.server("dev-b")
+    cl = net.client("dev-a")
+    with caplog.at_level(logging.WARNING, logger="p2pl.node"):
+        assert cl.send("dev-b", srv_b.address, make(), TIMEOUT) is False
+    server_lines = [r.getMessage() for r in caplog.records if r.name == "p2pl.node.transport"]
+    assert any("dev-b rejected send" in line and reason in line for line in server_lines), server_lines
+    assert len(box_b) == 0 and box_b.accepted == 0
+    assert srv_b.stats()["send.rejected.invalid"] == 1
+    assert not cl.is_down("dev-b")  # a refusal is not an outage
+    assert cl.send("dev-b", srv_b.address, _msg("dev-a", seed=3), TIMEOUT) is True
+    got = box_b.wait_for("params", 0, 0, {"dev-a"}, time.monotonic() + 1)
+    assert got["dev-a"].tensors is not None
+    assert torch.equal(got["dev-a"].tensors["fc.weight"], _params(3)["fc.weight"])
+
+
+def test_replayed_old_round_refused(net, caplog):
+    srv_b, box_b = net.server("dev-b")
+    cl = net.client("dev-a")
+    assert cl.send("dev-b", srv_b.address, _msg("dev-a", round=3), TIMEOUT)
+    box_b.set_round(4)
+    box_b.prune(4)
+    with caplog.at_level(logging.INFO, logger="p2pl.node"):
+        assert cl.send("dev-b", srv_b.address, _msg("dev-a", round=3), TIMEOUT) is False
+    assert "stale" in caplog.text
+    assert len(box_b) == 0 and box_b.rejected == {STALE: 1}
+    assert srv_b.stats()["send.rejected.mailbox.stale"] == 1
+    assert cl.send("dev-b", srv_b.address, _msg("dev-a", round=4), TIMEOUT) is True
+
+
+def test_message_far_over_grpc_limit_fails_cleanly(net):
+    srv_b, box_b = net.server("dev-b")
+    cl = net.client("dev-a", max_message_bytes=8 * MAX)
+    assert cl.send("dev-b", srv_b.address, _msg("dev-a") + b"\x00" * (4 * MAX), TIMEOUT) is False
+    assert len(box_b) == 0
+    assert cl.send("dev-b", srv_b.address, _msg("dev-a"), TIMEOUT) is True
+    # the client itself refuses to send more than its own limit
+    small = net.client("dev-c", max_message_bytes=MAX)
+    assert small.send("dev-b", srv_b.address, b"\x00" * (MAX + 1), TIMEOUT) is False
+    assert small.stats() == {"send.too-large": 1}
+
+
+# ------------------------------------------------------------------ failures and backoff
+
+
+def test_backoff_on_dead_peer_then_recovery(net):
+    port = _free_port()
+    addr = f"127.0.0.1:{port}"
+    cl = net.client("dev-a", attempts=2, backoff_initial=0.6, backoff_max=5.0)
+    t0 = time.monotonic()
+    assert cl.send("dev-b", addr, _msg("dev-a"), TIMEOUT) is False
+    assert time.monotonic() - t0 < 1.5  # connection refused: fast, no full timeout
+    assert cl.is_down("dev-b")
+    t1 = time.monotonic()
+    assert cl.send("dev-b", addr, _msg("dev-a"), TIMEOUT) is False  # skipped while down
+    assert time.monotonic() - t1 < 0.05
+    assert cl.stats()["send.skipped-down"] == 1 and cl.stats()["send.unreachable"] == 1
+
+    srv_b, box_b = net.server("dev-b", addr=addr)
+    assert srv_b.port == port
+    assert cl.send("dev-b", addr, _msg("dev-a"), TIMEOUT) is False  # still in backoff
+    while cl.is_down("dev-b"):
+        time.sleep(0.05)
+    assert cl.send("dev-b", addr, _msg("dev-a"), TIMEOUT) is True
+    assert len(box_b) == 1
+
+
+def test_backoff_doubles_and_is_capped(net):
+    addr = f"127.0.0.1:{_free_port()}"
+    cl = net.client("dev-a", attempts=1, backoff_initial=0.1, backoff_max=0.25)
+    seen = []
+    for _ in range(3):
+        while cl.is_down("dev-b"):
+            time.sleep(0.01)
+        assert cl.send("dev-b", addr, _msg("dev-a"), TIMEOUT) is False
+        seen.append(cl.backoff_remaining("dev-b"))
+    assert 0.05 < seen[0] <= 0.1 and 0.15 < seen[1] <= 0.2 and 0.2 < seen[2] <= 0.25
+    cl.reset_backoff("dev-b")
+    assert not cl.is_down("dev-b") and cl.backoff_remaining("dev-b") == 0.0
+
+
+def test_link_filter_drops_messages(net):
+    srv_b, box_b = net.server("dev-b")
+    cl = net.client("dev-a")
+    cl.set_link_filter(lambda peer: peer != "dev-b")
+    assert cl.send("dev-b", srv_b.address, _msg("dev-a"), TIMEOUT) is False
+    assert cl.fetch("dev-b", srv_b.address, _msg("dev-a", kind="sync-fetch"), TIMEOUT) is None
+    assert cl.stats() == {"send.filtered": 1, "fetch.filtered": 1}
+    assert "send.received" not in srv_b.stats() and len(box_b) == 0
+    assert not cl.is_down("dev-b")
+    cl.set_link_filter(None)
+    assert cl.send("dev-b", srv_b.address, _msg("dev-a"), TIMEOUT) is True
+
+
+def test_port_in_use_is_a_clear_error(net):
+    srv_b, _ = net.server("dev-b")
+    with pytest.raises(P2PLError, match="cannot listen"):
+        PeerServer("dev-c", srv_b.address, net.pki["dev-c"], Mailbox(), SPEC, MAX).start()
+
+
+# ---------------------------------------------------------------------------------- mailbox
+
+
+def _m(sender: str, round: int = 0, step: int = 0, kind: str = "params") -> wire.Message:
+    return wire.decode(_msg(sender, round, step, kind=kind), SPEC)
+
+
+def test_mailbox_wait_for_returns_partial_at_deadline():
+    box = Mailbox()
+    box.put(_m("a"))
+    t0 = time.monotonic()
+    got = box.wait_for("params", 0, 0, {"a", "b", "c"}, t0 + 0.3)
+    elapsed = time.monotonic() - t0
+    assert set(got) == {"a"} and 0.25 <= elapsed < 1.0
+    assert box.wait_for("params", 0, 0, set(), t0) == {}
+
+
+def test_mailbox_wait_for_wakes_on_arrival():
+    box = Mailbox()
+    box.put(_m("a"))
+    threading.Timer(0.1, lambda: box.put(_m("b"))).start()
+    t0 = time.monotonic()
+    got = box.wait_for("params", 0, 0, {"a", "b"}, t0 + 5)
+    assert set(got) == {"a", "b"} and time.monotonic() - t0 < 2
+
+
+def test_mailbox_rules_and_counters():
+    state = {"round": 2}
+    box = Mailbox(lambda: state["round"], max_rounds_ahead=2)
+    assert box.put(_m("a", round=2)) == ACCEPTED
+    assert box.put(_m("a", round=2)) == DUPLICATE
+    assert box.put(_m("a", round=1)) == STALE
+    assert box.put(_m("a", round=5)) == TOO_FAR_AHEAD
+    assert box.put(_m("a", round=4, step=1)) == ACCEPTED
+    assert box.put(_m("a", round=2, kind="sync-norm")) == ACCEPTED  # other kind, other key
+    box.set_allowed_senders({"a"})
+    assert box.put(_m("z", round=2)) == UNKNOWN_SENDER
+    assert box.accepted == 3
+    assert box.rejected == {DUPLICATE: 1, STALE: 1, TOO_FAR_AHEAD: 1, UNKNOWN_SENDER: 1}
+    assert box.stats()["pending"] == 3
+    assert box.get("params", 4, 1, "a") is not None and box.get("params", 4, 0, "a") is None
+    state["round"] = 4
+    assert box.prune(4) == 2 and len(box) == 1
+    assert box.put(_m("a", round=2)) == STALE
+
+
+def test_mailbox_is_bounded():
+    box = Mailbox(max_pending=2)
+    assert box.put(_m("a", step=0)) == ACCEPTED
+    assert box.put(_m("a", step=1)) == ACCEPTED
+    assert box.put(_m("a", step=2)) == "full"

@@ -1,0 +1,228 @@
+"""Wire format: exact round trips and one test per validation failure."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save as st_save
+
+from p2pl.errors import P2PLError
+from p2pl.node import wire
+from p2pl.node.wire import MessageHeader, ModelSpec, WireError
+
+
+def _params(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "layer.weight": torch.randn(5, 3, generator=g),
+        "layer.bias": torch.randn(5, generator=g),
+        "out.weight": torch.randn(2, 5, generator=g),
+    }
+
+
+SPEC = ModelSpec.from_tensors(_params())
+
+
+def _header(kind: str = "params", **kw) -> MessageHeader:
+    base: dict = {"sender": "dev-1", "round": 3, "step": 0, "fingerprint": SPEC.fingerprint}
+    base.update(kw)
+    return MessageHeader(kind=kind, **base)
+
+
+def _raw(header: dict, payload: bytes = b"", *, magic: bytes = b"P2PL") -> bytes:
+    h = json.dumps(header).encode()
+    return struct.pack("<4sI", magic, len(h)) + h + payload
+
+
+def _good_header_dict(payload: bytes, **kw) -> dict:
+    d = {
+        "version": 1,
+        "kind": "params",
+        "sender": "dev-1",
+        "round": 1,
+        "step": 0,
+        "fingerprint": SPEC.fingerprint,
+        "payload_size": len(payload),
+        "extras": {},
+    }
+    d.update(kw)
+    return d
+
+
+def test_fingerprint_is_order_independent_and_sensitive():
+    rows = [("a", (2, 3), "float32"), ("b", (3,), torch.float32)]
+    fp = wire.fingerprint(rows)
+    assert len(fp) == 64 and fp == wire.fingerprint(list(reversed(rows)))
+    assert fp != wire.fingerprint([("a", (3, 2), "float32"), ("b", (3,), "float32")])
+    assert fp != wire.fingerprint([("a", (2, 3), "float64"), ("b", (3,), "float32")])
+    assert fp != wire.fingerprint([("a2", (2, 3), "float32"), ("b", (3,), "float32")])
+    assert SPEC.fingerprint == wire.fingerprint((n, t.shape, t.dtype) for n, t in _params().items())
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2))
+    assert ModelSpec.from_module(model).names == ("0.weight", "0.bias", "1.weight", "1.bias")
+
+
+def test_round_trip_is_exact():
+    params = _params(1)
+    data = wire.encode(_header(extras={"data_size": 600, "degree": 4, "norm": 2.5}), params)
+    assert data[:4] == b"P2PL"
+    msg = wire.decode(data, SPEC, max_bytes=1 << 20)
+    assert msg.kind == "params" and msg.sender == "dev-1" and msg.round == 3 and msg.step == 0
+    assert msg.header.extras == {"data_size": 600, "degree": 4, "norm": 2.5}
+    assert msg.header.payload_size == len(data) - 8 - struct.unpack_from("<I", data, 4)[0]
+    assert msg.nbytes == len(data)
+    assert msg.tensors is not None and list(msg.tensors) == list(SPEC.names)
+    for name, t in params.items():
+        assert msg.tensors[name].dtype == torch.float32
+        assert torch.equal(msg.tensors[name], t)  # bit-exact
+    # decoding without a spec still checks the payload against the header fingerprint
+    assert set(wire.decode(data, None).tensors or {}) == set(params)
+
+
+def test_payload_free_kinds_round_trip():
+    data = wire.encode(_header("sync-norm", step=2, extras={"norm": 7.25, "owner": "dev-9"}))
+    msg = wire.decode(data, SPEC, max_bytes=10_000)
+    assert msg.tensors is None and msg.header.payload_size == 0
+    assert msg.header.extras == {"norm": 7.25, "owner": "dev-9"}
+    assert wire.peek_header(data).kind == "sync-norm"
+
+
+def test_wire_error_is_p2pl_error():
+    assert issubclass(WireError, P2PLError)
+
+
+def test_encode_refuses_wrong_model_and_nan():
+    params = _params()
+    with pytest.raises(WireError, match="fingerprint"):
+        wire.encode(_header(), {**params, "extra": torch.zeros(1)})
+    params["layer.bias"][0] = float("nan")
+    with pytest.raises(WireError, match="non-finite"):
+        wire.encode(_header(), params)
+    with pytest.raises(WireError, match="must carry tensors"):
+        wire.encode(_header("params"))
+    with pytest.raises(WireError, match="must not carry"):
+        wire.encode(_header("sync-norm"), _params())
+    with pytest.raises(WireError, match="unknown header extra"):
+        wire.encode(_header("hello", extras={"evil": 1}))
+
+
+def _good_payload() -> bytes:
+    return st_save(_params())
+
+
+# Each case: (bytes, expected substring of the reason).
+def _cases() -> list[tuple[str, bytes, str]]:
+    p = _good_payload()
+    good = _good_header_dict(p)
+    ok = _raw(good, p)
+    hlen = struct.unpack_from("<I", ok, 4)[0]
+    cases = [
+        ("short", b"P2P", "shorter than"),
+        ("bad magic", _raw(good, p, magic=b"XXXX"), "bad magic"),
+        ("header too long", struct.pack("<4sI", b"P2PL", 10**6) + b"{}", "header length"),
+        ("zero header", struct.pack("<4sI", b"P2PL", 0), "header length"),
+        ("truncated header", ok[: 8 + hlen - 5], "truncated"),
+        ("truncated payload", ok[:-3], "payload_size"),
+        ("trailing bytes", ok + b"x", "payload_size"),
+        ("not json", struct.pack("<4sI", b"P2PL", 5) + b"{nope", "not valid UTF-8 JSON"),
+        ("not utf8", struct.pack("<4sI", b"P2PL", 2) + b"\xff\xfe", "not valid UTF-8 JSON"),
+        ("not object", _raw([1, 2]), "not a JSON object"),  # type: ignore[arg-type]
+        ("missing key", _raw({k: v for k, v in good.items() if k != "step"}, p), "missing ['step']"),
+        ("extra key", _raw({**good, "evil": 1}, p), "unexpected ['evil']"),
+        (
+            "duplicate key",
+            (lambda h: struct.pack("<4sI", b"P2PL", len(h)) + h + p)(
+                json.dumps(good).encode()[:-1] + b', "round": 2}'
+            ),
+            "duplicate header key",
+        ),
+        ("version", _raw({**good, "version": 2}, p), "unsupported wire version"),
+        ("kind", _raw({**good, "kind": "pickle"}, p), "unknown message kind"),
+        ("sender", _raw({**good, "sender": "../etc"}, p), "bad sender"),
+        ("negative round", _raw({**good, "round": -1}, p), "round must be"),
+        ("bool step", _raw({**good, "step": True}, p), "step must be"),
+        ("float round", _raw({**good, "round": 1.5}, p), "round must be"),
+        ("fingerprint format", _raw({**good, "fingerprint": "abc"}, p), "64 lowercase hex"),
+        ("extras type", _raw({**good, "extras": []}, p), "extras is not"),
+        ("unknown extra", _raw({**good, "extras": {"x": 1}}, p), "unknown header extra"),
+        ("nan extra", _raw({**good, "extras": {"norm": float("nan")}}, p), "NaN"),
+        ("str degree", _raw({**good, "extras": {"degree": "4"}}, p), "degree must be an integer"),
+        ("payload on sync-norm", _raw({**good, "kind": "sync-norm"}, p), "must not carry"),
+        ("garbage payload", _raw(_good_header_dict(b"\x00" * 40), b"\x00" * 40), "not valid safetensors"),
+    ]
+    return cases
+
+
+@pytest.mark.parametrize("name,data,reason", _cases(), ids=[c[0] for c in _cases()])
+def test_malformed_messages_refused(name, data, reason):
+    with pytest.raises(WireError, match=reason.replace("[", r"\[").replace("]", r"\]")) as info:
+        wire.decode(data, SPEC, max_bytes=1 << 20)
+    assert "\n" not in str(info.value)
+
+
+def _crafted(tensors: dict[str, torch.Tensor]) -> bytes:
+    """A message whose header claims the right fingerprint but whose payload differs."""
+    p = st_save(tensors)
+    return _raw(_good_header_dict(p), p)
+
+
+def test_oversized_refused_before_parsing():
+    data = wire.encode(_header(), _params())
+    with pytest.raises(WireError, match="exceeds the limit"):
+        wire.decode(data, SPEC, max_bytes=len(data) - 1)
+    assert wire.decode(data, SPEC, max_bytes=len(data)).nbytes == len(data)
+
+
+def test_wrong_fingerprint_refused():
+    other = {"w": torch.zeros(2, 2)}
+    data = wire.encode(_header(fingerprint=ModelSpec.from_tensors(other).fingerprint), other)
+    with pytest.raises(WireError, match="different model architecture"):
+        wire.decode(data, SPEC)
+
+
+def test_wrong_shape_refused():
+    t = _params()
+    t["layer.bias"] = torch.zeros(6)
+    with pytest.raises(WireError, match=r"'layer.bias' has shape \(6,\), expected \(5,\)"):
+        wire.decode(_crafted(t), SPEC)
+
+
+def test_wrong_dtype_refused():
+    t = _params()
+    t["out.weight"] = t["out.weight"].double()
+    with pytest.raises(WireError, match="has dtype float64, expected float32"):
+        wire.decode(_crafted(t), SPEC)
+
+
+def test_missing_and_extra_tensors_refused():
+    t = _params()
+    del t["out.weight"]
+    with pytest.raises(WireError, match=r"missing \['out.weight'\]"):
+        wire.decode(_crafted(t), SPEC)
+    t = {**_params(), "evil": torch.zeros(1)}
+    with pytest.raises(WireError, match=r"unexpected \['evil'\]"):
+        wire.decode(_crafted(t), SPEC)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_values_refused(bad):
+    t = _params()
+    t["layer.weight"][2, 1] = bad
+    with pytest.raises(WireError, match="NaN or infinite"):
+        wire.decode(_crafted(t), SPEC)
+    with pytest.raises(WireError, match="NaN or infinite"):
+        wire.decode(_crafted(t), None)
+
+
+def test_decode_without_spec_checks_header_fingerprint():
+    t = _params()
+    t["layer.bias"] = torch.zeros(6)
+    with pytest.raises(WireError, match="do not match the header fingerprint"):
+        wire.decode(_crafted(t), None)
+
+
+def test_model_spec_rejects_unsupported_dtype():
+    with pytest.raises(WireError, match="cannot travel"):
+        ModelSpec.from_tensors({"x": torch.zeros(2, dtype=torch.complex64)})
