@@ -1,10 +1,11 @@
 """Which samples each device trains on at each local step: one schedule for every engine.
 
-Every device shuffles its own indices each epoch and walks them in mini-batches of ``B``; the
+Every device shuffles its own samples each epoch and walks them in mini-batches of ``B``; the
 last batch of an epoch is smaller, so no sample is dropped and a device with fewer samples
-simply takes fewer steps (it idles while larger devices finish: no over-training). The shuffle
-keys are drawn per (round, epoch) over the concatenation of all devices' index arrays, so a
-shard of devices (Ray) or a single device (node runtime) gets exactly the same batches.
+simply takes fewer steps (it idles while larger devices finish: no over-training). A sample's
+shuffle key is a hash of (seed, round, epoch, device id, position in the device's own data), so
+the order depends on nothing but the device itself: the simulator, a Ray shard and a real node
+holding only its own data all walk exactly the same batches.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from p2pl.core.rng import torch_generator
+from p2pl.core.rng import derive_seed
 
 
 @dataclass(frozen=True)
@@ -24,26 +25,34 @@ class Partition:
 
     indices: tuple[np.ndarray, ...]  # per device, int64
     device_ids: tuple[int, ...]  # global ids of these devices (a shard may hold a subset)
-    offsets: tuple[int, ...]  # where each device's indices start in the global concatenation
-    total: int  # length of the global concatenation of all devices' indices
 
     @staticmethod
     def full(parts: list[np.ndarray]) -> Partition:
-        sizes = [len(p) for p in parts]
-        offsets = tuple(int(o) for o in np.concatenate([[0], np.cumsum(sizes)[:-1]]))
-        return Partition(tuple(np.asarray(p, dtype=np.int64) for p in parts), tuple(range(len(parts))),
-                         offsets, int(sum(sizes)))  # fmt: skip
+        return Partition(tuple(np.asarray(p, dtype=np.int64) for p in parts), tuple(range(len(parts))))
 
     def subset(self, devices: list[int]) -> Partition:
-        """The partition restricted to some devices (same global shuffle keys)."""
+        """The partition restricted to some devices."""
         pos = {d: i for i, d in enumerate(self.device_ids)}
-        rows = [pos[d] for d in devices]
-        return Partition(tuple(self.indices[r] for r in rows), tuple(devices),
-                         tuple(self.offsets[r] for r in rows), self.total)  # fmt: skip
+        return Partition(tuple(self.indices[pos[d]] for d in devices), tuple(devices))
 
     @property
     def sizes(self) -> np.ndarray:
         return np.array([len(p) for p in self.indices], dtype=np.int64)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finalizer: a fast, well-mixed 64-bit hash (uint64 arithmetic wraps)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def shuffle_keys(seed: int, round_index: int, epoch: int, device: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """Sort keys for samples at ``position`` of ``device``'s data in this (round, epoch)."""
+    base = np.uint64(derive_seed(seed, "shuffle", round_index, epoch))
+    with np.errstate(over="ignore"):
+        dev = _mix64(device.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15))
+        return _mix64(base ^ dev ^ _mix64(position.astype(np.uint64)))
 
 
 @dataclass(frozen=True)
@@ -77,21 +86,19 @@ class EpochPlan:
 
 
 def epoch_plan(partition: Partition, seed: int, round_index: int, epoch: int, batch_size: int) -> EpochPlan:
-    keys = torch.rand(partition.total, generator=torch_generator(seed, "shuffle", round_index, epoch))
     sizes = partition.sizes
     n_dev, total = len(sizes), int(sizes.sum())
     max_size = int(sizes.max()) if n_dev else 0
     order = torch.zeros(n_dev, max_size, dtype=torch.int64)
     if total == 0:
         return EpochPlan(order, torch.from_numpy(sizes), batch_size)
-    local_starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    within = np.arange(total) - np.repeat(local_starts, sizes)  # position inside each device's array
-    global_pos = np.repeat(np.asarray(partition.offsets), sizes) + within
-    segment = torch.from_numpy(np.repeat(np.arange(n_dev), sizes))
-    # One stable sort orders every device's samples by its own keys (segments never interleave).
-    rank = torch.argsort(segment.double() * 2 + keys[torch.from_numpy(global_pos)].double(), stable=True)
-    samples = torch.from_numpy(np.concatenate(partition.indices))
-    order[segment, torch.from_numpy(within)] = samples[rank]
+    segment = np.repeat(np.arange(n_dev), sizes)
+    within = np.arange(total) - np.repeat(np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes)
+    keys = shuffle_keys(seed, round_index, epoch, np.asarray(partition.device_ids)[segment], within)
+    # One sort orders every device's samples by its own keys (segments never interleave).
+    rank = np.lexsort((within, keys, segment))
+    samples = np.concatenate(partition.indices)
+    order[torch.from_numpy(segment), torch.from_numpy(within)] = torch.from_numpy(samples[rank])
     return EpochPlan(order, torch.from_numpy(sizes), batch_size)
 
 
