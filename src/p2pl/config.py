@@ -238,9 +238,7 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     unknown = [k for k in data if k not in fields]
     if unknown:
         where = f"[{prefix.rstrip('.')}]" if prefix else "the top level"
-        raise P2PLError(
-            f"unknown config key {prefix + unknown[0]!r} in {where}; valid keys: {', '.join(fields)}"
-        )
+        raise P2PLError(f"unknown config key {prefix + unknown[0]!r} in {where}; valid keys: {', '.join(fields)}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         tp = hints[name]

@@ -33,7 +33,7 @@ def _image_shape(input_shape: tuple[int, ...], model: str) -> tuple[int, int, in
     if len(input_shape) != 3:
         raise P2PLError(
             f"model {model!r} needs image-shaped input [C, H, W], but the data has shape {list(input_shape)}; "
-            "use model.name = \"mlp\""
+            'use model.name = "mlp"'
         )
     c, h, w = input_shape
     return c, h, w
@@ -115,7 +115,7 @@ def _load_factory(spec: str) -> Callable[..., nn.Module]:
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise P2PLError(f"model.factory: {module_name!r} has no callable {attr!r}")
-    return factory  # type: ignore[no-any-return]
+    return factory
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:

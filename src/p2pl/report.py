@@ -9,7 +9,14 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from p2pl.metrics import History
@@ -64,9 +71,7 @@ def accuracy_curves(h: History) -> dict[str, np.ndarray]:
     return {"round": np.asarray(h.eval_rounds), "mean": acc.mean(1), "min": acc.min(1), "max": acc.max(1)}
 
 
-def plot_accuracy(
-    curves: dict[str, dict[str, np.ndarray]], path: Path, title: str = "", band: bool = True
-) -> None:
+def plot_accuracy(curves: dict[str, dict[str, np.ndarray]], path: Path, title: str = "", band: bool = True) -> None:
     """Mean device accuracy per round (solid), min (dashed) and the min–max band, per run."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

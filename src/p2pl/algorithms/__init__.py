@@ -14,4 +14,5 @@ ALGORITHMS = ("p2pl", "fedavg", "centralized", "local")
 
 def make_algorithm(name: str) -> Algorithm:
     choose("algorithm", name, ALGORITHMS)
-    return {"p2pl": P2PL, "fedavg": FedAvg, "centralized": Centralized, "local": Local}[name]()
+    classes: dict[str, type[Algorithm]] = {"p2pl": P2PL, "fedavg": FedAvg, "centralized": Centralized, "local": Local}
+    return classes[name]()

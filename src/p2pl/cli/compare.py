@@ -12,7 +12,7 @@ from p2pl.report import accuracy_curves, console, plot_accuracy, round_progress,
 from p2pl.sim.simulator import run_experiment
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("compare", help="run p2pl, fedavg, centralized and local side by side")
     add_config_arguments(parser)
     add_output_arguments(parser, "runs/compare")

@@ -9,7 +9,7 @@ from p2pl.report import console, round_progress, summary_table
 from p2pl.sim.simulator import run_experiment
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("run", help="run one experiment (default: P2PL, 100 devices, digits)")
     add_config_arguments(parser)
     add_output_arguments(parser, "runs/default")

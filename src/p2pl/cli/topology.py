@@ -12,7 +12,7 @@ from p2pl.graph.topology import build_topology
 from p2pl.graph.weights import mixing_weights
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("topology", help="describe the device graph of a config (and draw it)")
     add_config_arguments(parser)
     parser.add_argument("--png", type=Path, help="save a drawing of the graph to this PNG file")

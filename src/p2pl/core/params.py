@@ -8,7 +8,9 @@ views, so no copy is made per step.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -67,11 +69,11 @@ def init_device_params(model: nn.Module, spec: ParamSpec, seed: int, devices: li
     ``torch.manual_seed(s); build_model()`` would give; the global RNG is left untouched.
     """
     out = torch.empty(len(devices), spec.total)
-    resettable = [m for m in model.modules() if hasattr(m, "reset_parameters")]
+    resets = [cast(Callable[[], None], m.reset_parameters) for m in model.modules() if hasattr(m, "reset_parameters")]
     with torch.random.fork_rng(devices=[]):
         for row, device in enumerate(devices):
             torch.manual_seed(derive_seed(seed, "init", device))
-            for module in resettable:
-                module.reset_parameters()
+            for reset in resets:
+                reset()
             out[row] = spec.module_vector(model)
     return out

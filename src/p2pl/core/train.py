@@ -82,7 +82,7 @@ def _vmap_losses(model: nn.Module, spec: ParamSpec) -> BatchedLoss:
         logits = functional_call(model, spec.unflatten(flat), (x,))
         return _masked_mean(F.cross_entropy(logits, y, reduction="none"), mask)
 
-    return vmap(device_loss)  # type: ignore[no-any-return]
+    return vmap(device_loss)
 
 
 def _loop_losses(model: nn.Module, spec: ParamSpec) -> BatchedLoss:

@@ -87,10 +87,9 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
     device_parts = _partition(cfg, dataset, assignment)
     model = build_model(cfg.model, dataset.input_shape, dataset.num_classes)
     spec = ParamSpec.of(model)
-    if algorithm.num_devices(cfg.devices) == 1:
-        parts = [np.sort(np.concatenate(device_parts))]  # centralized: the union of the devices' data
-    else:
-        parts = device_parts
+    # centralized: one "device" holding the union of the devices' data
+    single = algorithm.num_devices(cfg.devices) == 1
+    parts = [np.sort(np.concatenate(device_parts))] if single else device_parts
     n = len(parts)
     if algorithm.uses_graph:
         topology = build_topology(cfg.topology, n, cfg.seed)

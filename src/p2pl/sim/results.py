@@ -28,60 +28,68 @@ def _fmt(x: float) -> str:
     return "nan" if not np.isfinite(x) else f"{x:.6g}"
 
 
+def _local_by_round(h: History) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Accuracy/loss after local training, keyed by round (evaluated rounds after round 0)."""
+    if not h.local_accuracy:
+        return {}
+    pairs = zip(h.local_accuracy, h.local_loss, strict=True)
+    return dict(zip(h.eval_rounds[1:], pairs, strict=False))
+
+
 def metrics_csv(h: History) -> str:
     """One row per evaluated round and device (round 0 = after initialization/sync)."""
-    has_local = bool(h.local_accuracy)
-    header = ["round", "device", "accuracy", "loss"] + (["local_accuracy", "local_loss"] if has_local else [])
+    local_by_round = _local_by_round(h)
+    header = ["round", "device", "accuracy", "loss"]
+    if local_by_round:
+        header += ["local_accuracy", "local_loss"]
     rows: list[list[Any]] = []
-    local_by_round = dict(zip(h.eval_rounds[1:], zip(h.local_accuracy, h.local_loss, strict=True), strict=False))
     for r, acc, loss in zip(h.eval_rounds, h.accuracy, h.loss, strict=True):
-        local = local_by_round.get(r) if has_local else None
+        local = local_by_round.get(r)
         for d in range(len(acc)):
             row: list[Any] = [r, d, _fmt(acc[d]), _fmt(loss[d])]
-            if has_local:
+            if local_by_round:
                 row += [_fmt(local[0][d]), _fmt(local[1][d])] if local is not None else ["", ""]
             rows.append(row)
     return _csv(rows, header)
 
 
+ROUND_COLUMNS = [
+    "round", "accuracy_mean", "accuracy_min", "accuracy_max", "loss_mean", "loss_min", "loss_max",
+    "local_accuracy_mean", "consensus_distance", "bytes_sent_mean", "bytes_sent_total", "live_links",
+    "active_devices", "train_loss_mean", "wall_time_s",
+]  # fmt: skip
+
+
 def rounds_csv(h: History) -> str:
     """One row per round: spread of accuracy/loss, consensus distance, bytes, links, time."""
     evals = {r: i for i, r in enumerate(h.eval_rounds)}
-    header = ["round", "accuracy_mean", "accuracy_min", "accuracy_max", "loss_mean", "loss_min", "loss_max",
-              "local_accuracy_mean", "consensus_distance", "bytes_sent_mean", "bytes_sent_total",
-              "live_links", "active_devices", "train_loss_mean", "wall_time_s"]  # fmt: skip
+    local_by_round = _local_by_round(h)
     rows: list[list[Any]] = []
     elapsed = 0.0
-    has_local = bool(h.local_accuracy)
-    for r in range(0, len(h.round_time_s) + 1):
-        i = evals.get(r)
-        acc = spread(h.accuracy[i]) if i is not None else None
-        loss = spread(h.loss[i]) if i is not None else None
-        local = ""
-        if has_local and i is not None and r > 0:
-            local = _fmt(float(np.mean(h.local_accuracy[i - 1])))
-        if r == 0:
-            rows.append([0, *(_fmt(v) for v in acc.values()), *(_fmt(v) for v in loss.values()), "", "", "", "",
-                         "", "", "", 0.0] if acc and loss else [0] + [""] * 14)  # fmt: skip
-            continue
-        k = r - 1
-        elapsed += h.round_time_s[k]
-        sent = h.bytes_sent[k]
-        train = h.train_loss[k]
-        rows.append([
-            r,
-            *((_fmt(v) for v in acc.values()) if acc else [""] * 3),
-            *((_fmt(v) for v in loss.values()) if loss else [""] * 3),
-            local,
-            _fmt(h.consensus_distance[k]),
-            _fmt(float(sent.mean())),
-            int(sent.sum()),
-            h.live_links[k],
-            h.active_devices[k],
-            _fmt(float(np.nanmean(train))) if np.isfinite(train).any() else "nan",
-            f"{elapsed:.3f}",
-        ])  # fmt: skip
-    return _csv(rows, header)
+    for r in range(len(h.round_time_s) + 1):
+        row: dict[str, Any] = dict.fromkeys(ROUND_COLUMNS, "")
+        row["round"] = r
+        if r in evals:
+            for metric, values in (("accuracy", h.accuracy[evals[r]]), ("loss", h.loss[evals[r]])):
+                for stat, value in spread(values).items():
+                    row[f"{metric}_{stat}"] = _fmt(value)
+        if r in local_by_round:
+            row["local_accuracy_mean"] = _fmt(float(np.mean(local_by_round[r][0])))
+        if r > 0:
+            k = r - 1
+            elapsed += h.round_time_s[k]
+            train = h.train_loss[k]
+            row |= {
+                "consensus_distance": _fmt(h.consensus_distance[k]),
+                "bytes_sent_mean": _fmt(float(h.bytes_sent[k].mean())),
+                "bytes_sent_total": int(h.bytes_sent[k].sum()),
+                "live_links": h.live_links[k],
+                "active_devices": h.active_devices[k],
+                "train_loss_mean": _fmt(float(np.nanmean(train))) if np.isfinite(train).any() else "nan",
+            }
+        row["wall_time_s"] = f"{elapsed:.3f}"
+        rows.append([row[c] for c in ROUND_COLUMNS])
+    return _csv(rows, ROUND_COLUMNS)
 
 
 def devices_csv(sizes: np.ndarray, histograms: np.ndarray) -> str:
@@ -102,14 +110,10 @@ def summary(h: History, facts: dict[str, Any]) -> dict[str, Any]:
         "rounds_done": len(h.round_time_s),
         "final": {"accuracy": spread(h.accuracy[last]), "loss": spread(h.loss[last])},
         "best_mean_accuracy": max(mean_acc[1:] or mean_acc),
-        "rounds_to_mean_accuracy": {
-            str(t): rounds_to_accuracy(h.eval_rounds, mean_acc, t) for t in ACCURACY_TARGETS
-        },
-        "rounds_to_min_accuracy": {
-            str(t): rounds_to_accuracy(h.eval_rounds, min_acc, t) for t in ACCURACY_TARGETS
-        },
-        "consensus_distance_final": finite_or_none(h.consensus_distance[-1]) if h.consensus_distance else None,
-        "bytes_sent_per_device": float(np.mean(total_bytes)) + float(facts.get("sync_bytes_per_device", 0.0)),
+        "rounds_to_mean_accuracy": {str(t): rounds_to_accuracy(h.eval_rounds, mean_acc, t) for t in ACCURACY_TARGETS},
+        "rounds_to_min_accuracy": {str(t): rounds_to_accuracy(h.eval_rounds, min_acc, t) for t in ACCURACY_TARGETS},
+        "consensus_distance_final": finite_or_none(h.consensus_distance[-1] if h.consensus_distance else None),
+        "bytes_sent_per_device": float(np.mean(total_bytes)) + float(facts.get("sync_bytes_per_device", 0)),
         "round_time_s_mean": float(np.mean(h.round_time_s)) if h.round_time_s else None,
         "oscillation": oscillation(local_mean, after_mean) if local_mean else None,
     }
@@ -136,4 +140,4 @@ def _json_default(value: Any) -> Any:
 
 
 def read_summary(directory: Path) -> dict[str, Any]:
-    return json.loads((directory / "summary.json").read_text())  # type: ignore[no-any-return]
+    return json.loads((directory / "summary.json").read_text())
