@@ -42,6 +42,9 @@ class PartitionConfig:
     shards_per_device: int = 2  # shards: label shards per device
     quantity_sigma: float = 1.0  # quantity: sigma of the log-normal local sizes
     min_size: int = 1  # every device gets at least this many samples
+    # 0: devices split the training set (disjoint). k > 0: each device draws k samples of its own,
+    # overlapping across devices, so more devices than samples fit (e.g. 10,000 on digits).
+    samples_per_device: int = 0
 
 
 @dataclass
@@ -163,11 +166,12 @@ class ExperimentConfig:
             "output.checkpoint_every": self.output.checkpoint_every,
             "training.weight_decay": self.training.weight_decay,
             "partition.min_size": self.partition.min_size,
+            "partition.samples_per_device": self.partition.samples_per_device,
             "threads": self.threads,
         }
         for key, num in non_negative.items():
             if num < 0:
-                raise P2PLError(f"{key} must be >= 0, got {num}")
+                raise P2PLError(f"{key} must be >= 0, got {num}; set e.g. --set {key}=0")
         positive_floats = {
             "training.lr": self.training.lr,
             "partition.alpha": self.partition.alpha,
@@ -176,7 +180,7 @@ class ExperimentConfig:
         }
         for key, num in positive_floats.items():
             if not num > 0:
-                raise P2PLError(f"{key} must be > 0, got {num}")
+                raise P2PLError(f"{key} must be > 0, got {num}; set a positive number, e.g. --set {key}=0.1")
         if not 0 <= self.training.momentum < 1:
             raise P2PLError(f"training.momentum must be in [0, 1), got {self.training.momentum}")
         if len(self.training.betas) != 2 or not all(0 <= b < 1 for b in self.training.betas):
@@ -185,6 +189,11 @@ class ExperimentConfig:
             raise P2PLError(f"consensus.affinity must be in (0, 1], got {self.consensus.affinity}")
         if not 0 < self.data.test_fraction < 1:
             raise P2PLError(f"data.test_fraction must be in (0, 1), got {self.data.test_fraction}")
+        if self.partition.samples_per_device > 0 and self.data.device_assignment:
+            raise P2PLError(
+                "partition.samples_per_device draws each device's samples, but data.device_assignment "
+                "already assigns them; set one of the two only"
+            )
         if any(h <= 0 for h in self.model.hidden):
             raise P2PLError(f"model.hidden widths must be positive, got {self.model.hidden}")
         return self

@@ -34,14 +34,23 @@ def round_progress(label: str, total: int, enabled: bool = True) -> Iterator[Any
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rounds"),
         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
     )  # fmt: skip
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(label, total=total, status="")
+    # Started on the first finished round, so an error while setting up prints only its one line.
+    progress = Progress(*columns, console=console, transient=False)
+    task = None
 
-        def update(k: int, _total: int, metrics: dict[str, float]) -> None:
-            status = f"acc mean {metrics['acc_mean']:.3f} min {metrics['acc_min']:.3f}"
-            progress.update(task, completed=k, status=status)
+    def update(k: int, _total: int, metrics: dict[str, float]) -> None:
+        nonlocal task
+        if task is None:
+            progress.start()
+            task = progress.add_task(label, total=total, status="")
+        status = f"acc mean {metrics['acc_mean']:.3f} min {metrics['acc_min']:.3f}"
+        progress.update(task, completed=k, status=status)
 
+    try:
         yield update
+    finally:
+        if task is not None:
+            progress.stop()
 
 
 def _pct(x: float | None) -> str:
@@ -50,10 +59,10 @@ def _pct(x: float | None) -> str:
 
 def summary_table(summaries: dict[str, dict[str, Any]], title: str = "") -> Table:
     """Final accuracy / loss across devices, side by side for one or more runs."""
-    table = Table(title=title or None)
+    table = Table(title=title or None, padding=(0, 1))
     table.add_column("run")
-    for col in ("devices", "acc mean", "acc min", "acc max", "loss mean", "rounds to 80%", "sync steps",
-                "MB sent/device", "time s"):  # fmt: skip
+    # Short headers: the table must fit an 80-column terminal.
+    for col in ("N", "acc mean", "acc min", "acc max", "loss", "to 80%", "sync", "MB/dev", "time s"):
         table.add_column(col, justify="right")
     for name, s in summaries.items():
         acc, loss = s["final"]["accuracy"], s["final"]["loss"]

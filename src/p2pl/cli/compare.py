@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from p2pl.algorithms import ALGORITHMS
 from p2pl.cli.common import add_config_arguments, add_output_arguments, config_from_args, out_dir
+from p2pl.config import OutputConfig
 from p2pl.report import accuracy_curves, console, plot_accuracy, round_progress, summary_table
 from p2pl.sim.simulator import run_experiment
 
@@ -21,9 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     base = config_from_args(args)
-    directory = out_dir(args, base) if args.out or base.output.dir != "runs/default" else out_dir(args, base)
-    if not args.out and base.output.dir == "runs/default":
-        directory = directory.parent / "compare"
+    # A config's own output.dir wins over the compare default; --out wins over both.
+    directory = out_dir(args, base) if args.out or base.output.dir != OutputConfig().dir else Path("runs/compare")
     summaries: dict[str, dict[str, Any]] = {}
     curves = {}
     enabled = base.output.progress and not args.quiet

@@ -13,6 +13,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("run", help="run one experiment (default: P2PL, 100 devices, digits)")
     add_config_arguments(parser)
     add_output_arguments(parser, "runs/default")
+    parser.add_argument("--backend", choices=("local", "ray"), default="local",
+                        help="local: all devices in this process (default); ray: shards on Ray actors")  # fmt: skip
+    parser.add_argument("--address", default=None, help="Ray cluster address host:port (default: a local Ray)")
+    parser.add_argument("--shards", type=int, default=0, help="Ray actors (default 0: one per cluster CPU)")
     parser.set_defaults(func=main)
 
 
@@ -21,7 +25,10 @@ def main(args: argparse.Namespace) -> int:
     directory = out_dir(args, cfg)
     enabled = cfg.output.progress and not args.quiet
     with round_progress(f"{cfg.algorithm} x{cfg.devices}", cfg.rounds, enabled) as update:
-        result = run_experiment(cfg, directory, progress=update, resume=not args.fresh)
+        result = run_experiment(
+            cfg, directory, progress=update, resume=not args.fresh,
+            backend=args.backend, address=args.address, shards=args.shards,
+        )  # fmt: skip
     console.print(summary_table({cfg.algorithm: result.summary}))
     console.print(f"results in {directory}/ (metrics.csv, rounds.csv, summary.json, config.toml)")
     return 0

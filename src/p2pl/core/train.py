@@ -37,12 +37,38 @@ def _is_plain_mlp(model: nn.Module) -> bool:
     return isinstance(model, nn.Sequential) and all(isinstance(m, (nn.Flatten, nn.Linear, nn.ReLU)) for m in model)
 
 
-def choose_strategy(model: nn.Module, requested: str = "auto") -> str:
+# vmap batches a convolution over devices as one grouped convolution: faster than a loop of
+# small convolutions while feature maps are small, slower once they are large. Measured
+# break-even (torch 2.13 CPU, 1 thread, N = 10 and 100, batch 8; BENCHMARKS.md): vmap won for the
+# 'cnn' on 8x8 (1.5k conv outputs per sample, 4.7x) and LeNet on 28x28 / 32x32 (6.3k / 8.4k,
+# up to 1.5x); the loop won for the 'cnn' on 28x28 / 32x32 (19k / 25k) and the ResNet (>100k).
+VMAP_MAX_CONV_OUTPUTS = 10_000
+
+
+def conv_outputs_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Elements all convolution layers output for one input sample (a forward on zeros)."""
+    total = 0
+
+    def count(_m: nn.Module, _inp: object, out: torch.Tensor) -> None:
+        nonlocal total
+        total += out.numel()
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape))
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
+
+
+def choose_strategy(model: nn.Module, requested: str = "auto", input_shape: tuple[int, ...] | None = None) -> str:
     """The fastest exact way to batch this model's local steps over devices on CPU.
 
-    bmm: a plain MLP as batched matmuls (fastest); vmap: any functional model, batched by
-    torch.func; loop: one device at a time (batched convolutions are not faster than a loop on
-    CPU, see BENCHMARKS.md).
+    bmm: a plain MLP as batched matmuls; vmap: any functional model, batched by torch.func;
+    loop: one device at a time. Models with convolutions use vmap when their feature maps on
+    ``input_shape`` are small (see VMAP_MAX_CONV_OUTPUTS), else (or without a shape) the loop.
     """
     choose("training strategy", requested, STRATEGIES)
     if requested == "bmm" and not _is_plain_mlp(model):
@@ -51,7 +77,15 @@ def choose_strategy(model: nn.Module, requested: str = "auto") -> str:
         return requested
     if _is_plain_mlp(model):
         return "bmm"
-    return "loop" if _has_conv(model) else "vmap"
+    if not _has_conv(model):
+        return "vmap"
+    if input_shape is None:
+        return "loop"
+    try:
+        outputs = conv_outputs_per_sample(model, input_shape)
+    except Exception:  # a model that cannot run on this shape fails in training with its own error
+        return "loop"
+    return "vmap" if outputs <= VMAP_MAX_CONV_OUTPUTS else "loop"
 
 
 def _masked_mean(per_sample: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -85,21 +119,34 @@ def _vmap_losses(model: nn.Module, spec: ParamSpec) -> BatchedLoss:
     return vmap(device_loss)
 
 
-def _loop_losses(model: nn.Module, spec: ParamSpec) -> BatchedLoss:
-    def losses(flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = []
+def _loop_loss_grad(model: nn.Module, spec: ParamSpec) -> LossGrad:
+    """One device at a time, each with its own leaf: backpropagating a sum of per-device losses
+    through row views of one [n,P] leaf would zero-fill and add a full [n,P] gradient per device
+    (O(n^2 P) per step; measured 20x slower than this at 100 devices, see BENCHMARKS.md)."""
+
+    def loss_grad(
+        flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        grads = torch.empty_like(flat)
+        losses = torch.empty(flat.shape[0], dtype=flat.dtype)
         for i in range(flat.shape[0]):
             valid = mask[i] > 0  # a device's short last batch: only its real samples
-            logits = functional_call(model, spec.unflatten(flat[i]), (x[i][valid],))
-            out.append(F.cross_entropy(logits, y[i][valid]))
-        return torch.stack(out)
+            leaf = flat[i].detach().requires_grad_(True)
+            with torch.enable_grad():
+                logits = functional_call(model, spec.unflatten(leaf), (x[i][valid],))
+                loss = F.cross_entropy(logits, y[i][valid])
+                (grads[i],) = torch.autograd.grad(loss, leaf)
+            losses[i] = loss.detach()
+        return grads, losses
 
-    return losses
+    return loss_grad
 
 
 def make_loss_grad(model: nn.Module, spec: ParamSpec, strategy: str) -> LossGrad:
     """f(flat [n,P], x [n,b,...], y [n,b], mask [n,b]) -> (grads [n,P], losses [n])."""
-    batched = {"bmm": _bmm_losses, "vmap": _vmap_losses, "loop": _loop_losses}[strategy](model, spec)
+    if strategy == "loop":
+        return _loop_loss_grad(model, spec)
+    batched = {"bmm": _bmm_losses, "vmap": _vmap_losses}[strategy](model, spec)
 
     def loss_grad(
         flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
@@ -121,7 +168,8 @@ def step_limits(sizes: np.ndarray, cfg: TrainingConfig, work: np.ndarray | None)
     full = per_epoch * cfg.local_epochs
     if work is None:
         return full
-    share = torch.from_numpy(np.asarray(work, dtype=np.float64))
+    # A copy: ``work`` may be a read-only array (torch warns on wrapping non-writable memory).
+    share = torch.tensor(np.asarray(work, dtype=np.float64))
     return torch.minimum(torch.ceil(full.double() * share - 1e-9).long(), full)
 
 
@@ -150,7 +198,7 @@ class VectorizedTrainer:
         self.partition = partition
         self.cfg = cfg
         self.seed = seed
-        self.strategy = choose_strategy(model, strategy)
+        self.strategy = choose_strategy(model, strategy, tuple(x_train.shape[1:]))
         self.loss_grad = make_loss_grad(model, spec, self.strategy)
         self.state = optim.init_state(cfg, len(partition.indices), spec.total)
 
@@ -195,7 +243,6 @@ class VectorizedTrainer:
             loss_sum += losses.double()
         else:
             loss_sum[rows] += losses.double()
-
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return dict(self.state.tensors)

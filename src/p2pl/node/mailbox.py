@@ -78,10 +78,9 @@ class Mailbox:
         self._round = 0
         self._max_ahead = max_rounds_ahead
         self._max_pending = max_pending
-        self._allowed: frozenset[str] | None = (
-            frozenset(allowed_senders) if allowed_senders is not None else None
-        )
+        self._allowed: frozenset[str] | None = frozenset(allowed_senders) if allowed_senders is not None else None
         self._messages: dict[Key, Message] = {}
+        self._latest: dict[str, int] = {}  # highest round each sender was heard at (catch-up)
         self._cond = threading.Condition()
         self._accepted = 0
         self._rejected: Counter[str] = Counter()
@@ -109,6 +108,9 @@ class Mailbox:
         key: Key = (msg.kind, msg.sender, msg.round, msg.step)
         current = self.current_round
         with self._cond:
+            if self._allowed is None or msg.sender in self._allowed:
+                # Even a too-far-ahead message proves the sender reached that round.
+                self._latest[msg.sender] = max(msg.round, self._latest.get(msg.sender, -1))
             if msg.round < current:
                 reason = STALE
             elif msg.round > current + self._max_ahead:
@@ -145,9 +147,7 @@ class Mailbox:
         with self._cond:
             return self._messages.get((kind, sender, round, step))
 
-    def wait_for(
-        self, kind: str, round: int, step: int, senders: Iterable[str], deadline: float
-    ) -> dict[str, Message]:
+    def wait_for(self, kind: str, round: int, step: int, senders: Iterable[str], deadline: float) -> dict[str, Message]:
         """Block until every sender's ``(kind, round, step)`` message is stored or the deadline passes.
 
         ``deadline`` is an absolute ``time.monotonic()`` value. Returns ``{sender: message}`` for
@@ -161,6 +161,31 @@ class Mailbox:
                 if len(got) == len(wanted) or remaining <= 0:
                     return got
                 self._cond.wait(timeout=remaining)
+
+    def wait_for_any(
+        self, kind: str, round: int, steps: Iterable[int], senders: Iterable[str], deadline: float
+    ) -> dict[str, Message]:
+        """Like :meth:`wait_for`, but a sender is satisfied by a message at *any* of ``steps``
+        (the first one stored, in the given order) -- e.g. "this sync step, or its final value"."""
+        wanted, order = set(senders), list(steps)
+        with self._cond:
+            while True:
+                got: dict[str, Message] = {}
+                for s in wanted:
+                    for step in order:
+                        m = self._messages.get((kind, s, round, step))
+                        if m is not None:
+                            got[s] = m
+                            break
+                remaining = deadline - time.monotonic()
+                if len(got) == len(wanted) or remaining <= 0:
+                    return got
+                self._cond.wait(timeout=remaining)
+
+    def latest_round(self, sender: str) -> int:
+        """Highest round ``sender`` was heard at (stored or too far ahead); -1 if never."""
+        with self._cond:
+            return self._latest.get(sender, -1)
 
     def prune(self, before_round: int) -> int:
         """Drop every stored message with ``round < before_round``; return how many were dropped."""

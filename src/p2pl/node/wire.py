@@ -88,6 +88,7 @@ PAYLOAD_KINDS = frozenset({"params", "sync-params"})
 EXTRA_FIELDS: dict[str, type] = {
     "norm": float,  # L2 norm of the sender's parameters (max-norm sync)
     "owner": str,  # device id whose init the sender holds (max-norm sync tie-break)
+    "owner_index": int,  # global device index of ``owner``: ties go to the lowest index, as in core.sync
     "data_size": int,  # |D_n| of the sender (data-size consensus weights)
     "degree": int,  # d_n of the sender (metropolis weights)
     "loss": float,  # sender's last training loss (logging only)
@@ -104,9 +105,7 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
-_HEADER_KEYS = frozenset(
-    {"version", "kind", "sender", "round", "step", "fingerprint", "payload_size", "extras"}
-)
+_HEADER_KEYS = frozenset({"version", "kind", "sender", "round", "step", "fingerprint", "payload_size", "extras"})
 
 
 class WireError(P2PLError):
@@ -175,10 +174,7 @@ class ModelSpec:
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> ModelSpec:
         """Spec of a ``{name: tensor}`` mapping (order kept)."""
         return cls(
-            tuple(
-                TensorSpec(name, tuple(int(s) for s in t.shape), _dtype_name(t.dtype))
-                for name, t in tensors.items()
-            )
+            tuple(TensorSpec(name, tuple(int(s) for s in t.shape), _dtype_name(t.dtype)) for name, t in tensors.items())
         )
 
     @classmethod

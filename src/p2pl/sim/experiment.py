@@ -13,6 +13,7 @@ from torch import nn
 from p2pl.algorithms import Algorithm, make_algorithm
 from p2pl.algorithms.base import Setting
 from p2pl.config import ExperimentConfig, config_to_dict, dumps_config
+from p2pl.core.optim import OPTIMIZERS
 from p2pl.core.params import ParamSpec, init_device_params
 from p2pl.core.schedule import Partition
 from p2pl.core.train import VectorizedTrainer
@@ -22,6 +23,7 @@ from p2pl.data.registry import load_dataset_with_assignment
 from p2pl.errors import P2PLError, choose
 from p2pl.graph.links import NetworkDynamics
 from p2pl.graph.topology import Topology, build_topology
+from p2pl.graph.weights import WEIGHT_RULES
 from p2pl.models import build_model
 from p2pl.sim.reference import ReferenceTrainer
 
@@ -80,8 +82,12 @@ def _partition(cfg: ExperimentConfig, dataset: Dataset, assignment: np.ndarray |
 
 
 def build_experiment(cfg: ExperimentConfig) -> Experiment:
+    # Check every name before any expensive or graph-dependent work, so a typo is reported as one.
     choose("engine", cfg.engine, ENGINES)
+    choose("optimizer", cfg.training.optimizer, OPTIMIZERS)
     algorithm = make_algorithm(cfg.algorithm)
+    if algorithm.uses_graph:
+        choose("weights", cfg.consensus.weights, WEIGHT_RULES)
     torch.manual_seed(cfg.seed)  # only for code that ignores our explicit generators
     dataset, assignment = load_dataset_with_assignment(cfg.data, cfg.seed)
     device_parts = _partition(cfg, dataset, assignment)
@@ -106,10 +112,6 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         sync=cfg.sync,
         model_bytes=spec.nbytes,
     )
-    if algorithm.uses_graph:
-        from p2pl.graph.weights import WEIGHT_RULES
-
-        choose("weights", cfg.consensus.weights, WEIGHT_RULES)
     if n > 1 and algorithm.name != "p2pl" and cfg.links.mobility_speed > 0:
         raise P2PLError(f"links.mobility_speed applies to P2PL's device graph, not to {algorithm.name!r}")
     return Experiment(cfg, algorithm, dataset, parts, model, spec, topology, setting)

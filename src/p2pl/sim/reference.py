@@ -66,7 +66,7 @@ class ReferenceTrainer:
                     loss = F.cross_entropy(model(self.x_train[idx]), self.y_train[idx])
                     loss.backward()
                     opt.step()
-                    losses.append(float(loss))
+                    losses.append(loss.item())
                     taken[n] += 1
             params[n] = self.spec.module_vector(model)
             mean_loss[n] = float(np.mean(losses))

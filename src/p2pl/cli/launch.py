@@ -1,0 +1,90 @@
+"""``p2pl launch [CONFIG] --devices N --out DIR``: a local network of ``p2pl node`` processes."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+from p2pl.cli.common import add_config_arguments, config_from_args
+from p2pl.errors import P2PLError
+from p2pl.report import console, round_progress, summary_table
+
+ProgressFn = Callable[[int, int, dict[str, float]], None]
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,unused-ignore]
+    parser = sub.add_parser(
+        "launch", help="run an experiment as N real p2pl node processes on this machine (loopback, mTLS)"
+    )
+    add_config_arguments(parser)
+    parser.add_argument("--devices", type=int, help="number of devices/processes (default: the config's)")
+    parser.add_argument("--out", default=None, help="output directory (default: output.dir + '-launch')")
+    parser.add_argument("--fresh", action="store_true", help="delete earlier node state in --out and start over")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--host", default="127.0.0.1", help="loopback address the nodes listen on")
+    parser.add_argument("--base-port", type=int, default=0, help="first port (default: any free ports)")
+    parser.add_argument("--round-timeout", type=float, default=None, help="seconds a node waits for neighbours")
+    parser.add_argument("--timeout", type=float, default=None, help="give up (and stop every node) after this")
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from p2pl.node.launch import Launcher, prepare_launch  # imports torch: only when launching
+
+    overrides = list(args.overrides)
+    if args.devices is not None:
+        overrides.append(f"devices={args.devices}")
+    args.overrides = overrides
+    cfg = config_from_args(args)
+    out = Path(args.out or f"{cfg.output.dir}-launch")
+    if args.fresh and (out / "nodes").exists():
+        shutil.rmtree(out / "nodes")
+    network = {} if args.round_timeout is None else {"round_timeout": args.round_timeout}
+    if not 0 <= args.base_port <= 65535 - cfg.devices:
+        raise P2PLError(f"--base-port {args.base_port} leaves no room for {cfg.devices} ports")
+    plan = prepare_launch(cfg, out, host=args.host, base_port=args.base_port, network=network)
+    launcher = Launcher(plan)
+    # A service manager's SIGTERM stops the run like Ctrl-C: every node process is stopped too.
+    signal.signal(signal.SIGTERM, _interrupt)
+    enabled = cfg.output.progress and not args.quiet
+    try:
+        launcher.start()
+        with round_progress(f"p2pl nodes x{cfg.devices}", cfg.rounds, enabled) as update:
+            finished = launcher.wait(progress=_safe(update), timeout=args.timeout)
+    except KeyboardInterrupt:
+        console.print("interrupted: stopping every node process; rerun the same command to resume")
+        launcher.stop()
+        return 130
+    finally:
+        launcher.stop()
+    failed = {plan.ids[i]: rc for i, rc in launcher.exit_codes.items() if rc != 0}
+    try:
+        summary = launcher.collect()
+    except P2PLError as err:
+        console.print(f"[red]run failed[/red]: {err}")
+        return 1
+    console.print(summary_table({f"p2pl nodes x{cfg.devices}": summary}))
+    console.print(f"results in {out}/ (metrics.csv, rounds.csv, summary.json); node logs in {out}/nodes/*/")
+    if not finished or failed or summary["rounds_done"] < cfg.rounds:
+        console.print(f"[red]run failed[/red]: nodes {failed} exited with errors; see their node.log / stderr.log")
+        return 1
+    return 0
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _safe(update: ProgressFn | None) -> ProgressFn | None:
+    """The progress bar wants acc metrics; before the first evaluation there are none."""
+    if update is None:
+        return None
+
+    def call(k: int, total: int, metrics: dict[str, float]) -> None:
+        update(k, total, metrics if metrics else {"acc_mean": 0.0, "acc_min": 0.0})
+
+    return call

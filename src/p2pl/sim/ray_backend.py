@@ -1,0 +1,611 @@
+"""The Ray backend: the devices split into shards, one Ray actor per shard (``--backend ray``).
+
+Each actor (:class:`ShardWorker`) runs the vectorized engine (``core.train``) over its shard's
+devices: their parameter rows, optimizer state and index arrays into the one training set,
+which reaches every node once through Ray's object store. Shards are graph regions
+(:mod:`p2pl.sim.sharding`), so consensus moves only *halo* rows: each consensus step, a shard
+publishes the rows of its devices that have live neighbours in another shard (one block per
+receiving shard) and the receivers mix them in with ``core.consensus`` over an edge list that
+indexes ``[own rows; halo rows]``. Max norm sync moves N norms to the driver (the flood runs
+there on scalars, ``core.sync.max_norm_owner``) and then only the winning row(s) to the shards.
+Evaluation runs in the shards; the driver gathers ``[N]`` accuracy / loss arrays.
+
+Same numbers: a shard's batches depend only on (seed, round, epoch, device) (``core.schedule``),
+and W is built once on the driver from the same rule, so parameters match the single-process
+engine up to float summation order (~1e-7).
+
+Faults: actors restart (``max_restarts``); after every completed round the driver holds a
+snapshot of each shard's rows and optimizer state (objects it owns, so they outlive a dead
+actor). When a call fails because an actor died, every shard is rolled back to the last
+snapshot and the round is run again: the run ends with the same numbers as an undisturbed one.
+
+Ray is an optional extra (``pip install 'p2pl[ray]'``); this module imports it only when a
+backend is built. Ray itself moves Python objects with pickle between the driver and its own
+workers; parameters travel as plain numpy arrays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import resource
+import socket
+import time
+import uuid
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from p2pl.algorithms.base import RoundLinks, max_norm_device
+from p2pl.config import ExperimentConfig
+from p2pl.core.consensus import MixingOperator, consensus, weighted_average
+from p2pl.core.evaluate import evaluate
+from p2pl.core.params import ParamSpec, init_device_params
+from p2pl.core.schedule import Partition
+from p2pl.core.sync import max_norm_owner, sync_bytes_per_device
+from p2pl.core.train import VectorizedTrainer, choose_strategy
+from p2pl.errors import P2PLError
+from p2pl.graph.weights import mixing_weights
+from p2pl.models import build_model
+from p2pl.sim.experiment import Experiment
+from p2pl.sim.sharding import Sharding, shard_devices
+from p2pl.sim.simulator import Started
+
+T = TypeVar("T")
+RAY_ALGORITHMS = ("p2pl", "fedavg", "local")
+MAX_RESTARTS = 4  # per actor
+ACTOR_PREFIX = "p2pl-shard-"  # actor names: p2pl-shard-<run tag>-<shard>
+MAX_RECOVERIES = 4  # per round
+_ALIVE_TIMEOUT_S = 120.0  # how long a restarting actor may take to come back
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A torch view of a (possibly read-only, shared-memory) numpy array; callers never write it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable array": we only read it
+        return torch.from_numpy(np.asarray(array))
+
+
+# ---------------------------------------------------------------------------------------------
+# the consensus plan: who sends which rows to whom, and each shard's slice of W
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One shard's part of a consensus step for one set of live links."""
+
+    sources: tuple[int, ...]  # shards this shard receives halo blocks from, in concat order
+    halo_rows: int  # total rows received
+    send_to: tuple[int, ...]  # shards this shard sends a block to (ascending)
+    send_rows: tuple[np.ndarray, ...]  # per target: local rows to send
+    self_weight: np.ndarray  # float32 [R + H]: W_nn for own rows, 0 for halo rows
+    dst: np.ndarray  # int64 [M]: local receiving row
+    src: np.ndarray  # int64 [M]: row of [own; halo] sent from
+    weight: np.ndarray  # float32 [M]
+
+    def operator(self) -> MixingOperator:
+        return MixingOperator(
+            _tensor(self.self_weight), _tensor(self.dst), _tensor(self.src), _tensor(self.weight), None
+        )
+
+
+def consensus_plans(op: MixingOperator, sharding: Sharding) -> list[ShardPlan]:
+    """Split the global edge-list operator W into per-shard operators plus the halo traffic."""
+    shard_of, local = sharding.shard_of, sharding.local_index
+    dst, src = op.dst.numpy(), op.src.numpy()
+    weight, self_weight = op.weight.numpy(), op.self_weight.numpy()
+    sd, ss = shard_of[dst], shard_of[src]
+    cross = sd != ss
+    # Each (receiving shard, sending shard, device) once: the halo rows.
+    need = np.unique(np.stack([sd[cross], ss[cross], src[cross]], axis=1), axis=0).reshape(-1, 3)
+    k = sharding.num_shards
+    blocks: dict[tuple[int, int], np.ndarray] = {}  # (receiver, sender) -> sorted global ids
+    for s, t in {(int(a), int(b)) for a, b in need[:, :2]}:
+        rows = need[(need[:, 0] == s) & (need[:, 1] == t)]
+        blocks[(s, t)] = rows[:, 2]
+    plans = []
+    for s in range(k):
+        own = sharding.shards[s]
+        sources = tuple(sorted(t for (r, t) in blocks if r == s))
+        offsets, at = {}, own.shape[0]
+        for t in sources:
+            offsets[t] = at
+            at += blocks[(s, t)].shape[0]
+        mine = np.flatnonzero(sd == s)  # keeps the global (dst, src) order of the edges
+        e_src, e_ss = src[mine], ss[mine]
+        ext = local[e_src].copy()
+        for t in sources:
+            sel = e_ss == t
+            ext[sel] = offsets[t] + np.searchsorted(blocks[(s, t)], e_src[sel])
+        targets = tuple(sorted(r for (r, t) in blocks if t == s))
+        plans.append(
+            ShardPlan(
+                sources=sources,
+                halo_rows=at - own.shape[0],
+                send_to=targets,
+                send_rows=tuple(local[blocks[(r, s)]] for r in targets),
+                self_weight=np.concatenate([self_weight[own], np.zeros(at - own.shape[0], np.float32)]),
+                dst=local[dst[mine]],
+                src=ext.astype(np.int64),
+                weight=weight[mine].copy(),
+            )
+        )
+    return plans
+
+
+# ---------------------------------------------------------------------------------------------
+# one shard (a Ray actor; a plain class, so it also runs without Ray)
+
+
+class ShardWorker:
+    """The devices of one shard: their parameter rows, optimizer state and local data indices."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        device_ids: np.ndarray,
+        parts: list[np.ndarray],
+        data: dict[str, Any] | list[Any],
+        strategy: str,
+        threads: int,
+    ) -> None:
+        torch.set_num_threads(max(1, threads))
+        if isinstance(data, list):  # [object ref] from the Ray driver (see RayBackend.__init__)
+            import ray
+
+            data = ray.get(data[0])
+        self.cfg = cfg
+        self.device_ids = np.asarray(device_ids, dtype=np.int64)
+        self.model = build_model(cfg.model, tuple(data["input_shape"]), int(data["num_classes"]))
+        self.spec = ParamSpec.of(self.model)
+        self.x_test, self.y_test = _tensor(data["x_test"]), _tensor(data["y_test"])
+        partition = Partition(tuple(np.asarray(p, dtype=np.int64) for p in parts), tuple(self.device_ids.tolist()))
+        self.trainer = VectorizedTrainer(
+            self.model, self.spec, _tensor(data["x_train"]), _tensor(data["y_train"]), partition,
+            cfg.training, cfg.seed, strategy,
+        )  # fmt: skip
+        self.params = torch.zeros(len(self.device_ids), self.spec.total)
+        self._plan: tuple[str, ShardPlan, MixingOperator] | None = None
+        self._before: torch.Tensor | None = None
+
+    def ping(self) -> tuple[int, str]:
+        """(pid, Ray node id) of this worker."""
+        node = ""
+        try:
+            import ray
+
+            node = ray.get_runtime_context().get_node_id()
+        except Exception:  # not running under Ray
+            node = "local"
+        return os.getpid(), node
+
+    def peak_rss_bytes(self) -> int:
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+    def init_norms(self) -> np.ndarray:
+        """Each device's own init (from its own seed); returns the rows' L2 norms (float64)."""
+        self.params = init_device_params(self.model, self.spec, self.cfg.seed, self.device_ids.tolist())
+        return self.params.double().norm(dim=1).numpy()
+
+    def rows(self, local_rows: np.ndarray) -> np.ndarray:
+        return self.params[torch.from_numpy(np.asarray(local_rows, dtype=np.int64))].numpy()
+
+    def adopt(self, pick: np.ndarray, *blocks: np.ndarray) -> None:
+        """Row i becomes row ``pick[i]`` of the concatenated ``blocks`` (the sync winners)."""
+        pool = torch.cat([_tensor(b) for b in blocks])
+        self.params = pool[torch.from_numpy(np.asarray(pick, dtype=np.int64))].clone()
+
+    def train(self, round_index: int, work: np.ndarray | None) -> np.ndarray:
+        stats = self.trainer.train(self.params, round_index, work)
+        return stats.mean_loss.double().numpy()
+
+    def evaluate(self) -> tuple[np.ndarray, np.ndarray]:
+        acc, loss = evaluate(
+            self.model, self.spec, self.params, self.x_test, self.y_test, sample_chunk=self.cfg.eval.test_batch
+        )
+        return acc.numpy(), loss.numpy()
+
+    # -- consensus ------------------------------------------------------------------------------
+
+    def load_plan(self, key: str, plan: ShardPlan) -> None:
+        self._plan = (key, plan, plan.operator())
+
+    def plan_key(self) -> str | None:
+        return None if self._plan is None else self._plan[0]
+
+    def publish(self) -> Any:
+        """This step's boundary rows, one block per receiving shard (Ray: one object each)."""
+        assert self._plan is not None
+        plan = self._plan[1]
+        blocks = tuple(self.params[torch.from_numpy(rows)].numpy() for rows in plan.send_rows)
+        return blocks[0] if len(blocks) == 1 else blocks
+
+    def mix(self, step: int, steps: int, affinity: float, absent: np.ndarray | None, *halos: np.ndarray) -> None:
+        """One consensus step over ``[own rows; halo rows]`` (the last step blends and keeps the
+        absent devices, as ``algorithms.p2pl`` does)."""
+        assert self._plan is not None
+        op = self._plan[2]
+        own = self.params.shape[0]
+        if step == 0:
+            self._before = self.params
+        extended = torch.cat([self.params, *(_tensor(h) for h in halos)]) if halos else self.params
+        mixed = consensus(extended, op, 1)[:own].clone()
+        if step == steps - 1:
+            before = self._before
+            assert before is not None
+            if affinity < 1.0:
+                mixed = torch.lerp(before, mixed, affinity)  # the affinity blend of core.consensus
+            if absent is not None and absent.any():
+                rows = torch.from_numpy(np.flatnonzero(absent))
+                mixed[rows] = before[rows]
+            self._before = None
+        self.params = mixed
+
+    # -- fedavg ---------------------------------------------------------------------------------
+
+    def partial_average(self, present: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray | None, float]:
+        rows = np.flatnonzero(present)
+        if rows.size == 0:
+            return None, 0.0
+        w = torch.from_numpy(np.asarray(sizes, dtype=np.float64)[rows])
+        return weighted_average(self.params[torch.from_numpy(rows)], w).numpy(), float(w.sum())
+
+    def set_rows(self, present: np.ndarray, row: np.ndarray) -> None:
+        rows = torch.from_numpy(np.flatnonzero(present))
+        self.params[rows] = _tensor(row)
+
+    # -- measurement and state ------------------------------------------------------------------
+
+    def row_sum(self) -> np.ndarray:
+        return self.params.double().sum(0).numpy()
+
+    def squared_deviation(self, mean: np.ndarray) -> float:
+        """Σ_n ||θ_n − mean||² over this shard (chunked: no float64 copy of all rows at once)."""
+        centre = torch.from_numpy(np.asarray(mean, dtype=np.float64))
+        total = 0.0
+        for lo in range(0, self.params.shape[0], 1024):
+            total += float(((self.params[lo : lo + 1024].double() - centre) ** 2).sum())
+        return total
+
+    def get_state(self) -> tuple[tuple[np.ndarray, dict[str, np.ndarray]], bool]:
+        """(rows, optimizer state) copies, and a small 'done' flag (a second Ray object)."""
+        opt = {k: v.clone().numpy() for k, v in self.trainer.state_tensors().items()}
+        return (self.params.clone().numpy(), opt), True
+
+    def set_state(self, state: tuple[np.ndarray, dict[str, np.ndarray]]) -> None:
+        params, opt = state
+        self.params = _tensor(params).clone()
+        self.trainer.load_state_tensors({k: _tensor(v) for k, v in opt.items()})
+        self._before = None
+
+
+# ---------------------------------------------------------------------------------------------
+# the driver side
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise P2PLError("--backend ray needs the optional Ray extra; install it: pip install 'p2pl[ray]'") from None
+    return ray
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast on a wrong --address (Ray itself retries a dead address for minutes)."""
+    if address in ("auto", "local") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise P2PLError(f"--address must be host:port of a Ray head node (ray start --head), got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as err:
+        raise P2PLError(
+            f"no Ray cluster answers at {address} ({err.strerror or err}); start one with "
+            "'ray start --head' and pass its address, or drop --address for a local Ray"
+        ) from None
+
+
+def _start_owner(exp: Experiment, norms: torch.Tensor) -> tuple[np.ndarray, int, np.ndarray]:
+    """Whose init each device starts from, the sync steps and the bytes sent: the algorithms'
+    ``start`` expressed on norms alone (so only N floats reach the driver)."""
+    n, setting, name = norms.shape[0], exp.setting, exp.algorithm.name
+    if name == "p2pl" and setting.sync.enabled:
+        result = max_norm_owner(norms, setting.base_edges, setting.sync.steps)
+        sent = sync_bytes_per_device(setting.base_edges, n, result.steps, setting.model_bytes)
+        return result.owner.numpy(), result.steps, sent
+    if name == "fedavg":  # the server's common init: the largest-norm device's
+        return np.full(n, max_norm_device(norms.unsqueeze(1)), dtype=np.int64), 0, np.zeros(n, np.int64)
+    return np.arange(n, dtype=np.int64), 0, np.zeros(n, np.int64)
+
+
+class RayBackend:
+    """The devices of an experiment on ``num_shards`` Ray actors (see the module doc)."""
+
+    def __init__(
+        self, exp: Experiment, strategy: str = "auto", address: str | None = None, num_shards: int = 0
+    ) -> None:
+        ray = self._ray = _import_ray()
+        cfg = exp.cfg
+        if exp.algorithm.name not in RAY_ALGORITHMS:
+            raise P2PLError(
+                f"--backend ray runs {', '.join(RAY_ALGORITHMS)}; {exp.algorithm.name!r} trains one "
+                "model, run it with --backend local"
+            )
+        if num_shards < 0:
+            raise P2PLError(f"the number of Ray shards must be >= 0 (0 = one per CPU), got {num_shards}")
+        self.exp = exp
+        self.strategy = choose_strategy(exp.model, strategy)
+        self._owns_ray = False
+        if not ray.is_initialized():
+            if address is not None:
+                _check_reachable(address)
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            try:
+                ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+            except (ConnectionError, RuntimeError, ValueError) as err:
+                where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
+                raise P2PLError(f"could not start or join {where} ({err}); check --address") from None
+            self._owns_ray = True
+        cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        n = exp.num_devices
+        k = min(n, num_shards if num_shards > 0 else max(1, int(cpus)))
+        self.sharding = shard_devices(n, exp.topology.edges, k)
+        # One CPU per actor, or an equal share when there are more shards than CPUs (Ray counts
+        # resources in 1e-4 units, so round down or the last actor would never be placed).
+        share = min(1.0, np.floor(cpus / k * 1e4) / 1e4)
+        data = {
+            "x_train": exp.dataset.x_train.numpy(), "y_train": exp.dataset.y_train.numpy(),
+            "x_test": exp.dataset.x_test.numpy(), "y_test": exp.dataset.y_test.numpy(),
+            "input_shape": tuple(exp.dataset.input_shape), "num_classes": exp.dataset.num_classes,
+        }  # fmt: skip
+        self._data_ref = ray.put(data)  # the training set goes to each node once, not per device
+        actor_cls = ray.remote(
+            num_cpus=share, max_restarts=MAX_RESTARTS, max_task_retries=0, scheduling_strategy="SPREAD"
+        )(ShardWorker)
+        threads = cfg.threads if cfg.threads > 0 else 1
+        tag = uuid.uuid4().hex[:8]  # names let operators (and tests) find a run's actors
+        # The data ref goes in a list so the actor fetches it itself: Ray keeps it alive through
+        # our reference, and a restarted actor fetches it again.
+        self.actors = [
+            actor_cls.options(name=f"{ACTOR_PREFIX}{tag}-{s}").remote(
+                cfg, ids, [exp.parts[d] for d in ids], [self._data_ref], self.strategy, threads
+            )
+            for s, ids in enumerate(self.sharding.shards)
+        ]
+        self._errors: tuple[type[BaseException], ...] = (
+            ray.exceptions.RayActorError,
+            ray.exceptions.ObjectLostError,
+            getattr(ray.exceptions, "ActorUnavailableError", ray.exceptions.RayActorError),
+        )
+        self._snapshot: list[Any] | None = None
+        self._gathered: tuple[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None
+        self._plans: tuple[str, list[ShardPlan], list[Any]] | None = None
+        self._loaded: list[str | None] = [None] * k
+        self.recoveries = 0
+        self.halo_rows_moved = 0
+        self.nodes = self._wait_alive()
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _get(self, refs: Any) -> Any:
+        return self._ray.get(refs)
+
+    def _wait_alive(self) -> int:
+        """Block until every actor answers (restarting ones come back); returns the node count."""
+        deadline = time.monotonic() + _ALIVE_TIMEOUT_S
+        while True:
+            try:
+                answers = self._get([a.ping.remote() for a in self.actors])
+                return len({node for _, node in answers})
+            except self._errors as err:
+                if time.monotonic() > deadline:
+                    raise P2PLError(
+                        f"a Ray shard actor died and did not come back ({type(err).__name__}); "
+                        "check the cluster (ray status) and rerun: the run resumes from its checkpoint"
+                    ) from None
+                time.sleep(0.2)
+
+    def _scatter(self, values: list[np.ndarray], dtype: Any = np.float64) -> np.ndarray:
+        out = np.empty(self.sharding.num_devices, dtype=dtype)
+        for ids, part in zip(self.sharding.shards, values, strict=True):
+            out[ids] = part
+        return out
+
+    def guarded(self, step: Callable[[], T]) -> T:
+        """Run ``step`` and snapshot every shard; if an actor died, roll all shards back to the
+        last snapshot and run ``step`` again (it is deterministic, so the numbers do not change)."""
+        for attempt in range(MAX_RECOVERIES + 1):
+            try:
+                out = step()
+                self._take_snapshot()
+                return out
+            except self._errors as err:
+                if attempt == MAX_RECOVERIES:
+                    raise P2PLError(
+                        f"Ray shard actors kept failing ({type(err).__name__}); check the cluster and "
+                        "rerun: the run resumes from its last checkpoint"
+                    ) from None
+                self._recover()
+        raise AssertionError("unreachable")
+
+    def _take_snapshot(self) -> None:
+        # Objects returned to the driver are owned by the driver, so they survive the actor.
+        pairs = [a.get_state.options(num_returns=2).remote() for a in self.actors]
+        self._get([done for _, done in pairs])  # tiny flags: the states exist, nothing is fetched
+        self._snapshot = [state for state, _ in pairs]
+
+    def _recover(self) -> None:
+        self.recoveries += 1
+        self._loaded = [None] * len(self.actors)  # a restarted actor lost its consensus plan
+        self._wait_alive()
+        if self._snapshot is not None:
+            self._get([a.set_state.remote(s) for a, s in zip(self.actors, self._snapshot, strict=True)])
+
+    # -- Backend protocol -----------------------------------------------------------------------
+
+    def start(self) -> Started:
+        norms = torch.from_numpy(self._scatter(self._get([a.init_norms.remote() for a in self.actors])))
+        owner, steps, sent = _start_owner(self.exp, norms)
+        n = self.sharding.num_devices
+        if not np.array_equal(owner, np.arange(n)):
+            winners = np.unique(owner)  # usually one device: the global max-norm init
+            blocks, position = [], np.empty(n, dtype=np.int64)
+            at = 0
+            for s, actor in enumerate(self.actors):
+                mine = winners[self.sharding.shard_of[winners] == s]
+                if mine.size:
+                    blocks.append(actor.rows.remote(self.sharding.local_index[mine]))
+                    position[mine] = at + np.arange(mine.size)
+                    at += mine.size
+            self._get([
+                a.adopt.remote(position[owner[ids]], *blocks)
+                for a, ids in zip(self.actors, self.sharding.shards, strict=True)
+            ])  # fmt: skip
+        return Started(steps, float(np.mean(sent)))
+
+    def restore(self, params: torch.Tensor, optimizer: dict[str, torch.Tensor]) -> None:
+        refs = []
+        for actor, ids in zip(self.actors, self.sharding.shards, strict=True):
+            rows = torch.from_numpy(ids)
+            state = (params[rows].numpy(), {k: v[rows].numpy() for k, v in optimizer.items()})
+            refs.append(actor.set_state.remote(state))
+        self._get(refs)
+
+    def train(self, round_index: int, work: np.ndarray | None) -> np.ndarray:
+        refs = [
+            a.train.remote(round_index, None if work is None else work[ids])
+            for a, ids in zip(self.actors, self.sharding.shards, strict=True)
+        ]
+        return self._scatter(self._get(refs))
+
+    def evaluate(self) -> tuple[np.ndarray, np.ndarray]:
+        parts = self._get([a.evaluate.remote() for a in self.actors])
+        return self._scatter([p[0] for p in parts]), self._scatter([p[1] for p in parts])
+
+    def exchange(self, links: RoundLinks) -> np.ndarray:
+        exp = self.exp
+        n = self.sharding.num_devices
+        # Bytes are the algorithm's own accounting, run on a one-column stand-in for the params.
+        sent = exp.algorithm.exchange(torch.zeros(n, 1), links, exp.setting).bytes_sent
+        if not links.cooperate or exp.algorithm.name == "local":
+            return sent
+        if exp.algorithm.name == "fedavg":
+            self._fedavg(links)
+        else:
+            self._consensus(links)
+        return sent
+
+    def _fedavg(self, links: RoundLinks) -> None:
+        if not links.active.any():
+            return
+        sizes = self.exp.setting.data_sizes
+        pairs = zip(self.actors, self.sharding.shards, strict=True)
+        parts = self._get([a.partial_average.remote(links.active[ids], sizes[ids]) for a, ids in pairs])
+        used = [(avg, total) for avg, total in parts if avg is not None]
+        means = torch.stack([_tensor(avg) for avg, _ in used])
+        average = weighted_average(means, torch.tensor([total for _, total in used], dtype=torch.float64))
+        ref = self._ray.put(average.numpy())
+        pairs = zip(self.actors, self.sharding.shards, strict=True)
+        self._get([a.set_rows.remote(links.active[ids], ref) for a, ids in pairs])
+
+    def _plans_for(self, live_edges: np.ndarray) -> tuple[str, list[ShardPlan], list[Any]]:
+        key = hashlib.sha256(live_edges.tobytes()).hexdigest()[:16]
+        if self._plans is None or self._plans[0] != key:
+            setting = self.exp.setting
+            weights = mixing_weights(self.sharding.num_devices, live_edges, setting.weights, setting.data_sizes)
+            plans = consensus_plans(MixingOperator.of(weights, "edges"), self.sharding)
+            self._plans = (key, plans, [self._ray.put(p) for p in plans])
+        return self._plans
+
+    def _consensus(self, links: RoundLinks) -> None:
+        key, plans, plan_refs = self._plans_for(links.live_edges)
+        loads = []
+        for s, actor in enumerate(self.actors):
+            if self._loaded[s] != key:
+                loads.append(actor.load_plan.remote(key, plan_refs[s]))
+        self._get(loads)
+        self._loaded = [key] * len(self.actors)
+        cfg = self.exp.cfg.consensus
+        absent = ~links.active
+        for step in range(cfg.steps):
+            blocks: dict[tuple[int, int], Any] = {}  # (sender, receiver) -> object ref
+            for t, actor in enumerate(self.actors):
+                targets = plans[t].send_to
+                if targets:
+                    refs = actor.publish.options(num_returns=len(targets)).remote()
+                    refs = [refs] if len(targets) == 1 else refs
+                    blocks |= {(t, s): r for s, r in zip(targets, refs, strict=True)}
+            done = []
+            for s, (actor, ids) in enumerate(zip(self.actors, self.sharding.shards, strict=True)):
+                halos = [blocks[(t, s)] for t in plans[s].sources]
+                shard_absent = absent[ids] if absent.any() else None
+                done.append(actor.mix.remote(step, cfg.steps, cfg.affinity, shard_absent, *halos))
+                self.halo_rows_moved += plans[s].halo_rows
+            self._get(done)
+
+    def consensus_distance(self) -> float:
+        """(1/N) Σ ||θ_n − θ̄||² (as ``core.consensus.consensus_distance``) from per-shard sums."""
+        n = self.sharding.num_devices
+        mean = np.sum(self._get([a.row_sum.remote() for a in self.actors]), axis=0) / n
+        ref = self._ray.put(mean)
+        return float(sum(self._get([a.squared_deviation.remote(ref) for a in self.actors])) / n)
+
+    def _gather(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self._gathered is not None and self._gathered[0] == id(self._snapshot):
+            return self._gathered[1]  # params() then optimizer_state() for one checkpoint: fetch once
+        states = self._get(self._snapshot) if self._snapshot is not None else []
+        if not states:
+            states = [s for s, _ in self._get([a.get_state.remote() for a in self.actors])]
+        n = self.sharding.num_devices
+        first_params, first_opt = states[0]
+        params = torch.empty(n, first_params.shape[1], dtype=torch.float32)
+        opt = {k: torch.empty((n, *v.shape[1:]), dtype=_tensor(v).dtype) for k, v in first_opt.items()}
+        for ids, (rows, state) in zip(self.sharding.shards, states, strict=True):
+            index = torch.from_numpy(ids)
+            params[index] = _tensor(rows)
+            for k, v in state.items():
+                opt[k][index] = _tensor(v)
+        self._gathered = (id(self._snapshot), (params, opt))
+        return params, opt
+
+    def params(self) -> torch.Tensor:
+        # The snapshot of the last completed step is exactly the current state.
+        return self._gather()[0]
+
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        return self._gather()[1]
+
+    def peak_rss_bytes(self) -> list[int]:
+        """Each actor's peak resident memory (for benchmarks)."""
+        return [int(v) for v in self._get([a.peak_rss_bytes.remote() for a in self.actors])]
+
+    def facts(self) -> dict[str, Any]:
+        return {
+            "backend": "ray",
+            "ray": {
+                "shards": self.sharding.num_shards,
+                "shard_sizes": self.sharding.sizes.tolist(),
+                "nodes": self.nodes,
+                "cut_edges": self.sharding.cut_edges,
+                "halo_rows_moved": self.halo_rows_moved,
+                "recoveries": self.recoveries,
+                "actor_peak_rss_mb": [round(b / 2**20, 1) for b in self.peak_rss_bytes()],
+            },
+        }
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self._ray.kill(actor, no_restart=True)
+        self.actors = []
+        if self._owns_ray:
+            self._ray.shutdown()
+
+
+__all__ = ["ACTOR_PREFIX", "RAY_ALGORITHMS", "RayBackend", "ShardPlan", "ShardWorker", "consensus_plans"]
