@@ -126,7 +126,7 @@ def test_rows_sum_to_one_and_use_only_live_neighbours(trace: Trace, rule: str) -
                 heard = sizes[u] + sum(sizes[m] for m in range(n) if (min(u, m), max(u, m)) in live)
                 assert ex.w[u, v] == pytest.approx(sizes[v] / heard, rel=1e-6)
         expected = torch.from_numpy(ex.w).float() @ ex.before
-        active = torch.from_numpy(net.active)
+        active = torch.from_numpy(net.active.copy())  # RoundNetwork arrays are read-only
         torch.testing.assert_close(ex.after[active], expected[active], rtol=1e-5, atol=1e-6)
         assert torch.equal(ex.after[~active], ex.before[~active])  # an absent device keeps its model
     assert len(live_counts) > 1 and max(live_counts) < len(full)  # links really failed, and varied

@@ -57,7 +57,7 @@ def test_samples_per_device_validation() -> None:
         load_config(None, ["partition.samples_per_device=-1"])
     with pytest.raises(P2PLError, match="device_assignment"):
         load_config(None, ["partition.samples_per_device=5", 'data.device_assignment="a.csv"'])
-    with pytest.raises(P2PLError, match="labels"):
+    with pytest.raises(P2PLError, match="hold only 10 samples"):
         partition_indices(labels(100), 10, PartitionConfig(scheme="shards", shards_per_device=1,
                                                            samples_per_device=50), 0)  # fmt: skip
     # 0 keeps the disjoint split
@@ -91,7 +91,8 @@ _CHILD = textwrap.dedent(
     from p2pl.config import load_config
     from p2pl.sim.simulator import run_experiment
     n = int(sys.argv[1])
-    overrides = [o.replace("devices=10000", f"devices={n}") for o in json.loads(sys.argv[2])]
+    radius = (20 / (3.14159 * n)) ** 0.5  # ~20 neighbours at any N
+    overrides = json.loads(sys.argv[2]) + [f"devices={n}", f"topology.radius={radius}"]
     result = run_experiment(load_config(None, overrides))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"peak": peak, "params": result.experiment.spec.total,
@@ -110,7 +111,8 @@ def test_memory_grows_only_by_parameters_and_optimizer_state() -> None:
     runs = {}
     for n in (2000, 10000):
         proc = subprocess.run([sys.executable, "-c", _CHILD, str(n), json.dumps(TEN_K)],
-                              capture_output=True, text=True, env=env, check=True, timeout=500)  # fmt: skip
+                              capture_output=True, text=True, env=env, check=False, timeout=500)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
         runs[n] = json.loads(proc.stdout.strip().splitlines()[-1])
     per_device_state = runs[10000]["params"] * 4 * 2  # float32 parameters + momentum buffer
     slope = (runs[10000]["peak"] - runs[2000]["peak"]) / 8000

@@ -306,7 +306,10 @@ class PeerServer:
 
     def _reject(self, rpc: str, category: str, reason: str, context: grpc.ServicerContext) -> bytes:
         self._count(f"{rpc}.rejected.{category}")
-        log.warning("%s rejected %s from %s: %s", self.device_id, rpc, _peer_name(context), reason)
+        # Late or early round traffic is normal with deadlines and restarts; a bad message is not.
+        routine = category in ("mailbox.stale", "mailbox.too-far-ahead")
+        level = logging.INFO if routine else logging.WARNING
+        log.log(level, "%s rejected %s from %s: %s", self.device_id, rpc, _peer_name(context), reason)
         return ACK_REJECTED_PREFIX + reason.encode("utf-8", "replace")
 
     def _handle_fetch(self, request: bytes, context: grpc.ServicerContext) -> bytes:
