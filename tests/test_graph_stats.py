@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
 
 import networkx as nx
@@ -11,7 +13,7 @@ from p2pl.graph import stats as stats_mod
 from p2pl.graph.draw import draw_topology
 from p2pl.graph.stats import format_stats, graph_stats, spectral_gap
 from p2pl.graph.topology import Topology, build_topology
-from p2pl.graph.weights import mixing_weights
+from p2pl.graph.weights import MixingWeights, mixing_weights
 
 
 def ring_gap(n: int) -> float:
@@ -30,9 +32,13 @@ def sparse_above_100(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(stats_mod, "DENSE_EIG_MAX_DEVICES", 100)  # no silent dense fallback
 
 
-# 11, 20: dense; 300: ARPACK converges directly; 800: tiny gap (~2e-5), needs the shift-invert.
-@pytest.mark.parametrize("n", [11, 20, 300, 800])
-def test_ring_stats_match_closed_form(n: int, sparse_above_100: None) -> None:
+# 11, 20: dense; 300, 800: sparse. shift_invert=True starves plain ARPACK to force the fallback.
+@pytest.mark.parametrize(("n", "shift_invert"), [(11, False), (20, False), (300, False), (800, True)])
+def test_ring_stats_match_closed_form(
+    n: int, shift_invert: bool, sparse_above_100: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if shift_invert:
+        monkeypatch.setattr(stats_mod, "ARPACK_LM_MAXITER", 1)
     topo = build_topology(TopologyConfig(name="ring"), n, 0)
     st = stats_for(topo)
     assert st["devices"] == n and st["edges"] == n
@@ -53,12 +59,30 @@ def test_star_degrees_and_nonsymmetric_gap() -> None:
     assert 0 < st["spectral_gap"] < 1
 
 
-@pytest.mark.parametrize("rule", ["data-size", "metropolis"])
-def test_sparse_path_agrees_with_dense(rule: str, sparse_above_100: None) -> None:
-    topo = build_topology(TopologyConfig(name="random-geometric", radius=0.2), 200, 1)
-    w = mixing_weights(200, topo.edges, rule, data_sizes=np.arange(1.0, 201.0))
-    dense = 1 - np.sort(np.abs(np.linalg.eigvals(w.dense())))[-2]
-    assert spectral_gap(w) == pytest.approx(dense, abs=1e-9)
+@pytest.mark.parametrize("shift_invert", [False, True])
+@pytest.mark.parametrize(
+    ("name", "rule"), [("random-geometric", "data-size"), ("random-geometric", "metropolis"), ("star", "data-size")]
+)
+def test_sparse_path_agrees_with_dense(
+    name: str, rule: str, shift_invert: bool, sparse_above_100: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # data-size has tiny self weights, so the shift-invert path must also find λ_min near −1.
+    if shift_invert:
+        monkeypatch.setattr(stats_mod, "ARPACK_LM_MAXITER", 1)
+    w = rgg_or_star_weights(name, rule)
+    assert spectral_gap(w) == pytest.approx(dense_gap(name, rule), abs=1e-9)
+
+
+@functools.cache
+def rgg_or_star_weights(name: str, rule: str) -> MixingWeights:
+    topo = build_topology(TopologyConfig(name=name, radius=0.15), 250, 1)
+    return mixing_weights(250, topo.edges, rule, data_sizes=np.arange(1.0, 251.0))
+
+
+@functools.cache
+def dense_gap(name: str, rule: str) -> float:  # cached: a dense eig is the slow part of this test
+    w = rgg_or_star_weights(name, rule).dense()
+    return float(1 - np.sort(np.abs(np.linalg.eigvals(w)))[-2])
 
 
 def test_disconnected_graph() -> None:
@@ -100,3 +124,6 @@ def test_draw_writes_png_atomically(tmp_path: Path, name: str) -> None:
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     assert [p.name for p in out.parent.iterdir()] == ["topology.png"]  # no temp file left
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600

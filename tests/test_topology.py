@@ -148,7 +148,7 @@ def test_disconnected_is_refused_unless_allowed() -> None:
     assert "topology.allow_disconnected = true" in msg and "\n" not in msg
     topo = build("random-geometric", 100, radius=0.05, allow_disconnected=True)
     assert nx.number_connected_components(topo.graph) > 1
-    with pytest.raises(P2PLError, match="erdos-renyi graph with p 0.01 is disconnected"):
+    with pytest.raises(P2PLError, match=r"erdos-renyi graph with p 0\.01 is disconnected"):
         build("erdos-renyi", 100, p=0.01)
 
 
@@ -232,7 +232,7 @@ def test_edge_list_errors_name_the_line(tmp_path: Path, text: str, match: str) -
 
 
 def test_edge_list_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(P2PLError, match="not found; set topology.path"):
+    with pytest.raises(P2PLError, match=r"not found; set topology\.path"):
         read_edge_list(tmp_path / "nope.txt", 5)
     with pytest.raises(P2PLError, match="not found"):
         build("edge-list", 5, path=str(tmp_path / "nope.txt"))

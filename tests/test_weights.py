@@ -55,7 +55,8 @@ def test_rows_sum_to_one_and_match_graph(rule: str, graph: str) -> None:
     # Layout contract: both directions, sorted by (dst, src), sparse == dense.
     assert mw.dst.shape == mw.src.shape == mw.weight.shape == (2 * len(e),)
     assert mw.dst.dtype == mw.src.dtype == np.int64 and mw.weight.dtype == np.float64
-    assert list(zip(mw.dst.tolist(), mw.src.tolist())) == sorted(zip(mw.dst.tolist(), mw.src.tolist()))
+    pairs = list(zip(mw.dst.tolist(), mw.src.tolist(), strict=True))
+    assert pairs == sorted(pairs)
     np.testing.assert_array_equal(mw.to_sparse().toarray(), w)
     isolated = ~adj.any(axis=1)
     np.testing.assert_array_equal(mw.self_weight[isolated], 1.0)
@@ -183,7 +184,7 @@ def test_row_weights_validation() -> None:
 
 def test_errors() -> None:
     e = np.array([[0, 1]])
-    with pytest.raises(P2PLError, match="unknown consensus weight rule .*'nope'; choose one of: .*metropolis"):
+    with pytest.raises(P2PLError, match=r"unknown consensus weight rule .*'nope'; choose one of: .*metropolis"):
         mixing_weights(2, e, "nope")
     with pytest.raises(P2PLError, match="needs each device's data size"):
         mixing_weights(2, e, "data-size")

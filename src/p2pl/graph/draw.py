@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
+import io
 from pathlib import Path
 
 import networkx as nx
@@ -12,6 +10,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from p2pl import atomic
 from p2pl.graph.topology import Topology
 
 
@@ -38,18 +37,12 @@ def draw_topology(topology: Topology, path: Path, title: str = "") -> None:
         nx.draw_networkx_labels(graph, pos, ax=ax, font_size=7, font_color="white")
     ax.set_aspect("equal")
     if topology.positions is None:
-        ax.set_axis_off()  # spring coordinates mean nothing; real positions keep their axes (metres)
+        ax.set_axis_off()  # spring coordinates mean nothing
+    else:  # real positions (unit square or metres): networkx hid the tick labels, show them again
+        ax.tick_params(left=True, bottom=True, labelleft=True, labelbottom=True)
     ax.set_title(title or f"{topology.name}: {n} devices, {graph.number_of_edges()} links")
     fig.tight_layout()
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write next to the target then rename: a reader never sees a half-written PNG.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    atomic.write_bytes(path, buffer.getvalue())

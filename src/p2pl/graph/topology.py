@@ -187,7 +187,7 @@ def _disconnected_hint(cfg: TopologyConfig, name: str) -> tuple[str, str]:
     """(what was built, how to connect it) for the disconnected-graph message."""
     if name == "random-geometric":
         if cfg.area_m > 0:
-            return f" with range {cfg.range_m:g} m in {cfg.area_m:g} m", "increase topology.range_m"
+            return f" with range {cfg.range_m:g} m in a {cfg.area_m:g} m square", "increase topology.range_m"
         return f" with radius {cfg.radius:g}", "increase topology.radius"
     if name == "erdos-renyi":
         return f" with p {cfg.p:g}", "increase topology.p"
@@ -222,7 +222,7 @@ def build_topology(cfg: TopologyConfig, num_devices: int, seed: int) -> Topology
     elif name == "complete":
         graph = nx.complete_graph(n)
     elif name == "ring":
-        graph = nx.cycle_graph(n) if n >= 3 else nx.path_graph(n)  # cycle_graph(2) is a multi-edge
+        graph = nx.cycle_graph(n) if n >= 3 else nx.path_graph(n)  # a cycle needs 3+ devices
     elif name in ("grid", "torus"):
         rows, cols = _grid_shape(cfg.rows, n, name)
         graph = _lattice(rows, cols, wrap=name == "torus")
@@ -270,8 +270,6 @@ def _random_graph(cfg: TopologyConfig, name: str, n: int, nx_seed: int) -> nx.Gr
         if cfg.k >= n:
             raise P2PLError(f"topology.k = {cfg.k} must be < devices = {n} for random-regular; lower it")
         if (n * cfg.k) % 2:
-            raise P2PLError(
-                f"random-regular needs devices * k even, got {n} * {cfg.k}; change topology.k or devices"
-            )
+            raise P2PLError(f"random-regular needs devices * k even, got {n} * {cfg.k}; change topology.k or devices")
         return nx.random_regular_graph(cfg.k, n, seed=nx_seed)
     raise AssertionError(f"unhandled topology {name!r}")  # TOPOLOGIES and this function disagree

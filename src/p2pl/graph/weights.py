@@ -195,4 +195,4 @@ def row_weights(
         nbr_sizes,
         int(max_degree or 0),
     )
-    return float(self_weight[0]), {int(m): float(w) for m, w in zip(ids.tolist(), weight.tolist())}
+    return float(self_weight[0]), {int(m): float(w) for m, w in zip(ids.tolist(), weight.tolist(), strict=True)}

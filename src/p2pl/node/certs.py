@@ -22,13 +22,9 @@ raises :class:`~p2pl.errors.P2PLError` with a one-line message.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import ipaddress
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +35,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from p2pl import atomic
 from p2pl.errors import P2PLError
 
 __all__ = [
@@ -72,9 +69,7 @@ def check_device_id(device_id: object) -> str:
     case-insensitive: keep ids unique ignoring case.
     """
     if not isinstance(device_id, str) or not _DEVICE_ID_RE.match(device_id):
-        raise P2PLError(
-            f"bad device id {device_id!r}: use 1-64 characters from A-Z a-z 0-9 _ . - (e.g. 'dev-07')"
-        )
+        raise P2PLError(f"bad device id {device_id!r}: use 1-64 characters from A-Z a-z 0-9 _ . - (e.g. 'dev-07')")
     return device_id
 
 
@@ -125,20 +120,7 @@ def _valid_until(cert: x509.Certificate) -> _dt.datetime:
 
 
 def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` atomically with permission ``mode`` (temp file + os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic.write_bytes(path, data, mode)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -203,9 +185,7 @@ def certificate_common_name(cert_pem: bytes) -> str:
 # ---------------------------------------------------------------------------------------- CA
 
 
-def init_ca(
-    directory: Path, name: str = "p2pl-ca", days: int = DEFAULT_CA_DAYS, force: bool = False
-) -> CertPaths:
+def init_ca(directory: Path, name: str = "p2pl-ca", days: int = DEFAULT_CA_DAYS, force: bool = False) -> CertPaths:
     """Create a self-signed CA (``ca.key`` 0600, ``ca.crt``) in ``directory``.
 
     Refuses to overwrite an existing CA (that would orphan every device certificate) unless
@@ -340,9 +320,7 @@ def issue_device_cert(
         )
         .add_extension(x509.SubjectAlternativeName(_san_entries(device_id, hosts)), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     key_path, cert_path, ca_copy = (
@@ -355,11 +333,7 @@ def issue_device_cert(
         _atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         src = Path(ca_dir) / CA_CERT_NAME
         if not ca_copy.exists() or not ca_copy.samefile(src):
-            tmp_fd, tmp = tempfile.mkstemp(prefix=".ca.crt.", suffix=".tmp", dir=out_dir)
-            os.close(tmp_fd)
-            shutil.copyfile(src, tmp)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, ca_copy)
+            _atomic_write(ca_copy, src.read_bytes(), 0o644)
     except OSError as exc:
         raise P2PLError(f"cannot write the certificate for {device_id} into {out_dir}: {exc}") from None
     return CertPaths(key=key_path, cert=cert_path, ca_cert=ca_copy)
