@@ -24,6 +24,12 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+def _require(values: dict[str, float], ok: typing.Callable[[float], bool], what: str, example: str) -> None:
+    for key, value in values.items():
+        if not ok(value):
+            raise P2PLError(f"{key} must be {what}, got {value}; set e.g. --set {key}={example}")
+
+
 @dataclass
 class DataConfig:
     name: str = "digits"  # dataset registry name
@@ -103,6 +109,16 @@ class TrainingConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam
     eps: float = 1e-8  # adam
 
+    def validate(self) -> None:
+        """Shared by experiment and node configs: a node trains exactly what the simulator would."""
+        _require({"training.batch_size": self.batch_size, "training.local_epochs": self.local_epochs},
+                 lambda v: v > 0, "a positive integer", "1")  # fmt: skip
+        _require({"training.lr": self.lr, "training.eps": self.eps}, lambda v: v > 0, "> 0", "0.1")
+        _require({"training.weight_decay": self.weight_decay}, lambda v: v >= 0, ">= 0", "0")
+        _require({"training.momentum": self.momentum}, lambda v: 0 <= v < 1, "in [0, 1)", "0.9")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise P2PLError(f"training.betas must be two numbers in [0, 1), got {self.betas}")
+
 
 @dataclass
 class ConsensusConfig:
@@ -110,6 +126,11 @@ class ConsensusConfig:
     steps: int = 1  # consensus steps per round
     affinity: float = 1.0  # (1-a) own + a mix; 1 = plain P2PL (our reading of arXiv 2312.13602)
     every: int = 1  # sparse communication: cooperate every r rounds
+
+    def validate(self) -> None:
+        _require({"consensus.steps": self.steps, "consensus.every": self.every}, lambda v: v > 0,
+                 "a positive integer", "1")  # fmt: skip
+        _require({"consensus.affinity": self.affinity}, lambda v: 0 < v <= 1, "in (0, 1]", "1.0")
 
 
 @dataclass
@@ -147,46 +168,29 @@ class ExperimentConfig:
 
     def validate(self) -> ExperimentConfig:
         """Check numbers and ranges (names are checked by the registries that use them)."""
-        positive_ints = {
+        positive_ints: dict[str, float] = {
             "devices": self.devices,
             "rounds": self.rounds,
-            "training.batch_size": self.training.batch_size,
-            "training.local_epochs": self.training.local_epochs,
-            "consensus.steps": self.consensus.steps,
-            "consensus.every": self.consensus.every,
             "eval.every": self.eval.every,
             "eval.test_batch": self.eval.test_batch,
             "partition.shards_per_device": self.partition.shards_per_device,
         }
-        for key, value in positive_ints.items():
-            if value <= 0:
-                raise P2PLError(f"{key} must be a positive integer, got {value}; set e.g. --set {key}=1")
-        non_negative = {
+        _require(positive_ints, lambda v: v > 0, "a positive integer", "1")
+        non_negative: dict[str, float] = {
             "sync.steps": self.sync.steps,
             "output.checkpoint_every": self.output.checkpoint_every,
-            "training.weight_decay": self.training.weight_decay,
             "partition.min_size": self.partition.min_size,
             "partition.samples_per_device": self.partition.samples_per_device,
             "threads": self.threads,
         }
-        for key, num in non_negative.items():
-            if num < 0:
-                raise P2PLError(f"{key} must be >= 0, got {num}; set e.g. --set {key}=0")
+        _require(non_negative, lambda v: v >= 0, ">= 0", "0")
         positive_floats = {
-            "training.lr": self.training.lr,
             "partition.alpha": self.partition.alpha,
             "partition.quantity_sigma": self.partition.quantity_sigma,
-            "training.eps": self.training.eps,
         }
-        for key, num in positive_floats.items():
-            if not num > 0:
-                raise P2PLError(f"{key} must be > 0, got {num}; set a positive number, e.g. --set {key}=0.1")
-        if not 0 <= self.training.momentum < 1:
-            raise P2PLError(f"training.momentum must be in [0, 1), got {self.training.momentum}")
-        if len(self.training.betas) != 2 or not all(0 <= b < 1 for b in self.training.betas):
-            raise P2PLError(f"training.betas must be two numbers in [0, 1), got {self.training.betas}")
-        if not 0 < self.consensus.affinity <= 1:
-            raise P2PLError(f"consensus.affinity must be in (0, 1], got {self.consensus.affinity}")
+        _require(positive_floats, lambda v: v > 0, "> 0", "0.1")
+        self.training.validate()
+        self.consensus.validate()
         if not 0 < self.data.test_fraction < 1:
             raise P2PLError(f"data.test_fraction must be in (0, 1), got {self.data.test_fraction}")
         if self.partition.samples_per_device > 0 and self.data.device_assignment:

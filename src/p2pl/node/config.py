@@ -153,10 +153,6 @@ class NodeConfig:
             raise P2PLError(f"node {self.id}: index must be its global device index >= 0, got {self.index}")
         for key, value in {
             "rounds": self.rounds,
-            "training.batch_size": self.training.batch_size,
-            "training.local_epochs": self.training.local_epochs,
-            "consensus.steps": self.consensus.steps,
-            "consensus.every": self.consensus.every,
             "eval.every": self.eval.every,
             "eval.test_batch": self.eval.test_batch,
             "sync.patience": self.sync.patience,
@@ -179,12 +175,11 @@ class NodeConfig:
             "network.start_timeout": self.network.start_timeout,
             "network.send_timeout": self.network.send_timeout,
             "network.backoff_max": self.network.backoff_max,
-            "training.lr": self.training.lr,
         }.items():
             if not sec > 0:
                 raise P2PLError(f"node config: {key} must be > 0, got {sec}")
-        if not 0 < self.consensus.affinity <= 1:
-            raise P2PLError(f"node config: consensus.affinity must be in (0, 1], got {self.consensus.affinity}")
+        self.training.validate()
+        self.consensus.validate()
         if not self.data.train or not self.data.test:
             raise P2PLError("node config: [data] needs train and test .npz files (p2pl launch writes them)")
         _check_address(self.listen, "listen")
