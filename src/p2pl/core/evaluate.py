@@ -8,6 +8,9 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from p2pl.core.params import ParamSpec
+from p2pl.core.probe import outputs_per_sample
+
+ACTIVATION_BUDGET = 1 << 26  # floats
 
 
 @torch.no_grad()
@@ -23,8 +26,11 @@ def evaluate(
     """Returns (accuracy [N], mean cross-entropy loss [N]) as float64."""
     n_dev, n_test = params.shape[0], x_test.shape[0]
     if device_chunk <= 0:
-        # Bound activations to ~64M floats: devices x samples per chunk.
-        device_chunk = max(1, min(n_dev, (1 << 26) // max(1, min(n_test, sample_chunk) * 256)))
+        # Bound the activations alive at once to ~64M floats (256 MiB): devices x samples x what
+        # the model outputs per sample, measured on this model and input shape.
+        per_sample = max(1, outputs_per_sample(model, tuple(x_test.shape[1:])))
+        sample_chunk = max(1, min(sample_chunk, ACTIVATION_BUDGET // per_sample))
+        device_chunk = max(1, min(n_dev, ACTIVATION_BUDGET // (min(n_test, sample_chunk) * per_sample)))
 
     def logits_of(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return functional_call(model, spec.unflatten(flat), (x,))
