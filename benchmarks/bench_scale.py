@@ -81,7 +81,8 @@ def main() -> None:
     for n in args.devices:
         for backend in args.backends:
             cmd = [sys.executable, __file__, "--child", "--backend", backend, "--devices", str(n),
-                   "--rounds", str(args.rounds), "--epochs", str(args.epochs), "--samples", str(args.samples)]  # fmt: skip
+                   "--rounds", str(args.rounds), "--epochs", str(args.epochs),
+                   "--samples", str(args.samples)]  # fmt: skip
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if not lines:

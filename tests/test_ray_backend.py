@@ -3,10 +3,13 @@ actor, and runs on a two-node Ray cluster. Needs the optional ray extra."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -18,6 +21,7 @@ import torch
 
 from p2pl.config import ExperimentConfig, load_config
 from p2pl.errors import P2PLError
+from p2pl.sim import checkpoint
 from p2pl.sim.simulator import RunResult, run_experiment
 
 ray = pytest.importorskip("ray")
@@ -105,7 +109,9 @@ class TestLocalRay:
         with pytest.raises(P2PLError, match="unknown backend"):
             run_experiment(cfg, backend="dask")
         with pytest.raises(P2PLError, match="engine"):
-            run_experiment(load_config(None, ["devices=4", "rounds=1", "topology.radius=1.5", 'engine="reference"']), backend="ray")
+            run_experiment(
+                load_config(None, ["devices=4", "rounds=1", "topology.radius=1.5", 'engine="reference"']), backend="ray"
+            )
 
 
 def _free_port() -> int:
@@ -144,17 +150,29 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
             p.wait()
 
 
+_WAIT_FOR_TWO_NODES = """
+import sys, time, ray
+ray.init(address=sys.argv[1], logging_level="WARNING")
+deadline = time.monotonic() + 120
+while sum(n["Alive"] for n in ray.nodes()) < 2 and time.monotonic() < deadline:
+    time.sleep(0.5)
+nodes = [n for n in ray.nodes() if n["Alive"]]
+print(len(nodes), any("node2" in n["Resources"] for n in nodes))
+"""
+
+
 @pytest.mark.timeout(400)
-def test_two_node_cluster_runs_an_experiment_end_to_end(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    assert not ray.is_initialized()
+def test_two_node_cluster_runs_an_experiment_end_to_end(tmp_path: Path) -> None:
+    """`ray start --head` + `ray start --address` (a second node with its own resources) on this
+    machine; `p2pl run --backend ray --address` in a fresh process runs an experiment across both.
+    (Drivers run in their own processes: a process that already ran a local Ray instance keeps
+    some of its state.)"""
     port = _free_port()
+    address = f"127.0.0.1:{port}"
     # A short private temp dir (Ray's socket paths must stay short): nothing shared with other
     # Ray sessions on this machine, and no `ray stop` (which would stop every Ray process here).
     temp_dir = tempfile.mkdtemp(prefix="p2r", dir="/tmp")
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1")
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     common = ["--block", "--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -164,22 +182,26 @@ def test_two_node_cluster_runs_an_experiment_end_to_end(
         ))  # fmt: skip
         _wait_for(lambda: _port_open(port), 90, "the Ray head node")
         procs.append(subprocess.Popen(
-            ["ray", "start", f"--address=127.0.0.1:{port}", '--resources={"node2": 1}', *common],
+            ["ray", "start", f"--address={address}", '--resources={"node2": 1}', *common],
             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         ))  # fmt: skip
-        address = f"127.0.0.1:{port}"
-        ray.init(address=address, logging_level="WARNING")
-        _wait_for(lambda: sum(n["Alive"] for n in ray.nodes()) == 2, 120, "the second Ray node")
-        assert any("node2" in n["Resources"] for n in ray.nodes())
-        ray.shutdown()  # the backend joins the cluster itself, as `p2pl run --address` does
+        wait = subprocess.run([sys.executable, "-c", _WAIT_FOR_TWO_NODES, address], env=env,
+                              capture_output=True, text=True, timeout=200, check=False)  # fmt: skip
+        assert wait.stdout.split()[-2:] == ["2", "True"], wait.stderr[-2000:]
 
-        cfg = load_config(None, ["devices=20", "rounds=2", "topology.radius=0.5"])
-        result = run_experiment(cfg, tmp_path, backend="ray", address=address, shards=2)
+        out = tmp_path / "run"
+        sets = ["devices=20", "rounds=2", "topology.radius=0.5"]
+        cmd = ["p2pl", "run", "--backend", "ray", "--address", address, "--shards", "2", "--out", str(out),
+               "--quiet", *(a for s in sets for a in ("--set", s))]  # fmt: skip
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+        assert run.returncode == 0, run.stderr[-3000:]
+        summary = json.loads((out / "summary.json").read_text())
         # SPREAD placement over two 1-CPU nodes: one shard per node, node2 included
-        assert result.summary["ray"]["nodes"] == 2
-        assert (tmp_path / "summary.json").exists() and (tmp_path / "checkpoint.safetensors").exists()
-        assert float((result.params - run_experiment(cfg).params).abs().max()) <= TOL
+        assert summary["ray"]["nodes"] == 2 and summary["rounds_done"] == 2
+        final = checkpoint.load(out)
+        assert final is not None
+        local = run_experiment(load_config(None, sets))
+        assert float((final.params - local.params).abs().max()) <= TOL
     finally:
-        if ray.is_initialized():
-            ray.shutdown()
         _stop(procs)
+        shutil.rmtree(temp_dir, ignore_errors=True)

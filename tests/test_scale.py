@@ -30,7 +30,7 @@ def test_samples_per_device_draws_k_distinct_samples_per_device(scheme: str) -> 
     assert len(parts) == 3000
     for p in parts[:200]:
         assert p.dtype == np.int64 and np.all(np.diff(p) > 0)  # sorted, no sample twice on a device
-        assert 0 <= p.min() and p.max() < y.size
+        assert p.min() >= 0 and p.max() < y.size
     sizes = np.array([len(p) for p in parts])
     if scheme == "quantity":
         assert sizes.min() >= 1 and sizes.std() > 0 and abs(sizes.mean() - 24) < 2
@@ -66,7 +66,8 @@ def test_samples_per_device_validation() -> None:
 
 
 TEN_K = ["devices=10000", "partition.samples_per_device=8", "topology.radius=0.03", "rounds=1",
-         "training.local_epochs=1", "eval.every=1000", "output.checkpoint_every=0", "data.test_fraction=0.05"]  # fmt: skip
+         "training.local_epochs=1", "eval.every=1000", "output.checkpoint_every=0",
+         "data.test_fraction=0.05"]  # fmt: skip
 
 
 def test_ten_thousand_devices_hold_the_data_once() -> None:

@@ -1,22 +1,22 @@
 """Peer-to-peer cooperation: θ_n ← Σ_{m ∈ N_n ∪ {n}} W_nm θ_m, as a dense or edge-list product.
 
-Small or dense graphs use one dense matmul; large sparse graphs gather the senders' rows and
-scatter-add them into the receivers' (in chunks, to bound memory), which is what the edge list
-of a real network is. Both compute the same sums.
+Small or dense graphs use one dense matmul; large sparse graphs a sparse (CSR) product over the
+edge list, which is what the links of a real network are. Both compute the same sums.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from p2pl.errors import choose
 from p2pl.graph.weights import MixingWeights
 
 MIX_STRATEGIES = ("auto", "dense", "edges")
-_CHUNK_ELEMENTS = 1 << 24  # floats gathered at once by the edge-list product
 
 
 @dataclass(frozen=True)
@@ -44,17 +44,28 @@ class MixingOperator:
             dense,
         )
 
+    @functools.cached_property
+    def sparse(self) -> sp.csr_matrix:
+        """diag(self_weight) + the edge weights as one CSR matrix (built once per operator)."""
+        n = len(self.self_weight)
+        rows = np.concatenate([self.dst.numpy(), np.arange(n)])
+        cols = np.concatenate([self.src.numpy(), np.arange(n)])
+        vals = np.concatenate([self.weight.numpy(), self.self_weight.numpy()]).astype(np.float32)
+        width = max(n, int(cols.max()) + 1) if len(cols) else n
+        return sp.csr_matrix((vals, (rows, cols)), shape=(n, width))
+
     def apply(self, params: torch.Tensor) -> torch.Tensor:
         """One consensus step: returns W @ params."""
         if self.dense is not None:
             return self.dense @ params
-        out = params * self.self_weight.unsqueeze(1)
-        chunk = max(1, _CHUNK_ELEMENTS // max(1, params.shape[1]))
-        for lo in range(0, len(self.dst), chunk):
-            hi = lo + chunk
-            contrib = params[self.src[lo:hi]] * self.weight[lo:hi].unsqueeze(1)
-            out.index_add_(0, self.dst[lo:hi], contrib)
-        return out
+        # A CSR product walks each receiver's neighbours once: measured 7x faster than a torch
+        # gather + index_add over the edge list at 10,000 devices (BENCHMARKS.md).
+        matrix = self.sparse
+        if matrix.shape[1] < params.shape[0]:
+            matrix = sp.csr_matrix(
+                (matrix.data, matrix.indices, matrix.indptr), shape=(matrix.shape[0], params.shape[0])
+            )
+        return torch.from_numpy(np.asarray(matrix @ params.detach().numpy(), dtype=np.float32))
 
 
 def consensus(params: torch.Tensor, operator: MixingOperator, steps: int, affinity: float = 1.0) -> torch.Tensor:
@@ -73,7 +84,15 @@ def weighted_average(params: torch.Tensor, weights: torch.Tensor) -> torch.Tenso
     return (w / w.sum()) @ params
 
 
-def consensus_distance(params: torch.Tensor) -> float:
-    """(1/N) Σ_n ||θ_n − θ̄||², how far the devices are from agreement."""
-    mean = params.double().mean(0, keepdim=True)
-    return float(((params.double() - mean) ** 2).sum(1).mean())
+def consensus_distance(params: torch.Tensor, chunk: int = 1024) -> float:
+    """(1/N) Σ_n ||θ_n − θ̄||², how far the devices are from agreement (float64, in row chunks so
+    10,000 devices need no float64 copy of every parameter)."""
+    n = params.shape[0]
+    mean = torch.zeros(params.shape[1], dtype=torch.float64)
+    for lo in range(0, n, chunk):
+        mean += params[lo : lo + chunk].double().sum(0)
+    mean /= n
+    total = 0.0
+    for lo in range(0, n, chunk):
+        total += float(((params[lo : lo + chunk].double() - mean) ** 2).sum())
+    return total / n

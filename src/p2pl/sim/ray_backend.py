@@ -159,6 +159,7 @@ class ShardWorker:
             import ray
 
             data = ray.get(data[0])
+        assert isinstance(data, dict)
         self.cfg = cfg
         self.device_ids = np.asarray(device_ids, dtype=np.int64)
         self.model = build_model(cfg.model, tuple(data["input_shape"]), int(data["num_classes"]))
@@ -296,6 +297,11 @@ def _import_ray() -> Any:
     return ray
 
 
+def _first_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return f"{type(err).__name__}: {lines[0][:300]}" if lines else type(err).__name__
+
+
 def _check_reachable(address: str) -> None:
     """Fail fast on a wrong --address (Ray itself retries a dead address for minutes)."""
     if address in ("auto", "local") or "://" in address:
@@ -407,7 +413,7 @@ class RayBackend:
             except self._errors as err:
                 if time.monotonic() > deadline:
                     raise P2PLError(
-                        f"a Ray shard actor died and did not come back ({type(err).__name__}); "
+                        f"a Ray shard actor died and did not come back ({_first_line(err)}); "
                         "check the cluster (ray status) and rerun: the run resumes from its checkpoint"
                     ) from None
                 time.sleep(0.2)

@@ -185,9 +185,7 @@ def _round(backend: Backend, cfg: ExperimentConfig, k: int, net: RoundNetwork) -
     return RoundOutput(train_loss, sent, distance, local_eval, after, clock)
 
 
-def make_backend(
-    exp: Experiment, backend: str, strategy: str, address: str | None, shards: int
-) -> Backend:
+def make_backend(exp: Experiment, backend: str, strategy: str, address: str | None, shards: int) -> Backend:
     choose("backend", backend, BACKENDS)
     if backend == "local":
         if address is not None:
@@ -218,8 +216,6 @@ def _should_eval(cfg: ExperimentConfig, k: int) -> bool:
     return k % cfg.eval.every == 0 or k == cfg.rounds
 
 
-
-
 def run_experiment(
     cfg: ExperimentConfig,
     out_dir: str | Path | None = None,
@@ -244,9 +240,7 @@ def run_experiment(
     fingerprint = config_fingerprint(cfg)
     ckpt = checkpoint.load(directory) if directory is not None and resume else None
     if ckpt is not None and ckpt.meta.get("fingerprint") != fingerprint:
-        raise P2PLError(
-            f"{directory} holds a run of a different config; use another --out directory or pass --fresh"
-        )
+        raise P2PLError(f"{directory} holds a run of a different config; use another --out directory or pass --fresh")
     engine = make_backend(exp, backend, strategy, address, shards)
     try:
         return _run(exp, engine, directory, ckpt, fingerprint, threads, progress, stop_after)
@@ -311,8 +305,10 @@ def _run(
             history.accuracy.append(out.eval[0])
             history.loss.append(out.eval[1])
         history.round_time_s.append(time.perf_counter() - t0)
-        if directory is not None and cfg.output.checkpoint_every and (
-            k % cfg.output.checkpoint_every == 0 or k == last_round
+        if (
+            directory is not None
+            and cfg.output.checkpoint_every
+            and (k % cfg.output.checkpoint_every == 0 or k == last_round)
         ):
             meta = {"fingerprint": fingerprint, "sync_steps": sync_steps, "sync_bytes_per_device": sync_bytes}
             state = checkpoint.Checkpoint(k, engine.params(), engine.optimizer_state(), history, meta)
@@ -333,7 +329,7 @@ def _run(
         "model": cfg.model.factory or cfg.model.name,
         "parameters": exp.spec.total,
         "topology": exp.topology.name,
-        "edges": int(len(exp.topology.edges)),
+        "edges": len(exp.topology.edges),
         "weights": cfg.consensus.weights if exp.algorithm.uses_graph else None,
         "sync": bool(cfg.sync.enabled and exp.algorithm.uses_graph),
         "sync_steps": sync_steps,
