@@ -28,6 +28,7 @@ from p2pl.algorithms.base import RoundLinks
 from p2pl.config import ExperimentConfig, dumps_config
 from p2pl.core.consensus import consensus_distance
 from p2pl.core.evaluate import evaluate
+from p2pl.core.train import choose_strategy
 from p2pl.errors import P2PLError, choose
 from p2pl.graph.links import RoundNetwork
 from p2pl.metrics import History
@@ -198,16 +199,19 @@ def make_backend(exp: Experiment, backend: str, strategy: str, address: str | No
     return RayBackend(exp, strategy=strategy, address=address, num_shards=shards)
 
 
-def configure_threads(requested: int, num_devices: int, num_params: int) -> int:
+def configure_threads(requested: int, num_devices: int, num_params: int, strategy: str = "auto") -> int:
     """Torch CPU threads for this run. Small batched ops lose more to thread hand-off than they
-    gain (measured: a 100-device MLP step ran ~30x slower with 2 contended threads than with 1),
-    so small workloads use one thread; large ones use them all."""
+    gain, and per-device loops are all small ops (measured in BENCHMARKS.md: a 100-device MLP
+    step 4x slower with 2 threads, a loop 6-10x), so those use one thread; large batched
+    workloads (devices x parameters > 1e7) use every core."""
     if requested > 0:
         threads = requested
     elif "OMP_NUM_THREADS" in os.environ:
         return torch.get_num_threads()
+    elif strategy in ("loop", "reference") or num_devices * num_params <= 10_000_000:
+        threads = 1
     else:
-        threads = 1 if num_devices * num_params <= 10_000_000 else (os.cpu_count() or 1)
+        threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     return threads
 
@@ -235,7 +239,8 @@ def run_experiment(
     of the cluster; ``address`` of an existing cluster, or None to start/join a local one).
     """
     exp = build_experiment(cfg)
-    threads = configure_threads(cfg.threads, exp.num_devices, exp.spec.total)
+    chosen = "reference" if cfg.engine == "reference" else choose_strategy(exp.model, strategy, exp.dataset.input_shape)
+    threads = configure_threads(cfg.threads, exp.num_devices, exp.spec.total, chosen)
     directory = Path(out_dir) if out_dir is not None else None
     fingerprint = config_fingerprint(cfg)
     ckpt = checkpoint.load(directory) if directory is not None and resume else None
