@@ -47,7 +47,7 @@ def test_model_trains_identically_in_both_engines(name: str) -> None:
     assert ref_stats.steps.tolist() == [math.ceil(s / 3) for s in SIZES]
     assert float((p_ref - inits).abs().max()) > 1e-4  # it trained
 
-    strategies = ["auto", "vmap"]  # auto: bmm for the MLP, the loop for CNNs
+    strategies = ["auto", "vmap"]  # auto: bmm for the MLP, vmap or the loop for CNNs by feature-map size
     for strategy in strategies:
         vec = VectorizedTrainer(model, spec, x, y, _partition(), train, seed=3, strategy=strategy)
         p_vec = inits.clone()

@@ -20,6 +20,7 @@ from torch.func import functional_call, vmap
 from p2pl.config import TrainingConfig
 from p2pl.core import optim
 from p2pl.core.params import ParamSpec
+from p2pl.core.probe import outputs_per_sample
 from p2pl.core.schedule import EpochPlan, Partition, epoch_plan
 from p2pl.errors import P2PLError, choose
 
@@ -47,20 +48,7 @@ VMAP_MAX_CONV_OUTPUTS = 10_000
 
 def conv_outputs_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Elements all convolution layers output for one input sample (a forward on zeros)."""
-    total = 0
-
-    def count(_m: nn.Module, _inp: object, out: torch.Tensor) -> None:
-        nonlocal total
-        total += out.numel()
-
-    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, *input_shape))
-    finally:
-        for h in hooks:
-            h.remove()
-    return total
+    return outputs_per_sample(model, input_shape, (nn.modules.conv._ConvNd,))
 
 
 def choose_strategy(model: nn.Module, requested: str = "auto", input_shape: tuple[int, ...] | None = None) -> str:

@@ -347,7 +347,7 @@ class RayBackend:
         if num_shards < 0:
             raise P2PLError(f"the number of Ray shards must be >= 0 (0 = one per CPU), got {num_shards}")
         self.exp = exp
-        self.strategy = choose_strategy(exp.model, strategy)
+        self.strategy = choose_strategy(exp.model, strategy, exp.dataset.input_shape)
         self._owns_ray = False
         if not ray.is_initialized():
             if address is not None:
