@@ -1,0 +1,1 @@
+"""Datasets (bundled offline default and real image datasets) and partitioners."""
