@@ -134,9 +134,7 @@ def test_cifar_binary_truncated(tmp_path: Path) -> None:
     imgs = np.zeros((2, 3, 32, 32), np.uint8)
     path = tmp_path / "test_batch.bin"
     path.write_bytes(cifar_bytes(imgs, np.array([1, 2]))[:-100])
-    with pytest.raises(
-        P2PLError, match=r"test_batch\.bin is truncated: its size 6046 is not a multiple of the 3073"
-    ):
+    with pytest.raises(P2PLError, match=r"test_batch\.bin is truncated: its size 6046 is not a multiple of the 3073"):
         read_cifar_binary(path)
     path.write_bytes(b"")
     with pytest.raises(P2PLError, match="is empty"):

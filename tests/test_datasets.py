@@ -65,9 +65,7 @@ def write_mnist(folder: Path, n_train: int = 60, n_test: int = 20, gz: bool = Fa
 
 
 def cifar_bytes(images: np.ndarray, labels: np.ndarray) -> bytes:
-    return np.concatenate(
-        [labels.astype(np.uint8)[:, None], images.reshape(len(labels), -1)], axis=1
-    ).tobytes()
+    return np.concatenate([labels.astype(np.uint8)[:, None], images.reshape(len(labels), -1)], axis=1).tobytes()
 
 
 def cifar_batches(per_file: int = 4, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -307,9 +305,7 @@ def test_npz_images_and_string_labels(tmp_path: Path) -> None:
 def test_npz_errors(tmp_path: Path) -> None:
     path = tmp_path / "bad.npz"
     np.savez(path, inputs=np.zeros((4, 2)), targets=np.zeros(4))
-    with pytest.raises(
-        P2PLError, match=r"has arrays \['inputs', 'targets'\]; expected one of the key pairs x/y"
-    ):
+    with pytest.raises(P2PLError, match=r"has arrays \['inputs', 'targets'\]; expected one of the key pairs x/y"):
         load_dataset(DataConfig(name="npz", path=str(path)), 0)
     obj = tmp_path / "obj.npz"
     np.savez(obj, x=np.array([{"a": 1}] * 4, dtype=object), y=np.zeros(4))
@@ -423,9 +419,7 @@ def test_image_folder_grey_values(tmp_path: Path) -> None:
 def test_image_folder_mismatched_size(tmp_path: Path) -> None:
     _write_png(tmp_path / "a" / "1.png", np.zeros((4, 4, 3)))
     _write_png(tmp_path / "b" / "2.png", np.zeros((5, 4, 3)))
-    with pytest.raises(
-        P2PLError, match=r"2.png is 4x5 pixels but .*1.png is 4x4; all images must have the same"
-    ):
+    with pytest.raises(P2PLError, match=r"2.png is 4x5 pixels but .*1.png is 4x4; all images must have the same"):
         load_dataset(DataConfig(name="image-folder", path=str(tmp_path)), 0)
 
 

@@ -107,9 +107,7 @@ def test_bernoulli_up_rate_matches_p_up():
 
 
 def test_gilbert_elliott_stationary_up_rate():
-    cfg = LinksConfig(
-        model="gilbert-elliott", ge_good_to_bad=0.1, ge_bad_to_good=0.3, ge_up_good=0.9, ge_up_bad=0.2
-    )
+    cfg = LinksConfig(model="gilbert-elliott", ge_good_to_bad=0.1, ge_bad_to_good=0.3, ge_up_good=0.9, ge_up_bad=0.2)
     expected = expected_link_up_rate(cfg)
     pi_bad = 0.1 / 0.4
     assert expected == pytest.approx((1 - pi_bad) * 0.9 + pi_bad * 0.2)

@@ -207,9 +207,7 @@ def test_client_without_certificate_is_refused(net, pki):
     srv_b, box_b = net.server("dev-b")
     creds = grpc.ssl_channel_credentials(root_certificates=pki["dev-a"].ca_cert)
     with (
-        grpc.secure_channel(
-            srv_b.address, creds, options=[("grpc.ssl_target_name_override", "dev-b")]
-        ) as channel,
+        grpc.secure_channel(srv_b.address, creds, options=[("grpc.ssl_target_name_override", "dev-b")]) as channel,
         pytest.raises(grpc.RpcError) as info,
     ):
         channel.unary_unary(SEND_METHOD)(_msg("dev-a"), timeout=TIMEOUT)

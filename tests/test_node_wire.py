@@ -133,9 +133,7 @@ def _cases() -> list[tuple[str, bytes, str]]:
         ("extra key", _raw({**good, "evil": 1}, p), "unexpected ['evil']"),
         (
             "duplicate key",
-            (lambda h: struct.pack("<4sI", b"P2PL", len(h)) + h + p)(
-                json.dumps(good).encode()[:-1] + b', "round": 2}'
-            ),
+            (lambda h: struct.pack("<4sI", b"P2PL", len(h)) + h + p)(json.dumps(good).encode()[:-1] + b', "round": 2}'),
             "duplicate header key",
         ),
         ("version", _raw({**good, "version": 2}, p), "unsupported wire version"),

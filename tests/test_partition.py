@@ -102,9 +102,7 @@ def test_shards_limit_classes_per_device(per_device: int, devices: int) -> None:
 
 def test_shards_need_enough_samples() -> None:
     with pytest.raises(P2PLError, match="shards: 10 devices x 3 shards need at least 30"):
-        partition_indices(
-            balanced_labels(20, 2), 10, PartitionConfig(scheme="shards", shards_per_device=3), 0
-        )
+        partition_indices(balanced_labels(20, 2), 10, PartitionConfig(scheme="shards", shards_per_device=3), 0)
 
 
 def test_quantity_sizes_vary_and_respect_min_size() -> None:

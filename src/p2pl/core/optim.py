@@ -92,4 +92,3 @@ def torch_optimizer(cfg: TrainingConfig, parameters: list[torch.nn.Parameter]) -
         return torch.optim.SGD(parameters, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     betas = (cfg.betas[0], cfg.betas[1])
     return torch.optim.Adam(parameters, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-

@@ -74,9 +74,7 @@ def read_idx(path: str | Path, expected_magic: int | None = None) -> np.ndarray:
     ndim = _IDX_NDIM[magic]
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise P2PLError(
-            f"{file} is truncated: expected a {header}-byte IDX header, got {len(data)} bytes{gz}"
-        )
+        raise P2PLError(f"{file} is truncated: expected a {header}-byte IDX header, got {len(data)} bytes{gz}")
     dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = header + int(np.prod(dims, dtype=np.int64))
     if len(data) < expected:

@@ -214,9 +214,7 @@ def _load_mnist_like(cfg: DataConfig) -> tuple[Dataset, np.ndarray | None]:
         files = _find_mnist_files(cfg)
     if files is None:
         first, second = _mnist_dirs(cfg)
-        hint = (
-            "place the files there" if cfg.download else "set data.download = true or place the files there"
-        )
+        hint = "place the files there" if cfg.download else "set data.download = true or place the files there"
         raise P2PLError(
             f"{title} not found: expected {', '.join(MNIST_FILES)} (each optionally .gz) in {first} "
             f"(or {second}); {hint}"

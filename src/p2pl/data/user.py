@@ -130,8 +130,7 @@ def read_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise P2PLError(f"{file}: features must be [n, d], [n, H, W] or [n, C, H, W], got {list(x.shape)}")
     if y.ndim != 1 or len(y) != len(x):
         raise P2PLError(
-            f"{file}: labels must be 1-D with one label per sample, got shape {list(y.shape)} "
-            f"for {len(x)} samples"
+            f"{file}: labels must be 1-D with one label per sample, got shape {list(y.shape)} for {len(x)} samples"
         )
     if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
         raise P2PLError(f"{file}: features contain NaN or infinite values")
@@ -154,8 +153,7 @@ def read_csv(path: str | Path, label_column: str) -> tuple[np.ndarray, np.ndarra
             header = [h.strip() for h in header]
             if label_column not in header:
                 raise P2PLError(
-                    f"{file} has no label column {label_column!r} (columns: {', '.join(header)}); "
-                    "set data.label_column"
+                    f"{file} has no label column {label_column!r} (columns: {', '.join(header)}); set data.label_column"
                 )
             if len(set(header)) != len(header):
                 dup = next(h for h in header if header.count(h) > 1)
@@ -170,8 +168,7 @@ def read_csv(path: str | Path, label_column: str) -> tuple[np.ndarray, np.ndarra
                 line = reader.line_num
                 if len(record) != len(header):
                     raise P2PLError(
-                        f"{file} line {line}: expected {len(header)} fields as in the header, "
-                        f"got {len(record)}"
+                        f"{file} line {line}: expected {len(header)} fields as in the header, got {len(record)}"
                     )
                 label = record[li].strip()
                 if not label:
@@ -186,9 +183,7 @@ def read_csv(path: str | Path, label_column: str) -> tuple[np.ndarray, np.ndarra
                             f"{file} line {line}: column {header[i]!r} has non-numeric value {text!r}"
                         ) from None
                     if not math.isfinite(value):
-                        raise P2PLError(
-                            f"{file} line {line}: column {header[i]!r} has non-finite value {text!r}"
-                        )
+                        raise P2PLError(f"{file} line {line}: column {header[i]!r} has non-finite value {text!r}")
                     values.append(value)
                 rows.append(values)
                 labels.append(label)
@@ -217,9 +212,7 @@ def _read_image(file: Path) -> np.ndarray:
             if img.mode.startswith("I;16"):
                 return np.asarray(img, dtype=np.float32) / 65535.0
             if img.mode in ("I", "F"):
-                raise P2PLError(
-                    f"{file} has unsupported image mode {img.mode!r}; save it as 8-bit grey or RGB"
-                )
+                raise P2PLError(f"{file} has unsupported image mode {img.mode!r}; save it as 8-bit grey or RGB")
             return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
     except P2PLError:
         raise
@@ -311,8 +304,7 @@ def read_device_ids(path: str | Path, num_rows: int) -> np.ndarray:
             value = None
         if value is None or value < 0:
             raise P2PLError(
-                f"device assignment file {file} line {line}: expected one non-negative integer device id, "
-                f"got {text!r}"
+                f"device assignment file {file} line {line}: expected one non-negative integer device id, got {text!r}"
             )
         ids[k] = value
     if ids.size != num_rows:

@@ -123,8 +123,7 @@ def validate_links(cfg: LinksConfig, topology_name: str) -> None:
             )
     if cfg.dropout == 1.0:
         raise P2PLError(
-            "links.dropout = 1 means every device is absent in every round, so nothing trains; "
-            "set links.dropout < 1"
+            "links.dropout = 1 means every device is absent in every round, so nothing trains; set links.dropout < 1"
         )
     if not 0.0 < cfg.straggler_work <= 1.0:
         raise P2PLError(
@@ -273,8 +272,7 @@ class NetworkDynamics:
         if self.mobile:
             if pos0 is None or pos0.shape != (n, 2):
                 raise P2PLError(
-                    "links.mobility_speed > 0 needs device positions [N, 2]; use topology.name = "
-                    f"{MOBILE_TOPOLOGY!r}"
+                    f"links.mobility_speed > 0 needs device positions [N, 2]; use topology.name = {MOBILE_TOPOLOGY!r}"
                 )
             if self.radius is None or not self.radius > 0:
                 raise ValueError("NetworkDynamics needs radius > 0 (the radio range) for mobility")

@@ -213,9 +213,7 @@ class PeerServer:
             raise P2PLError(f"cannot listen on {self.listen_addr} (address in use or invalid)")
         server.start()
         self._server, self._port = server, int(port)
-        log.info(
-            "%s listening on %s (port %d, tls=%s)", self.device_id, self.listen_addr, port, bool(self.tls)
-        )
+        log.info("%s listening on %s (port %d, tls=%s)", self.device_id, self.listen_addr, port, bool(self.tls))
         return self._port
 
     def stop(self, grace: float | None = 1.0) -> None:
