@@ -8,6 +8,7 @@ views, so no copy is made per step.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
@@ -16,6 +17,8 @@ import torch
 from torch import nn
 
 from p2pl.core.rng import derive_seed
+
+_GLOBAL_RNG_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -69,8 +72,10 @@ def init_device_params(model: nn.Module, spec: ParamSpec, seed: int, devices: li
     ``torch.manual_seed(s); build_model()`` would give; the global RNG is left untouched.
     """
     out = torch.empty(len(devices), spec.total)
+    # reset_parameters draws from torch's global generator: hold a lock so devices initialized on
+    # several threads of one process (in-process nodes, tests) cannot interleave their draws.
     resets = [cast(Callable[[], None], m.reset_parameters) for m in model.modules() if hasattr(m, "reset_parameters")]
-    with torch.random.fork_rng(devices=[]):
+    with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
         for row, device in enumerate(devices):
             torch.manual_seed(derive_seed(seed, "init", device))
             for reset in resets:

@@ -61,6 +61,7 @@ from p2pl.core.evaluate import evaluate
 from p2pl.core.params import ParamSpec, init_device_params
 from p2pl.core.schedule import Partition
 from p2pl.core.train import VectorizedTrainer
+from p2pl.data.base import Dataset
 from p2pl.errors import P2PLError
 from p2pl.graph.weights import MixingWeights, row_weights
 from p2pl.models import build_model
@@ -73,7 +74,6 @@ from p2pl.node.transport import PeerClient, PeerServer
 
 __all__ = [
     "SYNC_DONE_STEP",
-    "NodeData",
     "NodeRuntime",
     "SyncOutcome",
     "load_node_data",
@@ -95,19 +95,6 @@ _PROBE_EVERY_S = 2.0
 # ------------------------------------------------------------------------------------------ data
 
 
-@dataclass(frozen=True)
-class NodeData:
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    num_classes: int
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.x_train.shape[1:])
-
-
 def _read_split(path: str, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     from p2pl.data.user import read_npz  # the project's validated, pickle-free npz reader
 
@@ -117,7 +104,7 @@ def _read_split(path: str, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64))
 
 
-def load_node_data(cfg: NodeConfig) -> NodeData:
+def load_node_data(cfg: NodeConfig) -> Dataset:
     """This device's samples (in the order given: it keys the shuffles) and the common test set."""
     x_train, y_train = _read_split(cfg.data.train, "training")
     x_test, y_test = _read_split(cfg.data.test, "test")
@@ -132,7 +119,7 @@ def load_node_data(cfg: NodeConfig) -> NodeData:
     classes = cfg.data.num_classes or seen
     if seen > classes:
         raise P2PLError(f"labels go up to {seen - 1} but data.num_classes = {classes}; raise it")
-    return NodeData(x_train, y_train, x_test, y_test, classes)
+    return Dataset(cfg.id, x_train, y_train, x_test, y_test, classes)
 
 
 # ------------------------------------------------------------------------------------------ math
