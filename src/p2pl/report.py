@@ -60,16 +60,16 @@ def _pct(x: float | None) -> str:
 def summary_table(summaries: dict[str, dict[str, Any]], title: str = "") -> Table:
     """Final accuracy / loss across devices, side by side for one or more runs."""
     table = Table(title=title or None, padding=(0, 1))
-    table.add_column("run")
-    # Short headers: the table must fit an 80-column terminal.
-    for col in ("N", "acc mean", "acc min", "acc max", "loss", "to 80%", "sync", "MB/dev", "time s"):
-        table.add_column(col, justify="right")
+    table.add_column("run", no_wrap=True, min_width=11)
+    # Short headers, numbers never cut: the table must fit an 80-column terminal.
+    for col in ("N", "acc\nmean", "acc\nmin", "acc\nmax", "loss", "to\n80%", "MB/\ndev", "time\ns"):
+        table.add_column(col, justify="right", no_wrap=True)
     for name, s in summaries.items():
         acc, loss = s["final"]["accuracy"], s["final"]["loss"]
         to80 = s["rounds_to_mean_accuracy"].get("0.8")
         table.add_row(
             name, str(s["devices"]), _pct(acc["mean"]), _pct(acc["min"]), _pct(acc["max"]), f"{loss['mean']:.3f}",
-            "-" if to80 is None else str(to80), str(s.get("sync_steps", 0)),
+            "-" if to80 is None else str(to80),
             f"{s['bytes_sent_per_device'] / 1e6:.2f}", f"{s['wall_time_s']:.1f}",
         )  # fmt: skip
     return table
