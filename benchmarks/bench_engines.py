@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from p2pl.config import ExperimentConfig, load_config
-from p2pl.sim.experiment import build_experiment
+from p2pl.experiment import build_experiment
 from p2pl.sim.simulator import configure_threads
 
 

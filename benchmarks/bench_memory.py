@@ -99,7 +99,7 @@ def child(args: argparse.Namespace) -> dict[str, object]:
         return out | {"peak_mb": _peak_mb()}
 
     from p2pl.algorithms.base import RoundLinks
-    from p2pl.sim.experiment import build_experiment
+    from p2pl.experiment import build_experiment
 
     exp = build_experiment(cfg)
     assert exp.dataset.x_train.data_ptr() == ds.x_train.data_ptr(), "the dataset must be loaded once"

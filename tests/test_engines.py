@@ -20,11 +20,11 @@ import pytest
 import torch
 
 from p2pl.config import ExperimentConfig
+from p2pl.core.reference import ReferenceTrainer
 from p2pl.core.train import VectorizedTrainer, choose_strategy, step_limits
 from p2pl.errors import P2PLError
+from p2pl.experiment import Experiment, build_experiment
 from p2pl.models import mlp
-from p2pl.sim.experiment import Experiment, build_experiment
-from p2pl.sim.reference import ReferenceTrainer
 from p2pl.sim.simulator import run_experiment
 
 TOL = 1e-5

@@ -11,11 +11,11 @@ from torch import nn
 
 from p2pl.config import ModelConfig, TrainingConfig
 from p2pl.core.params import ParamSpec, init_device_params
+from p2pl.core.reference import ReferenceTrainer
 from p2pl.core.schedule import Partition
 from p2pl.core.train import VectorizedTrainer
 from p2pl.errors import P2PLError
 from p2pl.models import MODELS, build_model
-from p2pl.sim.reference import ReferenceTrainer
 
 SHAPES = {"mlp": (1, 8, 8), "cnn": (1, 8, 8), "lenet": (1, 28, 28), "resnet": (3, 32, 32)}
 SIZES = [7, 4, 5]  # unequal local data: short last batches, devices idle while others finish

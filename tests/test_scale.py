@@ -15,7 +15,7 @@ import pytest
 from p2pl.config import PartitionConfig, load_config
 from p2pl.data.partition import label_histograms, partition_indices
 from p2pl.errors import P2PLError
-from p2pl.sim.experiment import build_experiment
+from p2pl.experiment import build_experiment
 
 
 def labels(n: int = 1437, seed: int = 0) -> np.ndarray:

@@ -23,7 +23,7 @@ def main(args: argparse.Namespace) -> int:
     topology = build_topology(cfg.topology, cfg.devices, cfg.seed)
     sizes = None
     if cfg.consensus.weights == "data-size":
-        from p2pl.sim.experiment import build_experiment
+        from p2pl.experiment import build_experiment
 
         sizes = build_experiment(cfg).setting.data_sizes
     weights = mixing_weights(cfg.devices, topology.edges, cfg.consensus.weights, sizes)

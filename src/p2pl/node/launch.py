@@ -138,7 +138,7 @@ def prepare_launch(
     ``network`` overrides ``[network]`` keys of every node (e.g. ``round_timeout``);
     ``node_extra`` deep-merges extra keys into one device's node config (e.g. ``[faults]``).
     """
-    from p2pl.sim.experiment import build_experiment  # the simulator's recipe, so the numbers agree
+    from p2pl.experiment import build_experiment  # the simulator's recipe, so the numbers agree
 
     check_launchable(cfg)
     exp = build_experiment(cfg)
@@ -353,7 +353,7 @@ def collect_results(
 ) -> dict[str, Any]:
     """Write ``metrics.csv``, ``rounds.csv``, ``devices.csv`` and ``summary.json`` from the nodes'
     checkpoints (full-precision histories), in the simulator's format; returns the summary."""
-    from p2pl.sim.results import write_results
+    from p2pl.results import write_results
 
     cfg, n = plan.cfg, plan.num_devices
     ckpts = [checkpoint.load(d, plan.num_params) for d in plan.node_dirs]

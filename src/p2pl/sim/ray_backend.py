@@ -50,11 +50,11 @@ from p2pl.core.schedule import Partition
 from p2pl.core.sync import max_norm_owner, sync_bytes_per_device
 from p2pl.core.train import VectorizedTrainer, choose_strategy
 from p2pl.errors import P2PLError
+from p2pl.experiment import Experiment
 from p2pl.graph.weights import mixing_weights
 from p2pl.models import build_model
-from p2pl.sim.experiment import Experiment
+from p2pl.sim.backend import Started
 from p2pl.sim.sharding import Sharding, shard_devices
-from p2pl.sim.simulator import Started
 
 T = TypeVar("T")
 RAY_ALGORITHMS = ("p2pl", "fedavg", "local")

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -30,12 +30,13 @@ from p2pl.core.consensus import consensus_distance
 from p2pl.core.evaluate import evaluate
 from p2pl.core.train import choose_strategy
 from p2pl.errors import P2PLError, choose
+from p2pl.experiment import Experiment, build_experiment, config_fingerprint
 from p2pl.graph.links import RoundNetwork
 from p2pl.metrics import History
+from p2pl.results import summary as make_summary
+from p2pl.results import write_results
 from p2pl.sim import checkpoint
-from p2pl.sim.experiment import Experiment, build_experiment, config_fingerprint
-from p2pl.sim.results import summary as make_summary
-from p2pl.sim.results import write_results
+from p2pl.sim.backend import Backend, Started
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
 T = TypeVar("T")
@@ -51,52 +52,6 @@ class RunResult:
     experiment: Experiment
     # wall seconds spent per phase over the rounds run here (train / exchange / evaluate)
     phase_time_s: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Started:
-    sync_steps: int
-    sync_bytes_per_device: float  # mean over devices
-
-
-class Backend(Protocol):
-    """Where the devices' parameters and optimizer state live, and how a round runs on them.
-
-    Every method is synchronous (returns when the work is done) and speaks in global device
-    order ``0..N-1``; arrays are ``[N]``.
-    """
-
-    strategy: str  # the local-training strategy in use
-
-    def start(self) -> Started:
-        """Each device's own init, then the algorithm's start (e.g. max norm sync)."""
-
-    def restore(self, params: torch.Tensor, optimizer: dict[str, torch.Tensor]) -> None:
-        """Load a checkpoint's full ``[N, P]`` parameters and optimizer state."""
-
-    def train(self, round_index: int, work: np.ndarray | None) -> np.ndarray:
-        """This round's local epochs; returns each device's mean training loss (float64)."""
-
-    def evaluate(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every device's (accuracy, loss) on the common test set."""
-
-    def exchange(self, links: RoundLinks) -> np.ndarray:
-        """The algorithm's cooperation step; returns the bytes each device sent."""
-
-    def consensus_distance(self) -> float: ...
-
-    def params(self) -> torch.Tensor:
-        """All devices' parameters ``[N, P]`` (gathered: for checkpoints and the result)."""
-
-    def optimizer_state(self) -> dict[str, torch.Tensor]: ...
-
-    def guarded(self, step: Callable[[], T]) -> T:
-        """Run one whole round; a backend that can lose workers restores and reruns it."""
-
-    def facts(self) -> dict[str, Any]:
-        """Backend facts for summary.json (empty for the local backend)."""
-
-    def close(self) -> None: ...
 
 
 class LocalBackend:

@@ -15,6 +15,7 @@ from p2pl.algorithms.base import Setting
 from p2pl.config import ExperimentConfig, config_to_dict, dumps_config
 from p2pl.core.optim import OPTIMIZERS
 from p2pl.core.params import ParamSpec, init_device_params
+from p2pl.core.reference import ReferenceTrainer
 from p2pl.core.schedule import Partition
 from p2pl.core.train import VectorizedTrainer
 from p2pl.data.base import Dataset
@@ -25,7 +26,6 @@ from p2pl.graph.links import NetworkDynamics
 from p2pl.graph.topology import Topology, build_topology
 from p2pl.graph.weights import WEIGHT_RULES
 from p2pl.models import build_model
-from p2pl.sim.reference import ReferenceTrainer
 
 ENGINES = ("vectorized", "reference")
 
