@@ -16,7 +16,7 @@ from typing import Any
 
 import tomli_w
 
-from p2pl.errors import P2PLError
+from p2pl.errors import P2PLError, choose
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -92,10 +92,19 @@ class LinksConfig:
     mobility_pause: int = 0  # rounds a device pauses at each waypoint
 
 
+SYNC_MODES = ("verified", "flood")
+AGGREGATIONS = ("mean", "trimmed-mean", "median", "clipped")
+ATTACKS = ("none", "sync-hijack", "scale", "sign-flip", "gaussian", "alie", "label-flip", "silent", "data-size")
+PLACEMENTS = ("random", "degree")
+
+
 @dataclass
 class SyncConfig:
     enabled: bool = True  # max norm synchronization before training
     steps: int = 0  # 0: until no device changes (at most the diameter)
+    # verified: devices flood only (norm, owner) claims and recompute the owner's public init to
+    # check each claim, so no parameters travel; flood: the paper's form, parameters travel.
+    mode: str = "verified"
 
 
 @dataclass
@@ -126,11 +135,39 @@ class ConsensusConfig:
     steps: int = 1  # consensus steps per round
     affinity: float = 1.0  # (1-a) own + a mix; 1 = plain P2PL (our reading of arXiv 2312.13602)
     every: int = 1  # sparse communication: cooperate every r rounds
+    aggregation: str = "mean"  # mean | trimmed-mean | median | clipped (robust rules, docs/robustness.md)
+    trim: float = 0.2  # trimmed-mean: share of the neighbourhood cut at each end (per coordinate)
+    clip_quantile: float = 0.8  # clipped: clip radius = this quantile of the neighbours' distances
+    # A neighbour's claimed data size counts within [own / r, own * r] (data-size weights), so no
+    # one neighbour can steer a device's row of W by lying about its data.
+    max_size_ratio: float = 10.0
 
     def validate(self) -> None:
         _require({"consensus.steps": self.steps, "consensus.every": self.every}, lambda v: v > 0,
                  "a positive integer", "1")  # fmt: skip
         _require({"consensus.affinity": self.affinity}, lambda v: 0 < v <= 1, "in (0, 1]", "1.0")
+        _require({"consensus.trim": self.trim}, lambda v: 0 <= v < 0.5, "in [0, 0.5)", "0.2")
+        _require({"consensus.clip_quantile": self.clip_quantile}, lambda v: 0 < v <= 1, "in (0, 1]", "0.8")
+        _require({"consensus.max_size_ratio": self.max_size_ratio}, lambda v: v >= 1, ">= 1", "10")
+        choose("consensus.aggregation", self.aggregation, AGGREGATIONS)
+
+
+@dataclass
+class AdversaryConfig:
+    """Byzantine devices (simulated attackers): who they are and what they do."""
+
+    attack: str = "none"  # none | sync-hijack | scale | sign-flip | gaussian | alie | label-flip | silent | data-size
+    fraction: float = 0.0  # share of devices that attack (rounded down), or
+    count: int = 0  # an exact number of attackers (wins over fraction when > 0)
+    placement: str = "random"  # random | degree (the highest-degree devices)
+    scale: float = 0.0  # the attack's strength; 0 = the attack's documented default
+
+    def validate(self) -> None:
+        choose("adversary.attack", self.attack, ATTACKS)
+        choose("adversary.placement", self.placement, PLACEMENTS)
+        _require({"adversary.fraction": self.fraction}, lambda v: 0 <= v < 1, "in [0, 1)", "0.1")
+        _require({"adversary.count": self.count}, lambda v: v >= 0, ">= 0", "10")
+        _require({"adversary.scale": self.scale}, lambda v: v == v and abs(v) < 1e30, "a finite number", "0")
 
 
 @dataclass
@@ -163,6 +200,7 @@ class ExperimentConfig:
     sync: SyncConfig = field(default_factory=SyncConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     consensus: ConsensusConfig = field(default_factory=ConsensusConfig)
+    adversary: AdversaryConfig = field(default_factory=AdversaryConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -191,6 +229,8 @@ class ExperimentConfig:
         _require(positive_floats, lambda v: v > 0, "> 0", "0.1")
         self.training.validate()
         self.consensus.validate()
+        self.adversary.validate()
+        choose("sync.mode", self.sync.mode, SYNC_MODES)
         if not 0 < self.data.test_fraction < 1:
             raise P2PLError(f"data.test_fraction must be in (0, 1), got {self.data.test_fraction}")
         if self.partition.samples_per_device > 0 and self.data.device_assignment:

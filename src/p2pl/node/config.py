@@ -41,8 +41,8 @@ from typing import Any
 
 import tomli_w
 
-from p2pl.config import ConsensusConfig, ModelConfig, TrainingConfig, _from_dict, read_toml
-from p2pl.errors import P2PLError
+from p2pl.config import SYNC_MODES, AdversaryConfig, ConsensusConfig, ModelConfig, TrainingConfig, _from_dict, read_toml
+from p2pl.errors import P2PLError, choose
 from p2pl.node.certs import check_device_id
 
 __all__ = [
@@ -78,6 +78,7 @@ class NodeDataConfig:
 @dataclass
 class NodeSyncConfig:
     enabled: bool = True  # max norm synchronization before training
+    mode: str = "verified"  # verified: flood (norm, owner) claims and check them; flood: parameters travel
     max_steps: int = 0  # stop after this many flooding steps (0: only by patience)
     # Stop once the best (norm, owner) has not changed for this many steps. A value can stay put
     # for a while and still change (the flood front travels one hop per step), so this must be
@@ -139,6 +140,9 @@ class NodeConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     consensus: ConsensusConfig = field(default_factory=ConsensusConfig)
     sync: NodeSyncConfig = field(default_factory=NodeSyncConfig)
+    # This node's own behaviour when it plays an attacker (tests, robustness experiments);
+    # fraction / count / placement are for whole experiments and are ignored here.
+    adversary: AdversaryConfig = field(default_factory=AdversaryConfig)
     network: NodeNetworkConfig = field(default_factory=NodeNetworkConfig)
     tls: NodeTlsConfig = field(default_factory=NodeTlsConfig)
     eval: NodeEvalConfig = field(default_factory=NodeEvalConfig)
@@ -180,6 +184,8 @@ class NodeConfig:
                 raise P2PLError(f"node config: {key} must be > 0, got {sec}")
         self.training.validate()
         self.consensus.validate()
+        self.adversary.validate()
+        choose("sync.mode", self.sync.mode, SYNC_MODES)
         if not self.data.train or not self.data.test:
             raise P2PLError("node config: [data] needs train and test .npz files (p2pl launch writes them)")
         _check_address(self.listen, "listen")
@@ -212,7 +218,7 @@ class NodeConfig:
     def fingerprint(self) -> str:
         """Identifies the numbers this node produces (not where it writes or how long it waits)."""
         keep = {k: v for k, v in asdict(self).items() if k in ("id", "index", "seed", "model", "training", "consensus")}
-        keep["sync"] = {"enabled": self.sync.enabled}
+        keep["sync"] = {"enabled": self.sync.enabled, "mode": self.sync.mode}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
