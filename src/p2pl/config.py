@@ -94,7 +94,20 @@ class LinksConfig:
 
 SYNC_MODES = ("verified", "flood")
 AGGREGATIONS = ("mean", "trimmed-mean", "median", "clipped")
-ATTACKS = ("none", "sync-hijack", "scale", "sign-flip", "gaussian", "alie", "label-flip", "silent", "data-size")
+ATTACKS = (
+    "none",
+    "sync-hijack",
+    "scale",
+    "sign-flip",
+    "gaussian",
+    "alie",
+    "label-flip",
+    "silent",
+    "data-size",
+    "hello-round",
+    "header-bomb",
+    "flood",
+)  # the last three: network-level, p2pl node only
 PLACEMENTS = ("random", "degree")
 
 

@@ -92,16 +92,21 @@ def rounds_csv(h: History) -> str:
     return _csv(rows, ROUND_COLUMNS)
 
 
-def devices_csv(sizes: np.ndarray, histograms: np.ndarray) -> str:
+def devices_csv(sizes: np.ndarray, histograms: np.ndarray, status: list[str] | None = None) -> str:
+    """One row per device; ``status`` (networked runs: done, failed, missing, ...) adds a column."""
     header = ["device", "samples", *(f"label_{c}" for c in range(histograms.shape[1]))]
-    rows = [[d, int(sizes[d]), *(int(v) for v in histograms[d])] for d in range(len(sizes))]
+    rows: list[list[Any]] = [[d, int(sizes[d]), *(int(v) for v in histograms[d])] for d in range(len(sizes))]
+    if status is not None:
+        header.append("status")
+        rows = [[*row, s] for row, s in zip(rows, status, strict=True)]
     return _csv(rows, header)
 
 
 def summary(h: History, facts: dict[str, Any]) -> dict[str, Any]:
     last = len(h.eval_rounds) - 1
-    mean_acc = [float(np.mean(a)) for a in h.accuracy]
-    min_acc = [float(np.min(a)) for a in h.accuracy]
+    # nan-aware: a networked run reports NaN for a device that never reached a round.
+    mean_acc = [float(np.nanmean(a)) for a in h.accuracy]
+    min_acc = [float(np.nanmin(a)) for a in h.accuracy]
     local_mean = [float(np.mean(a)) for a in h.local_accuracy]
     after_mean = mean_acc[-len(local_mean) :] if local_mean else []
     total_bytes = np.sum(h.bytes_sent, axis=0) if h.bytes_sent else np.zeros(1)
@@ -121,11 +126,16 @@ def summary(h: History, facts: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_results(
-    directory: Path, h: History, facts: dict[str, Any], sizes: np.ndarray, histograms: np.ndarray
+    directory: Path,
+    h: History,
+    facts: dict[str, Any],
+    sizes: np.ndarray,
+    histograms: np.ndarray,
+    status: list[str] | None = None,
 ) -> dict[str, Any]:
     atomic.write_text(directory / "metrics.csv", metrics_csv(h))
     atomic.write_text(directory / "rounds.csv", rounds_csv(h))
-    atomic.write_text(directory / "devices.csv", devices_csv(sizes, histograms))
+    atomic.write_text(directory / "devices.csv", devices_csv(sizes, histograms, status))
     result = summary(h, facts)
     atomic.write_text(directory / "summary.json", json.dumps(result, indent=2, default=_json_default) + "\n")
     return result
