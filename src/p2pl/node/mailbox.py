@@ -83,6 +83,12 @@ SMALL_MESSAGE_BYTES = PREFIX_SIZE + MAX_HEADER_BYTES
 Key = tuple[str, str, int, int]  # (kind, sender, round, step)
 
 
+def _cost(header: MessageHeader) -> int:
+    """Bytes a message is charged to its sender: an upper bound known from the header alone
+    (so the transport can refuse before decoding), at least the message's real size."""
+    return PREFIX_SIZE + MAX_HEADER_BYTES + header.payload_size
+
+
 @dataclass(frozen=True)
 class MailboxLimits:
     """What a mailbox accepts, and hence how much memory it can hold (see the module docstring)."""
@@ -187,8 +193,7 @@ class Mailbox:
         if (header.kind, header.sender, header.round, header.step) in self._messages:
             return DUPLICATE
         keys, nbytes = self._usage.get(header.sender, (0, 0))
-        size = PREFIX_SIZE + MAX_HEADER_BYTES + header.payload_size  # an upper bound before decoding
-        if keys + 1 > lim.keys_per_sender or nbytes + size > lim.bytes_per_sender:
+        if keys + 1 > lim.keys_per_sender or nbytes + _cost(header) > lim.bytes_per_sender:
             return QUOTA
         return None
 
@@ -212,7 +217,7 @@ class Mailbox:
                 self._messages[key] = msg
                 usage = self._usage.setdefault(msg.sender, [0, 0])
                 usage[0] += 1
-                usage[1] += msg.nbytes
+                usage[1] += _cost(msg.header)
                 self._latest[msg.sender] = max(msg.round, self._latest.get(msg.sender, -1))
                 self._accepted += 1
                 self._cond.notify_all()
@@ -237,7 +242,7 @@ class Mailbox:
             msg = self._messages.pop(k)
             usage = self._usage[msg.sender]
             usage[0] -= 1
-            usage[1] -= msg.nbytes
+            usage[1] -= _cost(msg.header)
         return len(gone)
 
     # ------------------------------------------------------------------------------ reading
@@ -290,7 +295,7 @@ class Mailbox:
             return len(self._messages)
 
     def stored_bytes(self, sender: str | None = None) -> int:
-        """Bytes of the stored messages (of one sender, or of all)."""
+        """Bytes charged for the stored messages (of one sender, or of all): at least their size."""
         with self._cond:
             if sender is not None:
                 return self._usage.get(sender, [0, 0])[1]
