@@ -271,7 +271,7 @@ def test_many_tensor_header_that_fits_the_size_is_refused_by_layout():
     head = b"{" + b",".join(b'"t%d":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}' % i for i in range(20)) + b"}"
     assert len(head) > SPEC.max_safetensors_header()
     bomb = struct.pack("<Q", len(head)) + head + payload[8 + n :]
-    with pytest.raises(WireError, match="larger than any payload|exceeds the"):
+    with pytest.raises(WireError, match=r"larger than any payload|exceeds the"):
         wire.decode(_raw(_good_header_dict(bomb), bomb), SPEC)
     entries = [b'"t%d":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}' % i for i in range(3)]
     small = _with_st_header(payload, b"{" + b",".join(entries) + b"}")
