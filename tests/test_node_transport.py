@@ -491,3 +491,16 @@ def test_server_refuses_before_decoding_what_the_mailbox_would_not_keep(net, cap
     assert cl.send("dev-b", srv_b.address, _msg("dev-a", round=5), timeout=TIMEOUT)
     assert cl.send("dev-b", srv_b.address, _msg("dev-a", round=5), timeout=TIMEOUT)  # a retry: ok, duplicate
     assert srv_b.stats()["send.duplicate"] == 1 and len(box) == 1
+
+
+def test_rejections_are_logged_a_bounded_number_of_times(net, caplog):
+    """60 stale messages from one neighbour: all counted, only the first 20 logged."""
+    srv_b, box = net.server("dev-b")
+    box.set_round(10)
+    cl = net.client("dev-a")
+    with caplog.at_level(logging.INFO, logger="p2pl.node"):
+        for step in range(60):
+            assert not cl.send("dev-b", srv_b.address, _msg("dev-a", round=1, step=step), TIMEOUT)
+    lines = [r for r in caplog.records if r.name == "p2pl.node.transport" and "dev-b rejected send" in r.getMessage()]
+    assert srv_b.stats()["send.rejected.mailbox.stale"] == 60
+    assert len(lines) == 20 and lines[-1].getMessage().endswith("(#20)")

@@ -99,7 +99,7 @@ class NodeNetworkConfig:
     backoff_max: float = 5.0  # longest pause before an unreachable neighbour is tried again
     max_rounds_ahead: int = 8  # buffer at most this many rounds of a faster neighbour
     devices: int = 0  # size of the whole network (launch fills it): bounds claimed indices and degrees
-    max_missed_rounds: int = 2  # stop waiting for a neighbour silent this many rounds, until it speaks
+    max_missed_rounds: int = 2  # stop waiting for a neighbour silent this many rounds (or sync steps), until it speaks
     # A trained or mixed row whose L2 norm exceeds this many times the row before it (or 1) is
     # rolled back: non-finite values and exploded parameters never leave a node.
     max_norm_ratio: float = 1000.0

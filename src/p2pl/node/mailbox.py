@@ -48,6 +48,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from p2pl.errors import P2PLError
+from p2pl.node.ratelog import LogBudget
 from p2pl.node.wire import MAX_HEADER_BYTES, PREFIX_SIZE, SYNC_DONE_STEP, Message, MessageHeader
 
 __all__ = [
@@ -143,9 +144,11 @@ class Mailbox:
         self._messages: dict[Key, Message] = {}
         self._usage: dict[str, list[int]] = {}  # sender -> [keys, bytes] stored
         self._latest: dict[str, int] = {}  # highest round each allowed sender was heard at
+        self._params_heard: dict[str, int] = {}  # highest round of a params message, even a late one
         self._cond = threading.Condition()
         self._accepted = 0
         self._rejected: Counter[str] = Counter()
+        self._log_budget = LogBudget()
 
     # ------------------------------------------------------------------ round and senders
 
@@ -199,12 +202,12 @@ class Mailbox:
 
     def admit(self, header: MessageHeader) -> str | None:
         """Checked by the transport before a payload is decoded: None if a message with this
-        header would be stored now, else the rejection reason (counted and logged)."""
+        header would be stored now, else the rejection reason (counted; the transport logs it)."""
         current = self.current_round
         with self._cond:
             reason = self._verdict(header, current)
             if reason is not None:
-                self._reject(header, reason, current)
+                self._reject(header, reason, current, quiet=True)
         return reason
 
     def put(self, msg: Message) -> str:
@@ -219,21 +222,30 @@ class Mailbox:
                 usage[0] += 1
                 usage[1] += _cost(msg.header)
                 self._latest[msg.sender] = max(msg.round, self._latest.get(msg.sender, -1))
+                self._heard(msg.header)
                 self._accepted += 1
                 self._cond.notify_all()
                 return ACCEPTED
             self._reject(msg.header, reason, current)
         return reason
 
-    def _reject(self, header: MessageHeader, reason: str, current: int) -> None:
+    def _heard(self, header: MessageHeader) -> None:
+        if header.kind == "params":
+            self._params_heard[header.sender] = max(header.round, self._params_heard.get(header.sender, -1))
+
+    def _reject(self, header: MessageHeader, reason: str, current: int, *, quiet: bool = False) -> None:
         self._rejected[reason] += 1
+        if reason in (STALE, DUPLICATE):  # late, but it is taking part
+            self._heard(header)
         if reason == TOO_FAR_AHEAD and (self._allowed is None or header.sender in self._allowed):
             # Proof that the sender reached at least our horizon (only used to stop waiting for it).
             horizon = current + self.limits.max_rounds_ahead + 1
             self._latest[header.sender] = max(horizon, self._latest.get(header.sender, -1))
+        if quiet or not (count := self._log_budget.allow((header.sender, reason))):
+            return
         level = logging.DEBUG if reason == DUPLICATE else logging.INFO if reason in ROUTINE else logging.WARNING
-        log.log(level, "mailbox dropped %s from %s (round %d step %d, our round %d): %s",
-                header.kind, header.sender, header.round, header.step, current, reason)  # fmt: skip
+        log.log(level, "mailbox dropped %s from %s (round %d step %d, our round %d): %s (#%d)",
+                header.kind, header.sender, header.round, header.step, current, reason, count)  # fmt: skip
 
     def _drop(self, old: Callable[[Key], bool]) -> int:
         """Remove stored messages whose key matches ``old`` (lock held); returns how many."""
@@ -284,6 +296,11 @@ class Mailbox:
         """Highest round ``sender`` was heard at (stored, or at least past our horizon); -1 if never."""
         with self._cond:
             return self._latest.get(sender, -1)
+
+    def params_heard(self, sender: str) -> int:
+        """Highest round of a ``params`` message from ``sender``, stored or late; -1 if never."""
+        with self._cond:
+            return self._params_heard.get(sender, -1)
 
     def prune(self, before_round: int) -> int:
         """Drop every stored message with ``round < before_round``; return how many were dropped."""

@@ -292,6 +292,7 @@ class NodeRuntime:
         self._held: tuple[Claim, torch.Tensor] | None = None
         self._init_norms: dict[int, float] = {}  # device index -> L2 norm of its public init
         self._missed: dict[str, int] = dict.fromkeys(self.peers, 0)  # consecutive rounds without its params
+        self._skip_mark: dict[str, int] = {}  # its params_heard when it stopped being waited for
         self.params = torch.empty(0)
         self.history = NodeHistory()
         self.sync: SyncOutcome | None = None
@@ -560,9 +561,10 @@ class NodeRuntime:
             self.mailbox.set_sync_step(step)
             targets = self._targets(0)
             self.broadcast(targets, wire.encode(self._header("sync-norm", 0, step, **best.extras())))
-            waiting = {p for p in targets if not self.client.is_down(p)}
+            waiting = {p for p in targets if not self.client.is_down(p) and not self._skipped(p)}
             deadline = time.monotonic() + cfg.sync.step_timeout
             got = self.mailbox.wait_for_any("sync-norm", 0, [step, wire.SYNC_DONE_STEP], waiting, deadline)
+            self._count_missed(f"sync step {step}", targets, got)
             changed = False
             for peer in sorted(got):
                 claim = self._read_claim(peer, got[peer])
@@ -702,13 +704,13 @@ class NodeRuntime:
         # cut) will not send a round-k message we could still use -- but take one that is here.
         # A neighbour silent for network.max_missed_rounds rounds is not waited for until it
         # speaks again, so one staller cannot slow every round.
-        waiting = {p for p, ok in accepted.items() if ok and self._missed[p] < cfg.network.max_missed_rounds}
+        waiting = {p for p, ok in accepted.items() if ok and not self._skipped(p, k)}
         got = self._wait_params(k, c, waiting)
         for peer in targets:
             if peer not in got and (m := self.mailbox.get("params", k, c, peer)) is not None:
                 got[peer] = m
         if c == 0:
-            self._count_missed(k, targets, got)
+            self._count_missed(f"round {k}", targets, got)
         rows: dict[str, _Row] = {}
         for peer in sorted(got, key=lambda p: self.peer_index[p]):
             try:
@@ -720,17 +722,33 @@ class NodeRuntime:
                 rows[peer] = row
         return self._mix_checked(k, own, rows)
 
-    def _count_missed(self, k: int, targets: Mapping[str, str], got: Mapping[str, wire.Message]) -> None:
+    def _skipped(self, peer: str, k: int = 0) -> bool:
+        """True while ``peer`` is not waited for: it sent nothing for network.max_missed_rounds
+        rounds (or sync steps) in a row. It is waited for again once it speaks: parameters for
+        round k - 1 or later, even late ones (a restarted node one round behind catches up once
+        it is waited for). One more miss then skips it again, so a staller costs at most one
+        round deadline now and then."""
+        limit = self.cfg.network.max_missed_rounds
+        if self._missed[peer] < limit:
+            return False
+        heard = self.mailbox.params_heard(peer)
+        if heard > self._skip_mark.get(peer, -1) and heard >= k - 1:
+            log.info("%s round %d: %s speaks again; waiting for it again", self.cfg.id, k, peer)
+            self._missed[peer] = limit - 1
+            return False
+        return True
+
+    def _count_missed(self, when: str, targets: Mapping[str, str], got: Mapping[str, wire.Message]) -> None:
+        limit = self.cfg.network.max_missed_rounds
         for peer in targets:
             if peer in got:
-                if self._missed[peer] >= self.cfg.network.max_missed_rounds:
-                    log.info("%s round %d: %s speaks again; waiting for it again", self.cfg.id, k, peer)
                 self._missed[peer] = 0
-            else:
-                self._missed[peer] += 1
-                if self._missed[peer] == self.cfg.network.max_missed_rounds:
-                    log.warning("%s round %d: %s sent nothing for %d rounds; not waiting for it until it speaks",
-                                self.cfg.id, k, peer, self._missed[peer])  # fmt: skip
+                continue
+            self._missed[peer] += 1
+            if self._missed[peer] == limit:
+                self._skip_mark[peer] = self.mailbox.params_heard(peer)
+                log.warning("%s %s: %s sent nothing %d times in a row; not waiting for it until it speaks",
+                            self.cfg.id, when, peer, limit)  # fmt: skip
 
     def _read_row(self, peer: str, msg: wire.Message) -> _Row | None:
         """A neighbour's parameters with its metadata validated (None, logged, if it is invalid):

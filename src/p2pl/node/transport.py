@@ -62,6 +62,7 @@ import grpc
 from p2pl.errors import P2PLError
 from p2pl.node.certs import TlsConfig, check_device_id
 from p2pl.node.mailbox import ACCEPTED, DUPLICATE, Mailbox
+from p2pl.node.ratelog import LogBudget
 from p2pl.node.wire import (
     DEFAULT_MAX_MESSAGE_BYTES,
     MAX_HEADER_BYTES,
@@ -176,6 +177,7 @@ class PeerServer:
         self._port: int | None = None
         self._lock = threading.Lock()
         self._counters: Counter[str] = Counter()
+        self._log_budget = LogBudget()
 
     # --------------------------------------------------------------------------- lifecycle
 
@@ -313,10 +315,14 @@ class PeerServer:
 
     def _reject(self, rpc: str, category: str, reason: str, context: grpc.ServicerContext) -> bytes:
         self._count(f"{rpc}.rejected.{category}")
-        # Late or early round traffic is normal with deadlines and restarts; a bad message is not.
-        routine = category in ("mailbox.stale", "mailbox.too-far-ahead", "mailbox.duplicate")
-        level = logging.INFO if routine else logging.WARNING
-        log.log(level, "%s rejected %s from %s: %s", self.device_id, rpc, _peer_name(context), reason)
+        peer = _peer_name(context)
+        # Bounded per (caller, category): a flooding neighbour cannot fill the disk with our log.
+        count = self._log_budget.allow((peer.split("@", 1)[0], rpc, category))
+        if count:
+            # Late or early round traffic is normal with deadlines and restarts; a bad message is not.
+            routine = category in ("mailbox.stale", "mailbox.too-far-ahead", "mailbox.duplicate")
+            level = logging.INFO if routine else logging.WARNING
+            log.log(level, "%s rejected %s from %s: %s (#%d)", self.device_id, rpc, peer, reason, count)
         return ACK_REJECTED_PREFIX + reason.encode("utf-8", "replace")
 
     def _handle_fetch(self, request: bytes, context: grpc.ServicerContext) -> bytes:
