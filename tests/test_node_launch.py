@@ -132,6 +132,15 @@ def test_collect_reports_every_device_whatever_became_of_it(tmp_path: Path) -> N
         per_round = list(csv.DictReader(fh))
     assert [r["active_devices"] for r in per_round[1:]] == ["2", "1", "1"]
     assert np.isclose(float(per_round[1]["accuracy_mean"]), 0.6)
+    # Damaged status files are progress hints only: the launcher's progress does not break.
+    from p2pl.node.launch import Launcher
+
+    statuses = ['{"round": 2, "accuracy": 0.7}', '{"round": "x", "accuracy": null}', "[1, 2]", '{"round": 3}']
+    for d, text in zip(plan.node_dirs, statuses, strict=True):
+        (d / "status.json").write_text(text)
+    assert Launcher(plan)._progress() == (0, {})  # one status is not an object: as if missing
+    (plan.node_dirs[2] / "status.json").write_text('{"round": 1, "accuracy": 0.5}')
+    assert Launcher(plan)._progress() == (0, {"acc_mean": 0.6, "acc_min": 0.5})
 
 
 ATTACKERS = {1: "sync-hijack", 2: "silent", 3: "data-size", 4: "hello-round", 5: "header-bomb", 6: "flood"}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -320,10 +321,10 @@ class Launcher:
         sts = [s for s in self.statuses() if s is not None]
         if len(sts) < self.plan.num_devices:
             return 0, {}
-        rounds = [int(s.get("round", 0)) for s in sts]
-        accs = [float(s["accuracy"]) for s in sts if s.get("accuracy") is not None]
+        rounds = [_number(s.get("round"), 0.0) for s in sts]
+        accs = [a for s in sts if (a := _number(s.get("accuracy"), math.nan)) == a]
         metrics = {"acc_mean": float(np.mean(accs)), "acc_min": float(np.min(accs))} if accs else {}
-        return min(rounds), metrics
+        return int(min(rounds)), metrics
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop every process this launcher started: SIGTERM, then SIGKILL after ``grace`` seconds."""
@@ -350,6 +351,13 @@ class Launcher:
     def collect(self) -> dict[str, Any]:
         """Merge every node's checkpoint into the simulator's result files in ``out_dir``."""
         return collect_results(self.plan, self.wall_time_s, self.exit_codes)
+
+
+def _number(value: object, default: float) -> float:
+    """A number from a node's status file, or ``default`` (status files are only progress hints)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return default
 
 
 def _device_state(plan: LaunchPlan, i: int, exit_codes: Mapping[int, int]) -> tuple[NodeCheckpoint | None, str]:

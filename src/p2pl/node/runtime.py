@@ -908,10 +908,13 @@ def run_node(cfg: NodeConfig, *, fresh: bool = False) -> NodeHistory:
 
 
 def read_status(directory: str | Path) -> Mapping[str, Any] | None:
-    """A node's last status (None if it has written none yet)."""
+    """A node's last status (None if it has written none yet, or it is unreadable: a status file
+    is only progress information, so a damaged one never stops anything)."""
     path = Path(directory) / STATUS
     try:
-        data: Mapping[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(data, dict):
         return None
     return data
