@@ -252,7 +252,8 @@ def bench_sync(devices: int, overrides: list[str], out: Path) -> list[dict[str, 
         summary = launcher.collect()
         rows.append({"mode": mode, "ok": ok, "devices": devices, "model_bytes": 4 * plan.num_params,
                      "sync_steps": summary["sync_steps"], "sync_owners": summary["sync_owners"],
-                     "sync_bytes_per_device": summary["sync_bytes_per_device"]})  # fmt: skip
+                     "sync_bytes_per_device": summary["sync_bytes_per_device"],
+                     "bytes_per_device (sync + 1 round)": summary["bytes_sent_per_device"]})  # fmt: skip
     rows[0]["ratio_flood_over_verified"] = float(rows[1]["sync_bytes_per_device"]) / max(  # type: ignore[arg-type]
         1.0,
         float(rows[0]["sync_bytes_per_device"]),  # type: ignore[arg-type]

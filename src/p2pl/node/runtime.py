@@ -57,6 +57,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -296,7 +297,9 @@ class NodeRuntime:
         self.params = torch.empty(0)
         self.history = NodeHistory()
         self.sync: SyncOutcome | None = None
-        self.sync_bytes = 0
+        self.sync_bytes = 0  # what this node sent for the sync: claims, and (flood) parameters it served
+        self._sync_served = 0  # bytes of sync-params replies served so far (server threads add to it)
+        self._served_lock = threading.Lock()
         self.state = "starting"
         self._log_handler: logging.Handler | None = None
         self._started = time.time()
@@ -358,7 +361,11 @@ class NodeRuntime:
             if held is None or req.header.extras.get("owner") != held[0].owner:
                 return None  # not (yet) holding that owner's parameters: the caller retries
             header = self._header("sync-params", 0, 0, **held[0].extras())
-            return wire.encode(header, self._tensors(held[1]))
+            reply = wire.encode(header, self._tensors(held[1]))
+            with self._served_lock:  # sync traffic, whenever it is served (often after our own sync)
+                self._sync_served += len(reply)
+                self.sync_bytes += len(reply)
+            return reply
         return None
 
     # ----------------------------------------------------------------------- lifecycle
@@ -476,7 +483,7 @@ class NodeRuntime:
                 self._held = (own, self._served_init(init))
             before = self._bytes_sent()
             self.sync = self._synchronize()
-            self.sync_bytes = self._bytes_sent() - before
+            self.sync_bytes += self._bytes_sent() - before
             if cfg.sync.mode == "flood":
                 assert self._held is not None
                 init = self._held[1]
@@ -621,8 +628,12 @@ class NodeRuntime:
         return {p: a for p, a in self.peers.items() if not self.cfg.link_cut(p, round_index)}
 
     def _bytes_sent(self) -> int:
-        """Bytes this node really sent: its messages and its answers to neighbours' fetches."""
-        return int(self.client.stats().get("bytes.sent", 0)) + int(self.server.stats().get("bytes.sent", 0))
+        """Bytes this node really sent: its messages and its answers to neighbours' fetches, less
+        the sync parameters it served (counted in ``sync_bytes`` whenever they are served)."""
+        served = int(self.server.stats().get("bytes.sent", 0))
+        with self._served_lock:
+            served -= self._sync_served
+        return int(self.client.stats().get("bytes.sent", 0)) + served
 
     def _sane(self, row: torch.Tensor, reference: torch.Tensor) -> bool:
         """Finite, and not exploded: norm within ``network.max_norm_ratio`` of the reference's."""
