@@ -25,15 +25,16 @@ Aggregation rules (``consensus.aggregation``; see docs/robustness.md):
   average the rest, unweighted (Yang & Bajwa's BRIDGE-T).
 * ``median``: per coordinate, the median of the neighbourhood's ``d + 1`` values, unweighted.
 * ``clipped``: self-centred clipping (He, Karimireddy & Jaggi 2022):
-  ``θ_n + Σ_m W_nm clip(θ_m − θ_n, τ_n)`` with ``clip(z, τ) = z min(1, τ/||z||)``, where ``τ_n`` is
-  the ``clip_quantile`` weighted quantile of the neighbours' distances ``||θ_m − θ_n||`` (weights
-  W_nm): the farthest ``1 - q`` of the neighbourhood's weight is clipped onto that radius.
+  ``θ_n + Σ_m W_nm clip(θ_m − θ_n, τ_n)`` with ``clip(z, τ) = z min(1, τ/||z||)``; the radius
+  ``τ_n`` comes from the nearest neighbours carrying ``clip_quantile`` of the weight
+  (:func:`clip_radius`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,8 +46,9 @@ from p2pl.errors import P2PLError, choose
 #: Largest |value| a parameter row may hold after cooperation before it counts as exploding:
 #: far above any trained network's weights, far below float32 overflow (3.4e38) in a sum.
 MAX_ABS_PARAM = 1e15
-#: Elements one gathered [rows, d + 1, P] block of a robust rule may hold (64M floats = 256 MB).
-GATHER_BUDGET = 1 << 26
+#: Values one gathered block of a robust rule may hold (4M floats = 16 MB: stays in cache, and
+#: no large fresh allocation per chunk).
+GATHER_BUDGET = 1 << 22
 #: Below this many receivers x pool rows, W is applied as one dense matmul.
 DENSE_MAX_CELLS = 256 * 256
 
@@ -171,25 +173,42 @@ def _by_degree(
     hoods: Neighbourhoods,
     reduce: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    """Apply ``reduce`` to every receiver's sorted stack [rows, d + 1, P] of its own row and its
-    neighbours' rows, grouping receivers of equal degree, in chunks of at most GATHER_BUDGET."""
+    """Apply ``reduce`` to every receiver's values sorted per coordinate, ``[rows, P, d + 1]`` (its
+    own row and its neighbours' rows), grouping receivers of equal degree, in chunks of at most
+    GATHER_BUDGET values spread over torch's CPU threads (numpy's sort releases the GIL)."""
     out = torch.empty_like(own)
     degree = hoods.degree
-    p = own.shape[1]
+    p = max(own.shape[1], 1)
+    jobs: list[np.ndarray] = []
     for d in np.unique(degree).tolist():
         rows = np.flatnonzero(degree == d)
+        chunk = max(1, GATHER_BUDGET // ((d + 1) * p))
+        jobs += [rows[lo : lo + chunk] for lo in range(0, len(rows), chunk)]
+
+    def run(part: np.ndarray) -> None:
+        d = int(degree[part[0]])
+        idx = torch.from_numpy(part).to(own.device)
         if d == 0:
-            idx = torch.from_numpy(rows)
             out[idx] = own[idx]
-            continue
-        chunk = max(1, GATHER_BUDGET // ((d + 1) * max(p, 1)))
-        for lo in range(0, len(rows), chunk):
-            part = rows[lo : lo + chunk]
-            cols = hoods.indptr[part][:, None] + np.arange(d)
-            neighbour_rows = torch.from_numpy(hoods.src[cols]).to(pool.device)
-            idx = torch.from_numpy(part).to(own.device)
-            stack = torch.cat([own[idx].unsqueeze(1), pool[neighbour_rows]], dim=1)
-            out[idx] = reduce(stack.sort(dim=1).values)
+            return
+        cols = hoods.indptr[part][:, None] + np.arange(d)
+        neighbour_rows = torch.from_numpy(hoods.src[cols]).to(pool.device)
+        # [rows, P, d + 1] with one coordinate's values contiguous: numpy sorts many short rows
+        # several times faster than torch.sort does along any axis on CPU.
+        stack = torch.cat([own[idx].unsqueeze(2), pool[neighbour_rows].transpose(1, 2)], dim=2)
+        if stack.device.type == "cpu":
+            ordered = torch.from_numpy(np.sort(stack.numpy(), axis=-1))
+        else:
+            ordered = stack.sort(dim=-1).values
+        out[idx] = reduce(ordered)
+
+    workers = torch.get_num_threads() if own.device.type == "cpu" else 1
+    if workers > 1 and len(jobs) > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool_of_threads:
+            list(pool_of_threads.map(run, jobs))
+    else:
+        for part in jobs:
+            run(part)
     return out
 
 
@@ -200,39 +219,43 @@ def trim_count(trim: float, size: int) -> int:
 
 def _trimmed_mean(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip) -> torch.Tensor:
     def reduce(ordered: torch.Tensor) -> torch.Tensor:
-        size = ordered.shape[1]
+        size = ordered.shape[-1]
         b = trim_count(stage.trim, size)
-        return ordered[:, b : size - b].mean(dim=1)
+        return ordered[..., b : size - b].mean(dim=-1)
 
     return _by_degree(own, pool, hoods, reduce)
 
 
 def _median(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip) -> torch.Tensor:
     def reduce(ordered: torch.Tensor) -> torch.Tensor:
-        size = ordered.shape[1]
+        size = ordered.shape[-1]
         if size % 2:
-            return ordered[:, size // 2]
-        return (ordered[:, size // 2 - 1] + ordered[:, size // 2]) * 0.5
+            return ordered[..., size // 2]
+        return (ordered[..., size // 2 - 1] + ordered[..., size // 2]) * 0.5
 
     return _by_degree(own, pool, hoods, reduce)
 
 
 def _edge_distances(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods) -> np.ndarray:
-    """||pool[src] − own[dst]|| per neighbourhood entry (float64), in memory-bounded chunks."""
+    """||pool[src] − own[dst]|| per neighbourhood entry, in memory-bounded chunks."""
     dst, m = hoods.dst, len(hoods.src)
     out = np.empty(m, dtype=np.float64)
     chunk = max(1, GATHER_BUDGET // max(own.shape[1], 1))
     for lo in range(0, m, chunk):
         s = torch.from_numpy(hoods.src[lo : lo + chunk]).to(pool.device)
         d = torch.from_numpy(dst[lo : lo + chunk]).to(own.device)
-        diff = (pool[s] - own[d]).double()
-        out[lo : lo + chunk] = torch.linalg.vector_norm(diff, dim=1).cpu().numpy()
+        out[lo : lo + chunk] = torch.linalg.vector_norm(pool[s] - own[d], dim=1).double().cpu().numpy()
     return out
 
 
 def clip_radius(distances: np.ndarray, weight: np.ndarray, indptr: np.ndarray, quantile: float) -> np.ndarray:
-    """Per receiver, the smallest neighbour distance whose cumulative weight (neighbours sorted by
-    distance) reaches ``quantile`` of the receiver's neighbour weight; 0 for no neighbours."""
+    """Per receiver, the clipping radius of self-centred clipping.
+
+    The receiver trusts its nearest neighbours that together carry at most ``quantile`` of its
+    neighbour weight (always at least the nearest one) and sets ``τ² = Σ_trusted W d² / (1 − q)``
+    (He, Karimireddy & Jaggi's adaptive radius with δ = 1 − q as the weight share that may lie):
+    honest neighbours at typical distances pass unclipped, a far outlier is pulled in to τ.
+    0 for a receiver with no neighbours."""
     r = len(indptr) - 1
     degree = np.diff(indptr)
     row = np.repeat(np.arange(r), degree)
@@ -241,15 +264,15 @@ def clip_radius(distances: np.ndarray, weight: np.ndarray, indptr: np.ndarray, q
     cum = np.cumsum(w)
     start = np.concatenate([[0.0], cum])[indptr[:-1]]
     total = np.add.reduceat(w, indptr[:-1]) if len(w) else np.zeros(r)
-    within = cum - np.repeat(start, degree)
-    reached = within >= quantile * np.repeat(total, degree) * (1 - 1e-12)
-    position = np.where(reached, np.arange(len(w)), len(w))
-    radius = np.zeros(r, dtype=np.float64)
     has = degree > 0
-    if has.any():
-        first = np.minimum.reduceat(position, indptr[:-1][has])
-        radius[has] = dist[np.minimum(first, len(w) - 1)]
-    return radius
+    total = np.where(has, total, 0.0)
+    within = cum - np.repeat(start, degree)  # cumulative weight, nearest first, within each row
+    first = np.zeros(len(w), dtype=bool)
+    first[indptr[:-1][has]] = True
+    trusted = (within <= quantile * np.repeat(total, degree) * (1 + 1e-12)) | first
+    sq = np.bincount(row, weights=np.where(trusted, w * dist**2, 0.0), minlength=r)
+    delta = max(1.0 - quantile, 1e-12)
+    return np.sqrt(sq / delta)
 
 
 def _clipped(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip) -> torch.Tensor:
