@@ -22,6 +22,7 @@ from p2pl.core.cooperate import (
     finish,
     trim_count,
 )
+from p2pl.errors import P2PLError
 from p2pl.graph.topology import graph_edges
 from p2pl.graph.weights import mixing_weights
 
@@ -151,5 +152,5 @@ def test_subset_keeps_each_rows_neighbourhood() -> None:
 def test_unknown_rule_is_a_clear_error() -> None:
     params = _params(3, 2)
     hoods = _hoods(3, np.array([[0, 1], [1, 2]]))
-    with pytest.raises(Exception, match="consensus.aggregation"):
+    with pytest.raises(P2PLError, match=r"consensus\.aggregation 'krum'"):
         aggregate(params, params, hoods, Gossip("krum"))
