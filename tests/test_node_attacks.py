@@ -309,8 +309,22 @@ def test_header_metadata_bounds(tmp_path: Path) -> None:
 
         own = rt.data_size
         assert row(degree=1, data_size=own).data_size == own
-        assert row(degree=1, data_size=2**52).data_size == own * 10  # consensus.max_size_ratio
-        assert row(degree=1, data_size=1).data_size == pytest.approx(max(1, own / 10))
+        assert row(degree=1, data_size=2**52).data_size == 2**52  # valid; the weights bound its effect
+        assert row(degree=2, data_size=1).degree == 2
+        # data-size weights count a claim within [own / r, own * r] (consensus.max_size_ratio = 10)
+        rt.cfg.consensus.weights = "data-size"
+        own_row = torch.zeros(rt.spec.total)
+        liar = rt._read_row(
+            "dev-0",
+            wire.Message(
+                wire.MessageHeader("params", "dev-0", 1, 0, "0" * 64, extras={"degree": 1, "data_size": 2**52}),
+                rt._tensors(torch.ones(rt.spec.total)),
+                0,
+            ),
+        )
+        assert liar is not None
+        mixed = rt._mix(own_row, {"dev-0": liar})
+        assert torch.allclose(mixed, torch.full_like(own_row, 10 / 11))  # weight r / (1 + r), not ~1
         for bad in ({"degree": 0, "data_size": 5}, {"degree": 3, "data_size": 5}, {"degree": 1, "data_size": 0},
                     {"degree": 1}):  # fmt: skip
             assert row(**bad) is None, bad  # degree 3 > devices - 1

@@ -183,3 +183,19 @@ def test_launched_network_survives_one_insider_of_each_kind(tmp_path: Path) -> N
     logs = {i: (plan.node_dirs[i] / "node.log").read_text() for i in honest}
     assert any("false sync claim from dev-001" in text for text in logs.values())
     assert any("rejected send from dev-005" in text for text in logs.values())  # the bombs
+
+
+def test_launch_places_the_experiments_network_attackers_on_their_nodes(tmp_path: Path) -> None:
+    from p2pl.errors import P2PLError
+    from p2pl.node.config import load_node_config
+    from p2pl.node.launch import check_launchable, prepare_launch
+
+    base = [*OVERRIDES[:-1], "devices=4", "output.progress=false", "adversary.count=1"]
+    plan = prepare_launch(load_config(None, [*base, "adversary.attack='silent'"]), tmp_path)
+    attackers = [i for i in range(4) if not plan.honest[i]]
+    assert len(attackers) == 1
+    for i, path in enumerate(plan.configs):
+        assert (load_node_config(path).adversary.attack == "silent") == (i in attackers)
+    with pytest.raises(P2PLError, match="not available on p2pl nodes"):
+        check_launchable(load_config(None, [*base, "adversary.attack='scale'"]))
+    check_launchable(load_config(None, [*base, "adversary.attack='label-flip'"]))  # poisoned data files

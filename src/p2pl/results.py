@@ -60,8 +60,14 @@ ROUND_COLUMNS = [
 ]  # fmt: skip
 
 
-def rounds_csv(h: History) -> str:
-    """One row per round: spread of accuracy/loss, consensus distance, bytes, links, time."""
+def honest_only(values: np.ndarray, honest: np.ndarray | None) -> np.ndarray:
+    """The values of honest devices (all values when the run had no attackers)."""
+    return values if honest is None or len(honest) != len(values) else values[honest]
+
+
+def rounds_csv(h: History, honest: np.ndarray | None = None) -> str:
+    """One row per round: spread of accuracy/loss (honest devices), consensus distance, bytes,
+    links, time."""
     evals = {r: i for i, r in enumerate(h.eval_rounds)}
     local_by_round = _local_by_round(h)
     rows: list[list[Any]] = []
@@ -71,10 +77,10 @@ def rounds_csv(h: History) -> str:
         row["round"] = r
         if r in evals:
             for metric, values in (("accuracy", h.accuracy[evals[r]]), ("loss", h.loss[evals[r]])):
-                for stat, value in spread(values).items():
+                for stat, value in spread(honest_only(values, honest)).items():
                     row[f"{metric}_{stat}"] = _fmt(value)
         if r in local_by_round:
-            row["local_accuracy_mean"] = _fmt(float(np.mean(local_by_round[r][0])))
+            row["local_accuracy_mean"] = _fmt(float(np.mean(honest_only(local_by_round[r][0], honest))))
         if r > 0:
             k = r - 1
             elapsed += h.round_time_s[k]
@@ -92,28 +98,33 @@ def rounds_csv(h: History) -> str:
     return _csv(rows, ROUND_COLUMNS)
 
 
-def devices_csv(sizes: np.ndarray, histograms: np.ndarray, status: list[str] | None = None) -> str:
+def devices_csv(
+    sizes: np.ndarray, histograms: np.ndarray, honest: np.ndarray | None = None, status: list[str] | None = None
+) -> str:
     """One row per device; ``status`` (networked runs: done, failed, missing, ...) adds a column."""
-    header = ["device", "samples", *(f"label_{c}" for c in range(histograms.shape[1]))]
-    rows: list[list[Any]] = [[d, int(sizes[d]), *(int(v) for v in histograms[d])] for d in range(len(sizes))]
+    header = ["device", "role", "samples", *(f"label_{c}" for c in range(histograms.shape[1]))]
+    role = ["honest" if honest is None or honest[d] else "attacker" for d in range(len(sizes))]
+    rows: list[list[Any]] = [[d, role[d], int(sizes[d]), *(int(v) for v in histograms[d])] for d in range(len(sizes))]
     if status is not None:
         header.append("status")
         rows = [[*row, s] for row, s in zip(rows, status, strict=True)]
     return _csv(rows, header)
 
 
-def summary(h: History, facts: dict[str, Any]) -> dict[str, Any]:
+def summary(h: History, facts: dict[str, Any], honest: np.ndarray | None = None) -> dict[str, Any]:
+    """Run-level results; accuracy and loss are over honest devices only (attackers apart)."""
     last = len(h.eval_rounds) - 1
+    accuracy = [honest_only(a, honest) for a in h.accuracy]
     # nan-aware: a networked run reports NaN for a device that never reached a round.
-    mean_acc = [float(np.nanmean(a)) for a in h.accuracy]
-    min_acc = [float(np.nanmin(a)) for a in h.accuracy]
-    local_mean = [float(np.mean(a)) for a in h.local_accuracy]
+    mean_acc = [float(np.nanmean(a)) for a in accuracy]
+    min_acc = [float(np.nanmin(a)) for a in accuracy]
+    local_mean = [float(np.mean(honest_only(a, honest))) for a in h.local_accuracy]
     after_mean = mean_acc[-len(local_mean) :] if local_mean else []
     total_bytes = np.sum(h.bytes_sent, axis=0) if h.bytes_sent else np.zeros(1)
     out: dict[str, Any] = dict(facts)
     out |= {
         "rounds_done": len(h.round_time_s),
-        "final": {"accuracy": spread(h.accuracy[last]), "loss": spread(h.loss[last])},
+        "final": {"accuracy": spread(accuracy[last]), "loss": spread(honest_only(h.loss[last], honest))},
         "best_mean_accuracy": max(mean_acc[1:] or mean_acc),
         "rounds_to_mean_accuracy": {str(t): rounds_to_accuracy(h.eval_rounds, mean_acc, t) for t in ACCURACY_TARGETS},
         "rounds_to_min_accuracy": {str(t): rounds_to_accuracy(h.eval_rounds, min_acc, t) for t in ACCURACY_TARGETS},
@@ -122,6 +133,10 @@ def summary(h: History, facts: dict[str, Any]) -> dict[str, Any]:
         "round_time_s_mean": float(np.mean(h.round_time_s)) if h.round_time_s else None,
         "oscillation": oscillation(local_mean, after_mean) if local_mean else None,
     }
+    out["attackers"] = 0
+    if honest is not None and not honest.all():
+        out["attackers"] = int(np.sum(~honest))
+        out["final_attackers"] = {"accuracy": spread(h.accuracy[last][~honest])}
     return out
 
 
@@ -131,12 +146,14 @@ def write_results(
     facts: dict[str, Any],
     sizes: np.ndarray,
     histograms: np.ndarray,
+    honest: np.ndarray | None = None,
     status: list[str] | None = None,
 ) -> dict[str, Any]:
+    """All result files; ``honest`` (bool [N]) marks the devices that are not attackers."""
     atomic.write_text(directory / "metrics.csv", metrics_csv(h))
-    atomic.write_text(directory / "rounds.csv", rounds_csv(h))
-    atomic.write_text(directory / "devices.csv", devices_csv(sizes, histograms, status))
-    result = summary(h, facts)
+    atomic.write_text(directory / "rounds.csv", rounds_csv(h, honest))
+    atomic.write_text(directory / "devices.csv", devices_csv(sizes, histograms, honest, status))
+    result = summary(h, facts, honest)
     atomic.write_text(directory / "summary.json", json.dumps(result, indent=2, default=_json_default) + "\n")
     return result
 
@@ -147,7 +164,3 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
-
-
-def read_summary(directory: Path) -> dict[str, Any]:
-    return json.loads((directory / "summary.json").read_text())

@@ -42,7 +42,17 @@ from typing import Any
 
 import tomli_w
 
-from p2pl.config import SYNC_MODES, AdversaryConfig, ConsensusConfig, ModelConfig, TrainingConfig, _from_dict, read_toml
+from p2pl.config import (
+    ATTACKS,
+    NODE_ATTACKS,
+    SYNC_MODES,
+    AdversaryConfig,
+    ConsensusConfig,
+    ModelConfig,
+    TrainingConfig,
+    _from_dict,
+    read_toml,
+)
 from p2pl.errors import P2PLError, choose
 from p2pl.node.certs import check_device_id
 
@@ -192,7 +202,7 @@ class NodeConfig:
                 raise P2PLError(f"node config: {key} must be > 0, got {sec}")
         self.training.validate()
         self.consensus.validate()
-        self.adversary.validate()
+        self.adversary.validate(ATTACKS + NODE_ATTACKS)
         choose("sync.mode", self.sync.mode, SYNC_MODES)
         if not 1 < self.network.max_norm_ratio < math.inf:
             raise P2PLError(f"node config: network.max_norm_ratio must be a finite number > 1, got "

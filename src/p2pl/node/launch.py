@@ -47,6 +47,7 @@ from p2pl.core.consensus import consensus_distance
 from p2pl.errors import P2PLError
 from p2pl.metrics import History
 from p2pl.node import certs, checkpoint
+from p2pl.node.adversary import NETWORK_ATTACKS
 from p2pl.node.checkpoint import NodeCheckpoint
 from p2pl.node.runtime import read_status
 
@@ -74,6 +75,12 @@ def check_launchable(cfg: ExperimentConfig) -> None:
         )
     if cfg.devices < 2:
         raise P2PLError(f"p2pl launch needs at least 2 devices, got {cfg.devices}")
+    attack = cfg.adversary.attack
+    if attack != "none" and attack not in NETWORK_ATTACKS and attack != "label-flip":
+        raise P2PLError(
+            f"adversary.attack = {attack!r} transforms the parameters a node sends and is not available on "
+            f"p2pl nodes; use the simulator, or one of {', '.join(NETWORK_ATTACKS)}, label-flip"
+        )
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
@@ -101,6 +108,7 @@ class LaunchPlan:
     data_sizes: np.ndarray
     histograms: np.ndarray
     edges: np.ndarray
+    honest: np.ndarray  # bool [N]: devices that are not attackers
     topology: str
     dataset: str
     num_params: int
@@ -155,6 +163,7 @@ def prepare_launch(
         neighbours[u].append(v)
         neighbours[v].append(u)
     max_degree = max((len(nb) for nb in neighbours), default=0)
+    honest = exp.honest()
 
     atomic.write_text(out / "config.toml", dumps_config(cfg))
     ds = exp.dataset
@@ -202,6 +211,9 @@ def prepare_launch(
             "eval": {"every": cfg.eval.every, "test_batch": cfg.eval.test_batch},
             "peers": [{"id": ids[j], "index": j, "address": f"{host}:{ports[j]}"} for j in sorted(neighbours[i])],
         }
+        if not honest[i] and cfg.adversary.attack in NETWORK_ATTACKS:
+            # label-flip needs nothing here: the attacker's data file already holds flipped labels.
+            node["adversary"] = {"attack": cfg.adversary.attack, "scale": cfg.adversary.scale}
         if node_extra and i in node_extra:
             _merge(node, node_extra[i])
         path = node_dir / "node.toml"
@@ -218,6 +230,7 @@ def prepare_launch(
         data_sizes=exp.setting.data_sizes,
         histograms=exp.label_histograms(),
         edges=edges,
+        honest=honest,
         topology=exp.topology.name,
         dataset=ds.name,
         num_params=exp.spec.total,
@@ -353,6 +366,17 @@ class Launcher:
         return collect_results(self.plan, self.wall_time_s, self.exit_codes)
 
 
+def _attack_of(config: Path) -> str:
+    """The attack a node config plays ("none" if it cannot be read: the node is reported anyway)."""
+    from p2pl.config import read_toml
+
+    try:
+        section = read_toml(config).get("adversary") or {}
+    except P2PLError:
+        return "none"
+    return str(section.get("attack", "none")) if isinstance(section, dict) else "none"
+
+
 def _number(value: object, default: float) -> float:
     """A number from a node's status file, or ``default`` (status files are only progress hints)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
@@ -443,4 +467,7 @@ def collect_results(
         "devices_missing": {plan.ids[i]: s for i, s in enumerate(status) if s != "done"},
         "sync_owners": sorted({str(s.get("owner")) for s in syncs if s}),
     }
-    return write_results(plan.out_dir, h, facts, plan.data_sizes, plan.histograms, status)
+    honest = plan.honest.copy()
+    for i in range(n):
+        honest[i] &= _attack_of(plan.configs[i]) == "none"  # node_extra may add attackers too
+    return write_results(plan.out_dir, h, facts, plan.data_sizes, plan.histograms, honest, status)

@@ -763,8 +763,8 @@ class NodeRuntime:
 
     def _read_row(self, peer: str, msg: wire.Message) -> _Row | None:
         """A neighbour's parameters with its metadata validated (None, logged, if it is invalid):
-        degree in [1, network size - 1]; data size a positive integer, counted within
-        [own / r, own * r] with r = consensus.max_size_ratio."""
+        degree in [1, network size - 1]; data size a positive integer (the weights count it
+        within [own / r, own * r], r = consensus.max_size_ratio: ``graph.weights.bounded_claims``)."""
         ex = msg.header.extras
         degree, size = ex.get("degree"), ex.get("data_size")
         max_degree = self.cfg.network.devices - 1 if self.cfg.network.devices else 2**20
@@ -776,9 +776,7 @@ class NodeRuntime:
             log.warning("%s: %s claims data size %r (must be a positive integer); dropped for the round",
                         self.cfg.id, peer, size)  # fmt: skip
             return None
-        ratio = self.cfg.consensus.max_size_ratio
-        bounded = min(max(float(size), self.data_size / ratio), self.data_size * ratio)
-        return _Row(self._flat(msg), degree, bounded)
+        return _Row(self._flat(msg), degree, float(size))
 
     def _mix(self, own: torch.Tensor, rows: Mapping[str, _Row]) -> torch.Tensor:
         """The consensus math of one step, in one place: this device's row of W over the live
@@ -795,6 +793,7 @@ class NodeRuntime:
             float(self.data_size),
             [rows[p].data_size for p in live],
             max_degree,
+            cfg.consensus.max_size_ratio,
         )
         return mix_row(own, [rows[p].flat for p in live], self_w, [row[self.peer_index[p]] for p in live])
 
