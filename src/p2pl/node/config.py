@@ -202,6 +202,12 @@ class NodeConfig:
                 raise P2PLError(f"node config: {key} must be > 0, got {sec}")
         self.training.validate()
         self.consensus.validate()
+        if self.consensus.aggregation != "mean":
+            # The node mixes by the weighted mean; robust rules come with the shared core pipeline.
+            raise P2PLError(
+                f"node config: consensus.aggregation = {self.consensus.aggregation!r} is not available on "
+                "p2pl nodes yet; use 'mean' (the simulator runs the robust rules)"
+            )
         self.adversary.validate(ATTACKS + NODE_ATTACKS)
         choose("sync.mode", self.sync.mode, SYNC_MODES)
         if not 1 < self.network.max_norm_ratio < math.inf:

@@ -75,6 +75,11 @@ def check_launchable(cfg: ExperimentConfig) -> None:
         )
     if cfg.devices < 2:
         raise P2PLError(f"p2pl launch needs at least 2 devices, got {cfg.devices}")
+    if cfg.consensus.aggregation != "mean":
+        raise P2PLError(
+            f"consensus.aggregation = {cfg.consensus.aggregation!r} is not available on p2pl nodes yet; "
+            "use 'mean' with p2pl launch (the simulator runs the robust rules)"
+        )
     attack = cfg.adversary.attack
     if attack != "none" and attack not in NETWORK_ATTACKS and attack != "label-flip":
         raise P2PLError(
