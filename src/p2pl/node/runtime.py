@@ -574,7 +574,11 @@ class NodeRuntime:
             self._count_missed(f"sync step {step}", targets, got)
             changed = False
             for peer in sorted(got):
-                claim = self._read_claim(peer, got[peer])
+                try:
+                    claim = self._read_claim(peer, got[peer])
+                except Exception as err:  # nothing a neighbour says may crash the node
+                    log.warning("%s: sync claim from %s ignored: %s", cfg.id, peer, err)
+                    continue
                 if claim is None:
                     continue
                 reporters.setdefault(claim.owner, []).append(peer)
