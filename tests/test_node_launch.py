@@ -200,3 +200,22 @@ def test_launch_places_the_experiments_network_attackers_on_their_nodes(tmp_path
     with pytest.raises(P2PLError, match="not available on p2pl nodes"):
         check_launchable(load_config(None, [*base, "adversary.attack='scale'"]))
     check_launchable(load_config(None, [*base, "adversary.attack='label-flip'"]))  # poisoned data files
+
+
+def test_node_cli_reports_a_tampered_checkpoint_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from p2pl.node.config import dumps_node_config
+    from test_node_runtime import node_config, tiny_data
+
+    tiny_data(tmp_path, 2)
+    cfg = node_config(tmp_path, 0, 0, {})
+    path = tmp_path / "node.toml"
+    path.write_text(dumps_node_config(cfg))
+    node_dir = Path(cfg.dir)
+    node_dir.mkdir(parents=True, exist_ok=True)
+    (node_dir / checkpoint.CHECKPOINT).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}" + b" " * 14)
+    assert cli(["node", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "WITHOUT TLS" not in line]  # this test runs insecure
+    assert len(lines) == 1 and "integrity hash" in lines[0] and "--fresh" in lines[0], err
+    status = json.loads((node_dir / "status.json").read_text())
+    assert status["state"] == "failed" and "integrity hash" in status["error"]

@@ -35,6 +35,7 @@ def main(args: argparse.Namespace) -> int:
     stderr = logging.StreamHandler(sys.stderr)
     stderr.setLevel(logging.WARNING)
     stderr.setFormatter(logging.Formatter(f"{cfg.id}: %(levelname)s %(message)s"))
+    stderr.addFilter(lambda record: not getattr(record, "reported", False))  # printed once, by the CLI
     logging.getLogger("p2pl").addHandler(stderr)
     history = build_runtime(cfg, fresh=args.fresh).run()
     acc = history.accuracy[-1] if history.accuracy else float("nan")

@@ -401,7 +401,10 @@ class NodeRuntime:
             return self._run()
         except BaseException as exc:
             self.state = "stopped" if isinstance(exc, KeyboardInterrupt) else "failed"
-            log.error("%s: failed: %s", self.cfg.id, str(exc) or type(exc).__name__)
+            # A P2PLError is the caller's to report (the CLI prints it as its one line): here it
+            # goes to node.log and status.json only.
+            log.error("%s: failed: %s", self.cfg.id, str(exc) or type(exc).__name__,
+                      extra={"reported": isinstance(exc, P2PLError)})  # fmt: skip
             self._write_status(error=str(exc) or type(exc).__name__)
             raise
         finally:
