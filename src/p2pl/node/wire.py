@@ -27,6 +27,9 @@ must carry tensors; the others must not.
 header, the payload size, the fingerprint against the receiver's :class:`ModelSpec`, then the
 safetensors header (parsed by ``safetensors`` itself), every tensor name/shape/dtype against the
 spec, and that every value is finite. Each failure raises :class:`WireError` with a one-line reason.
+With a spec, the payload's size and its safetensors header (size, tensor names, dtypes, shapes,
+offsets) are checked first (:func:`check_payload_layout`), so a header bomb is refused after
+reading a few bytes, before safetensors builds anything.
 """
 
 from __future__ import annotations
@@ -489,13 +492,13 @@ def decode(data: bytes, expected: ModelSpec | None, max_bytes: int = DEFAULT_MAX
     own fingerprint must still match the header. Values must be finite in every case.
     """
     header = peek_header(data, max_bytes)
-    if expected is not None and header.payload_size > expected.max_payload_bytes():
-        raise WireError(f"payload of {header.payload_size} bytes is larger than any payload of this model")
     if expected is not None and header.fingerprint != expected.fingerprint:
         raise WireError(
             f"model fingerprint {header.fingerprint[:12]} does not match ours {expected.fingerprint[:12]} "
             "(different model architecture)"
         )
+    if expected is not None and header.payload_size > expected.max_payload_bytes():
+        raise WireError(f"payload of {header.payload_size} bytes is larger than any payload of this model")
     if header.payload_size == 0:
         return Message(header=header, tensors=None, nbytes=len(data))
     if expected is not None:
