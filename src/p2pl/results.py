@@ -73,7 +73,9 @@ def _system_cumulative(h: History) -> tuple[np.ndarray, np.ndarray]:
     """(simulated seconds, [rounds + 1, N] joules per device) up to the end of each round 0..K."""
     seconds = np.concatenate([[0.0], np.cumsum(h.system_round_s)])
     n = len(h.system_energy_j[0]) if h.system_energy_j else 0
-    joules = np.concatenate([np.zeros((1, n)), np.cumsum(np.stack(h.system_energy_j), axis=0)]) if n else np.zeros((1, 0))
+    joules = (
+        np.concatenate([np.zeros((1, n)), np.cumsum(np.stack(h.system_energy_j), axis=0)]) if n else np.zeros((1, 0))
+    )
     return seconds, joules
 
 

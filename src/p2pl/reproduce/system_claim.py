@@ -93,10 +93,11 @@ def judge_c7(claim: Claim, data: Data, s: SuiteSettings) -> Finding:
         f"{_joules(ep)}/device, FedAvg {_seconds(tf)} and {_joules(ef)}/device; FedAvg is faster "
         f"{wins(cross_t)} and uses less energy {wins(cross_e)}"
     )
+    latency_ms = fed.config.system.edge_latency_ms
     notes = [
         f"Crossover: FedAvg's rounds to {pct(s.target)} replayed through the system model at edge uplink rates from "
-        f"{RATES[0]:g} to {RATES[-1]:g} Mbit/s (downlink scaled alike); its latency ({fed.config.system.edge_latency_ms:g}"
-        " ms each way per round) bounds how fast it can get however fast the link."
+        f"{RATES[0]:g} to {RATES[-1]:g} Mbit/s (downlink scaled alike); its latency ({latency_ms:g} ms each way per "
+        "round) bounds how fast it can get however fast the link."
     ]
     finding = Finding(grade(sooner and cheaper, sooner or cheaper), headline, cols, rows, notes)
     draw = partial(plot_crossover, RATES, (seconds, joules), (tp, ep), EDGE_UPLINK_MBPS, (cross_t, cross_e),

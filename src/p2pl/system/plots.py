@@ -41,7 +41,9 @@ def read_cost_curves(run_dir: Path) -> CostCurves | None:
     def column(name: str) -> np.ndarray:
         return np.array([float(r[name]) for r in rows], dtype=np.float64)
 
-    return CostCurves(column("sim_time_s"), column("energy_j_cum_mean"), column("accuracy_mean"), column("accuracy_min"))
+    return CostCurves(
+        column("sim_time_s"), column("energy_j_cum_mean"), column("accuracy_mean"), column("accuracy_min")
+    )
 
 
 def _png(fig: object) -> bytes:
@@ -109,7 +111,9 @@ def plot_crossover(
     for ax, fed, own, cross, unit in zip(axes, fedavg, p2pl, crossover, units, strict=True):
         ax.plot(rates_mbps, fed, color="C1", label="FedAvg (edge server)")
         ax.axhline(own, color="C0", label="P2PL (no server)")
-        ax.axvline(bottleneck_mbps, color="grey", linestyle=":", label=f"configured edge uplink {bottleneck_mbps:g} Mbit/s")
+        ax.axvline(
+            bottleneck_mbps, color="grey", linestyle=":", label=f"configured edge uplink {bottleneck_mbps:g} Mbit/s"
+        )
         if cross is not None:
             ax.axvline(cross, color="C3", linestyle="--", label=f"FedAvg wins above {cross:.3g} Mbit/s")
         ax.set_xscale("log")
