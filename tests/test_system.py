@@ -56,7 +56,7 @@ def test_edge_rates_fixed_or_from_positions() -> None:
     positions = np.array([[0.0, 0.0], [30.0, 40.0], [30.0, 440.0]])  # 50 m and 400 m
     rates = edge_rates_bps(edges, positions, shannon)
     assert rates.tolist() == pytest.approx(shannon_rate_bps(np.array([50.0, 400.0]), shannon).tolist())
-    with pytest.raises(P2PLError, match="topology.area_m"):
+    with pytest.raises(P2PLError, match=r"topology\.area_m"):
         edge_rates_bps(edges, None, shannon)
 
 
@@ -218,7 +218,6 @@ def test_resumed_run_keeps_its_costs(tiny_config: Callable[..., ExperimentConfig
 
 
 def _net(active: np.ndarray, edges: np.ndarray, work: np.ndarray | None = None) -> RoundNetwork:
-    n = len(active)
     work = np.where(active, 1.0, 0.0) if work is None else work
     return RoundNetwork(1, edges, active, work, True, None, edges)
 
