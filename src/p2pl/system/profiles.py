@@ -143,6 +143,7 @@ def device_arrays(profiles: list[DeviceProfile], n: int, heterogeneity: float, s
     rows = profiles * n if len(profiles) == 1 else profiles
     columns = {f: np.array([getattr(p, f) for p in rows], dtype=np.float64) for f in FIELDS}
     if heterogeneity > 0:
-        z = np.array([np.random.default_rng([_DOMAIN, int(seed) & 0xFFFF_FFFF, d]).standard_normal() for d in range(n)])
+        # Device d takes the d-th draw of one stream keyed by the seed: the same for any N.
+        z = np.random.default_rng([_DOMAIN, int(seed) & 0xFFFF_FFFF]).standard_normal(n)
         columns["flops"] = columns["flops"] * np.exp(heterogeneity * z)
     return DeviceArrays(**columns)
