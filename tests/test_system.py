@@ -284,10 +284,26 @@ def test_bad_system_config_is_one_line_exit_2(
     assert message in err and err.count("\n") == 1
 
 
-def test_compare_draws_accuracy_against_seconds_and_joules(tiny_overrides: list[str], tmp_path: Path) -> None:
-    args = ["compare", "--out", str(tmp_path), "--quiet", "--set", ON]
+def test_compare_draws_accuracy_against_seconds_and_joules(
+    tiny_overrides: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet = tmp_path / "fleet.csv"  # one row per device: centralized takes device 0's
+    fleet.write_text("flops,joules_per_flop,tx_power_w,rx_power_w,idle_power_w\n" + "1e9,1e-9,1,1,0.1\n" * 10)
+    args = [
+        "compare",
+        "--out",
+        str(tmp_path / "cmp"),
+        "--quiet",
+        "--set",
+        ON,
+        "--set",
+        f"system.device_profile='{fleet}'",
+    ]
     for o in tiny_overrides:
         args += ["--set", o]
     assert cli(args) == 0
-    png = (tmp_path / "cost.png").read_bytes()
+    png = (tmp_path / "cmp" / "cost.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
+    assert "cost.png" in capsys.readouterr().err
+    assert cli(["run", "--out", str(tmp_path / "run"), "--quiet", *args[4:]]) == 0
+    assert "J per device" in capsys.readouterr().err

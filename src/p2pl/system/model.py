@@ -60,7 +60,10 @@ class SystemModel:
         if system.link_model == "shannon" and exp.algorithm.uses_graph and cfg.topology.area_m <= 0:
             raise P2PLError(NEEDS_METRES)
         n = exp.num_devices
-        devices = device_arrays(load_profiles(system.device_profile), n, system.heterogeneity, cfg.seed)
+        profiles = load_profiles(system.device_profile)
+        if n == 1 < len(profiles):  # centralized: one device holding all the data, the first one
+            profiles = profiles[:1]
+        devices = device_arrays(profiles, n, system.heterogeneity, cfg.seed)
         flops = train_flops_per_sample(exp.model, exp.dataset.input_shape, exp.dataset.num_classes)
         return cls(
             system, devices, flops, exp.setting.data_sizes.astype(np.float64), cfg.training.local_epochs,
