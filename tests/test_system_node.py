@@ -16,7 +16,7 @@ from p2pl.graph.links import RoundNetwork
 from p2pl.node import checkpoint
 from p2pl.system.model import SystemModel
 
-THROTTLE_MBPS = 0.2  # ~0.8 s per 20 kB model message: the exchange dominates, as on a slow radio
+THROTTLE_MBPS = 0.1  # ~1.6 s per 20 kB model message: the exchange dominates, as on a slow radio
 OVERRIDES = [
     "devices=4", "rounds=5", "topology.name='ring'", "model.hidden=[64]", "training.local_epochs=2",
     "eval.every=5", "output.progress=false", "system.enabled=true", "system.link_model='fixed'",
@@ -27,7 +27,7 @@ OVERRIDES = [
 @pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_predicted_round_time_matches_throttled_nodes(tmp_path: Path) -> None:
-    """4 real node processes on a ring, sends paced at 0.2 Mbit/s per link: the system model,
+    """4 real node processes on a ring, sends paced at 0.1 Mbit/s per link: the system model,
     given each node's measured training speed and the bytes it really sent, predicts the measured
     round time (training + exchange, the slowest node) within 25 %."""
     out = tmp_path / "run"
