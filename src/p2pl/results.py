@@ -94,8 +94,14 @@ def _system_row(h: History, r: int, seconds: np.ndarray, joules: np.ndarray) -> 
     return row
 
 
-def rounds_csv(h: History) -> str:
-    """One row per round: spread of accuracy/loss, consensus distance, bytes, links, time."""
+def honest_only(values: np.ndarray, honest: np.ndarray | None) -> np.ndarray:
+    """The values of honest devices (all values when the run had no attackers)."""
+    return values if honest is None or len(honest) != len(values) else values[honest]
+
+
+def rounds_csv(h: History, honest: np.ndarray | None = None) -> str:
+    """One row per round: spread of accuracy/loss (honest devices), consensus distance, bytes,
+    links, time."""
     evals = {r: i for i, r in enumerate(h.eval_rounds)}
     local_by_round = _local_by_round(h)
     rows: list[list[Any]] = []
@@ -108,10 +114,10 @@ def rounds_csv(h: History) -> str:
         row["round"] = r
         if r in evals:
             for metric, values in (("accuracy", h.accuracy[evals[r]]), ("loss", h.loss[evals[r]])):
-                for stat, value in spread(values).items():
+                for stat, value in spread(honest_only(values, honest)).items():
                     row[f"{metric}_{stat}"] = _fmt(value)
         if r in local_by_round:
-            row["local_accuracy_mean"] = _fmt(float(np.mean(local_by_round[r][0])))
+            row["local_accuracy_mean"] = _fmt(float(np.mean(honest_only(local_by_round[r][0], honest))))
         if r > 0:
             k = r - 1
             elapsed += h.round_time_s[k]
@@ -131,23 +137,26 @@ def rounds_csv(h: History) -> str:
     return _csv(rows, columns)
 
 
-def devices_csv(sizes: np.ndarray, histograms: np.ndarray) -> str:
-    header = ["device", "samples", *(f"label_{c}" for c in range(histograms.shape[1]))]
-    rows = [[d, int(sizes[d]), *(int(v) for v in histograms[d])] for d in range(len(sizes))]
+def devices_csv(sizes: np.ndarray, histograms: np.ndarray, honest: np.ndarray | None = None) -> str:
+    header = ["device", "role", "samples", *(f"label_{c}" for c in range(histograms.shape[1]))]
+    role = ["honest" if honest is None or honest[d] else "attacker" for d in range(len(sizes))]
+    rows = [[d, role[d], int(sizes[d]), *(int(v) for v in histograms[d])] for d in range(len(sizes))]
     return _csv(rows, header)
 
 
-def summary(h: History, facts: dict[str, Any]) -> dict[str, Any]:
+def summary(h: History, facts: dict[str, Any], honest: np.ndarray | None = None) -> dict[str, Any]:
+    """Run-level results; accuracy and loss are over honest devices only (attackers apart)."""
     last = len(h.eval_rounds) - 1
-    mean_acc = [float(np.mean(a)) for a in h.accuracy]
-    min_acc = [float(np.min(a)) for a in h.accuracy]
-    local_mean = [float(np.mean(a)) for a in h.local_accuracy]
+    accuracy = [honest_only(a, honest) for a in h.accuracy]
+    mean_acc = [float(np.mean(a)) for a in accuracy]
+    min_acc = [float(np.min(a)) for a in accuracy]
+    local_mean = [float(np.mean(honest_only(a, honest))) for a in h.local_accuracy]
     after_mean = mean_acc[-len(local_mean) :] if local_mean else []
     total_bytes = np.sum(h.bytes_sent, axis=0) if h.bytes_sent else np.zeros(1)
     out: dict[str, Any] = dict(facts)
     out |= {
         "rounds_done": len(h.round_time_s),
-        "final": {"accuracy": spread(h.accuracy[last]), "loss": spread(h.loss[last])},
+        "final": {"accuracy": spread(accuracy[last]), "loss": spread(honest_only(h.loss[last], honest))},
         "best_mean_accuracy": max(mean_acc[1:] or mean_acc),
         "rounds_to_mean_accuracy": {str(t): rounds_to_accuracy(h.eval_rounds, mean_acc, t) for t in ACCURACY_TARGETS},
         "rounds_to_min_accuracy": {str(t): rounds_to_accuracy(h.eval_rounds, min_acc, t) for t in ACCURACY_TARGETS},
@@ -156,6 +165,10 @@ def summary(h: History, facts: dict[str, Any]) -> dict[str, Any]:
         "round_time_s_mean": float(np.mean(h.round_time_s)) if h.round_time_s else None,
         "oscillation": oscillation(local_mean, after_mean) if local_mean else None,
     }
+    out["attackers"] = 0
+    if honest is not None and not honest.all():
+        out["attackers"] = int(np.sum(~honest))
+        out["final_attackers"] = {"accuracy": spread(h.accuracy[last][~honest])}
     if h.system_energy_j and len(h.system_energy_j) == len(h.round_time_s):
         out |= system_summary(h, mean_acc)
     return out
@@ -175,12 +188,18 @@ def system_summary(h: History, mean_acc: list[float]) -> dict[str, Any]:
 
 
 def write_results(
-    directory: Path, h: History, facts: dict[str, Any], sizes: np.ndarray, histograms: np.ndarray
+    directory: Path,
+    h: History,
+    facts: dict[str, Any],
+    sizes: np.ndarray,
+    histograms: np.ndarray,
+    honest: np.ndarray | None = None,
 ) -> dict[str, Any]:
+    """All result files; ``honest`` (bool [N]) marks the devices that are not attackers."""
     atomic.write_text(directory / "metrics.csv", metrics_csv(h))
-    atomic.write_text(directory / "rounds.csv", rounds_csv(h))
-    atomic.write_text(directory / "devices.csv", devices_csv(sizes, histograms))
-    result = summary(h, facts)
+    atomic.write_text(directory / "rounds.csv", rounds_csv(h, honest))
+    atomic.write_text(directory / "devices.csv", devices_csv(sizes, histograms, honest))
+    result = summary(h, facts, honest)
     atomic.write_text(directory / "summary.json", json.dumps(result, indent=2, default=_json_default) + "\n")
     return result
 
@@ -191,7 +210,3 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
-
-
-def read_summary(directory: Path) -> dict[str, Any]:
-    return json.loads((directory / "summary.json").read_text())
