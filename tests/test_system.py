@@ -307,3 +307,19 @@ def test_compare_draws_accuracy_against_seconds_and_joules(
     assert "cost.png" in capsys.readouterr().err
     assert cli(["run", "--out", str(tmp_path / "run"), "--quiet", *args[4:]]) == 0
     assert "J per device" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_same_seconds_and_joules_on_the_ray_backend(tiny_config: Callable[..., ExperimentConfig]) -> None:
+    ray = pytest.importorskip("ray")
+    cfg = tiny_config(ON, "links.straggler_prob=0.5", "links.dropout=0.2")
+    local = run_experiment(cfg)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        sharded = run_experiment(cfg, backend="ray", shards=2)
+    finally:
+        ray.shutdown()
+    assert sharded.history.system_round_s == local.history.system_round_s
+    assert np.array_equal(np.stack(sharded.history.system_energy_j), np.stack(local.history.system_energy_j))
