@@ -323,3 +323,14 @@ def test_same_seconds_and_joules_on_the_ray_backend(tiny_config: Callable[..., E
         ray.shutdown()
     assert sharded.history.system_round_s == local.history.system_round_s
     assert np.array_equal(np.stack(sharded.history.system_energy_j), np.stack(local.history.system_energy_j))
+
+
+def test_shannon_needs_a_geometric_graph_in_metres(tiny_config: Callable[..., ExperimentConfig]) -> None:
+    from p2pl.experiment import build_experiment
+
+    ring = tiny_config(ON, "system.link_model='shannon'", "topology.name='ring'", "topology.area_m=100.0")
+    with pytest.raises(P2PLError, match="needs device positions in metres"):
+        SystemModel.for_experiment(build_experiment(ring))
+    metres = tiny_config(ON, "system.link_model='shannon'", "topology.area_m=100.0", "topology.range_m=60.0")
+    model = SystemModel.for_experiment(build_experiment(metres))
+    assert model.network == "peers"

@@ -57,7 +57,8 @@ class SystemModel:
 
         cfg: ExperimentConfig = exp.cfg
         system = cfg.system
-        if system.link_model == "shannon" and exp.algorithm.uses_graph and cfg.topology.area_m <= 0:
+        metres = exp.topology.positions is not None and cfg.topology.area_m > 0
+        if system.link_model == "shannon" and exp.algorithm.uses_graph and not metres:
             raise P2PLError(NEEDS_METRES)
         n = exp.num_devices
         profiles = load_profiles(system.device_profile)
