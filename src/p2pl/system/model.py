@@ -77,6 +77,7 @@ class SystemModel:
         return flops, flops / self.devices.flops
 
     def cost(self, net: RoundNetwork, bytes_sent: np.ndarray) -> RoundCost:
+        """One round's seconds and joules; ``bytes_sent`` [N] as the algorithm counted them."""
         active = net.active
         train_flops, train_s = self.training(np.where(active, net.work, 0.0))
         sent = np.asarray(bytes_sent, dtype=np.float64)
