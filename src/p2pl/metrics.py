@@ -32,6 +32,10 @@ class History:
     active_devices: list[int] = field(default_factory=list)
     round_time_s: list[float] = field(default_factory=list)
     train_loss: list[np.ndarray] = field(default_factory=list)  # each [N], nan where no step
+    # system model (p2pl.system, only when [system] is enabled): one entry per finished round
+    system_round_s: list[float] = field(default_factory=list)  # simulated synchronous round
+    system_finish_s_mean: list[float] = field(default_factory=list)  # mean device finish in it
+    system_energy_j: list[np.ndarray] = field(default_factory=list)  # each [N] joules
 
 
 def rounds_to_accuracy(rounds: list[int], mean_accuracy: list[float], target: float) -> int | None:

@@ -113,6 +113,7 @@ class NodeNetworkConfig:
     # A trained or mixed row whose L2 norm exceeds this many times the row before it (or 1) is
     # rolled back: non-finite values and exploded parameters never leave a node.
     max_norm_ratio: float = 1000.0
+    throttle_mbps: float = 0.0  # pace every send at this rate per link (emulates a slow radio); 0: off
 
 
 @dataclass
@@ -187,6 +188,7 @@ class NodeConfig:
             "sync.max_steps": self.sync.max_steps,
             "network.max_degree": self.network.max_degree,
             "network.devices": self.network.devices,
+            "network.throttle_mbps": self.network.throttle_mbps,
         }.items():
             if num < 0:
                 raise P2PLError(f"node config: {key} must be >= 0, got {num}")

@@ -38,6 +38,7 @@ from p2pl.results import summary as make_summary
 from p2pl.results import write_results
 from p2pl.sim import checkpoint
 from p2pl.sim.backend import Backend, Started
+from p2pl.system.model import SystemModel, record_round_cost
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
 T = TypeVar("T")
@@ -248,6 +249,7 @@ def _run(
         history.loss.append(loss)
         start_round = 1
 
+    system = SystemModel.for_experiment(exp) if cfg.system.enabled else None
     phase_time = {p: 0.0 for p in PHASES}
     last_round = cfg.rounds if stop_after is None else min(cfg.rounds, stop_after)
     for k in range(start_round, last_round + 1):
@@ -268,6 +270,8 @@ def _run(
             history.eval_rounds.append(k)
             history.accuracy.append(out.eval[0])
             history.loss.append(out.eval[1])
+        if system is not None:  # seconds and joules on the configured devices and radios
+            record_round_cost(history, system.cost(net, out.bytes_sent))
         history.round_time_s.append(time.perf_counter() - t0)
         if (
             directory is not None
