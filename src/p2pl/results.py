@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from p2pl import atomic
-from p2pl.metrics import History, finite_or_none, oscillation, rounds_to_accuracy, spread
+from p2pl.metrics import History, evaluated_devices, finite_or_none, oscillation, rounds_to_accuracy, spread
 
 ACCURACY_TARGETS = (0.8, 0.9)
 
@@ -37,7 +37,7 @@ def _local_by_round(h: History) -> dict[int, tuple[np.ndarray, np.ndarray]]:
 
 
 def metrics_csv(h: History) -> str:
-    """One row per evaluated round and device (round 0 = after initialization/sync)."""
+    """One row per evaluated round and evaluated device (round 0 = after initialization/sync)."""
     local_by_round = _local_by_round(h)
     header = ["round", "device", "accuracy", "loss"]
     if local_by_round:
@@ -45,7 +45,7 @@ def metrics_csv(h: History) -> str:
     rows: list[list[Any]] = []
     for r, acc, loss in zip(h.eval_rounds, h.accuracy, h.loss, strict=True):
         local = local_by_round.get(r)
-        for d in range(len(acc)):
+        for d in np.flatnonzero(evaluated_devices(acc)):
             row: list[Any] = [r, d, _fmt(acc[d]), _fmt(loss[d])]
             if local_by_round:
                 row += [_fmt(local[0][d]), _fmt(local[1][d])] if local is not None else ["", ""]
@@ -61,7 +61,8 @@ ROUND_COLUMNS = [
 
 
 def rounds_csv(h: History) -> str:
-    """One row per round: spread of accuracy/loss, consensus distance, bytes, links, time."""
+    """One row per round: spread of accuracy/loss (over the devices evaluated that round),
+    consensus distance, bytes, links, time."""
     evals = {r: i for i, r in enumerate(h.eval_rounds)}
     local_by_round = _local_by_round(h)
     rows: list[list[Any]] = []
@@ -70,11 +71,12 @@ def rounds_csv(h: History) -> str:
         row: dict[str, Any] = dict.fromkeys(ROUND_COLUMNS, "")
         row["round"] = r
         if r in evals:
+            seen = evaluated_devices(h.accuracy[evals[r]])
             for metric, values in (("accuracy", h.accuracy[evals[r]]), ("loss", h.loss[evals[r]])):
-                for stat, value in spread(values).items():
+                for stat, value in spread(values, seen).items():
                     row[f"{metric}_{stat}"] = _fmt(value)
         if r in local_by_round:
-            row["local_accuracy_mean"] = _fmt(float(np.mean(local_by_round[r][0])))
+            row["local_accuracy_mean"] = _fmt(float(np.nanmean(local_by_round[r][0])))
         if r > 0:
             k = r - 1
             elapsed += h.round_time_s[k]
@@ -100,15 +102,17 @@ def devices_csv(sizes: np.ndarray, histograms: np.ndarray) -> str:
 
 def summary(h: History, facts: dict[str, Any]) -> dict[str, Any]:
     last = len(h.eval_rounds) - 1
-    mean_acc = [float(np.mean(a)) for a in h.accuracy]
-    min_acc = [float(np.min(a)) for a in h.accuracy]
-    local_mean = [float(np.mean(a)) for a in h.local_accuracy]
+    seen = evaluated_devices(h.accuracy[last])  # all devices, unless the run stopped early
+    # nan-aware: rounds that evaluated a subset of devices (eval.devices) hold NaN for the rest
+    mean_acc = [float(np.nanmean(a)) for a in h.accuracy]
+    min_acc = [float(np.nanmin(a)) for a in h.accuracy]
+    local_mean = [float(np.nanmean(a)) for a in h.local_accuracy]
     after_mean = mean_acc[-len(local_mean) :] if local_mean else []
     total_bytes = np.sum(h.bytes_sent, axis=0) if h.bytes_sent else np.zeros(1)
     out: dict[str, Any] = dict(facts)
     out |= {
         "rounds_done": len(h.round_time_s),
-        "final": {"accuracy": spread(h.accuracy[last]), "loss": spread(h.loss[last])},
+        "final": {"accuracy": spread(h.accuracy[last], seen), "loss": spread(h.loss[last], seen)},
         "best_mean_accuracy": max(mean_acc[1:] or mean_acc),
         "rounds_to_mean_accuracy": {str(t): rounds_to_accuracy(h.eval_rounds, mean_acc, t) for t in ACCURACY_TARGETS},
         "rounds_to_min_accuracy": {str(t): rounds_to_accuracy(h.eval_rounds, min_acc, t) for t in ACCURACY_TARGETS},

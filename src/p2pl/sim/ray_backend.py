@@ -205,9 +205,10 @@ class ShardWorker:
         stats = self.trainer.train(self.params, round_index, work)
         return stats.mean_loss.double().numpy()
 
-    def evaluate(self) -> tuple[np.ndarray, np.ndarray]:
+    def evaluate(self, local_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        params = self.params if local_rows is None else self.params[torch.from_numpy(local_rows)]
         acc, loss = evaluate(
-            self.model, self.spec, self.params, self.x_test, self.y_test, sample_chunk=self.cfg.eval.test_batch
+            self.model, self.spec, params, self.x_test, self.y_test, sample_chunk=self.cfg.eval.test_batch
         )
         return acc.numpy(), loss.numpy()
 
@@ -491,9 +492,19 @@ class RayBackend:
         ]
         return self._scatter(self._get(refs))
 
-    def evaluate(self) -> tuple[np.ndarray, np.ndarray]:
-        parts = self._get([a.evaluate.remote() for a in self.actors])
-        return self._scatter([p[0] for p in parts]), self._scatter([p[1] for p in parts])
+    def evaluate(self, devices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        if devices is None:
+            parts = self._get([a.evaluate.remote() for a in self.actors])
+            return self._scatter([p[0] for p in parts]), self._scatter([p[1] for p in parts])
+        chosen = np.zeros(self.sharding.num_devices, dtype=bool)
+        chosen[devices] = True
+        picks = [ids[chosen[ids]] for ids in self.sharding.shards]  # each shard's chosen devices
+        local = [self.sharding.local_index[p] for p in picks]
+        parts = self._get([a.evaluate.remote(rows) for a, rows in zip(self.actors, local, strict=True)])
+        acc, loss = np.full(len(chosen), np.nan), np.full(len(chosen), np.nan)
+        for ids, (a, lo) in zip(picks, parts, strict=True):
+            acc[ids], loss[ids] = a, lo
+        return acc, loss
 
     def exchange(self, links: RoundLinks) -> np.ndarray:
         exp = self.exp
