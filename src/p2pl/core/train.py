@@ -314,8 +314,9 @@ class VectorizedTrainer:
             loss_sum[rows] += losses.double().cpu()
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return dict(self.state.tensors)
+        """The optimizer state on the CPU (for checkpoints; a copy only when it lives elsewhere)."""
+        return {k: v.cpu() for k, v in self.state.tensors.items()}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         for key in self.state.tensors:
-            self.state.tensors[key] = tensors[key].clone()
+            self.state.tensors[key] = tensors[key].to(self.device, copy=True)

@@ -41,7 +41,16 @@ from typing import Any
 
 import tomli_w
 
-from p2pl.config import SYNC_MODES, AdversaryConfig, ConsensusConfig, ModelConfig, TrainingConfig, _from_dict, read_toml
+from p2pl.config import (
+    DEVICES,
+    SYNC_MODES,
+    AdversaryConfig,
+    ConsensusConfig,
+    ModelConfig,
+    TrainingConfig,
+    _from_dict,
+    read_toml,
+)
 from p2pl.errors import P2PLError, choose
 from p2pl.node.certs import check_device_id
 
@@ -132,6 +141,7 @@ class NodeConfig:
     rounds: int = 10
     seed: int = 0
     threads: int = 1  # torch CPU threads of this process
+    device: str = "auto"  # where this node trains and evaluates: auto (cuda if present) | cpu | cuda | mps
     listen: str = "127.0.0.1:0"
     dir: str = "."  # output directory of this node
     checkpoint_every: int = 1  # rounds between checkpoints (0: never; resuming needs them)
@@ -182,6 +192,7 @@ class NodeConfig:
         }.items():
             if not sec > 0:
                 raise P2PLError(f"node config: {key} must be > 0, got {sec}")
+        choose("device", self.device, DEVICES)
         self.training.validate()
         self.consensus.validate()
         self.adversary.validate()

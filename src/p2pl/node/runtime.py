@@ -57,6 +57,7 @@ import torch
 
 from p2pl import atomic
 from p2pl.core.consensus import MixingOperator
+from p2pl.core.device import resolve_device
 from p2pl.core.evaluate import evaluate
 from p2pl.core.params import ParamSpec, init_device_params
 from p2pl.core.schedule import Partition
@@ -178,6 +179,11 @@ class NodeRuntime:
         self.trainer = VectorizedTrainer(
             self.model, self.spec, self.data.x_train, self.data.y_train, partition, cfg.training, cfg.seed
         )
+        # Training and evaluation run on ``device``; the row stays on the CPU for the network.
+        self.device = resolve_device(cfg.device)
+        self.x_test, self.y_test = self.data.x_test.to(self.device), self.data.y_test.to(self.device)
+        if self.device.type != "cpu":
+            self.trainer.to(self.device)
         self.peers: dict[str, str] = {p.id: p.address for p in cfg.peers}
         self.peer_index: dict[str, int] = {p.id: p.index for p in cfg.peers}
         self.data_size = len(self.data.y_train)
@@ -467,7 +473,9 @@ class NodeRuntime:
         self.mailbox.set_round(k)
         self.state = "training"
         sent_before = self._bytes_sent()
-        stats = self.trainer.train(self.params, k)
+        row = self.params.to(self.device)
+        stats = self.trainer.train(row, k)
+        self.params = row.cpu()
         if cfg.faults.round_delay_s:
             time.sleep(cfg.faults.round_delay_s)  # injected straggler
         mixed: list[str] = []
@@ -559,7 +567,7 @@ class NodeRuntime:
 
     def _evaluate(self) -> tuple[float, float]:
         acc, loss = evaluate(
-            self.model, self.spec, self.params, self.data.x_test, self.data.y_test,
+            self.model, self.spec, self.params.to(self.device), self.x_test, self.y_test,
             sample_chunk=self.cfg.eval.test_batch,
         )  # fmt: skip
         return float(acc[0]), float(loss[0])

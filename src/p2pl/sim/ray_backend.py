@@ -153,6 +153,7 @@ class ShardWorker:
         data: dict[str, Any] | list[Any],
         strategy: str,
         threads: int,
+        device: str = "cpu",
     ) -> None:
         torch.set_num_threads(max(1, threads))
         if isinstance(data, list):  # [object ref] from the Ray driver (see RayBackend.__init__)
@@ -170,6 +171,12 @@ class ShardWorker:
             self.model, self.spec, _tensor(data["x_train"]), _tensor(data["y_train"]), partition,
             cfg.training, cfg.seed, strategy,
         )  # fmt: skip
+        # Training and evaluation run on ``device`` (a GPU Ray gave this actor); the rows stay on
+        # the CPU between them, where the consensus plans and Ray's object store work.
+        self.device = torch.device(device)
+        if self.device.type != "cpu":
+            self.trainer.to(self.device)
+            self.x_test, self.y_test = self.x_test.to(self.device), self.y_test.to(self.device)
         self.params = torch.zeros(len(self.device_ids), self.spec.total)
         self._plan: tuple[str, ShardPlan, MixingOperator] | None = None
         self._before: torch.Tensor | None = None
@@ -202,11 +209,14 @@ class ShardWorker:
         self.params = pool[torch.from_numpy(np.asarray(pick, dtype=np.int64))].clone()
 
     def train(self, round_index: int, work: np.ndarray | None) -> np.ndarray:
-        stats = self.trainer.train(self.params, round_index, work)
+        rows = self.params.to(self.device)
+        stats = self.trainer.train(rows, round_index, work)
+        self.params = rows.cpu()
         return stats.mean_loss.double().numpy()
 
     def evaluate(self, local_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         params = self.params if local_rows is None else self.params[torch.from_numpy(local_rows)]
+        params = params.to(self.device)
         acc, loss = evaluate(
             self.model, self.spec, params, self.x_test, self.y_test, sample_chunk=self.cfg.eval.test_batch
         )
@@ -276,7 +286,7 @@ class ShardWorker:
 
     def get_state(self) -> tuple[tuple[np.ndarray, dict[str, np.ndarray]], bool]:
         """(rows, optimizer state) copies, and a small 'done' flag (a second Ray object)."""
-        opt = {k: v.clone().numpy() for k, v in self.trainer.state_tensors().items()}
+        opt = {k: v.cpu().clone().numpy() for k, v in self.trainer.state_tensors().items()}
         return (self.params.clone().numpy(), opt), True
 
     def set_state(self, state: tuple[np.ndarray, dict[str, np.ndarray]]) -> None:
@@ -332,6 +342,21 @@ def _start_owner(exp: Experiment, norms: torch.Tensor) -> tuple[np.ndarray, int,
     return np.arange(n, dtype=np.int64), 0, np.zeros(n, np.int64)
 
 
+def _shard_device(requested: str, gpus: float, shards: int) -> str:
+    """Where each shard actor computes: one GPU per actor when the cluster has a GPU for every
+    shard (``device`` = auto or cuda), else the CPU; an explicit cuda without them is an error."""
+    if requested in ("auto", "cuda") and gpus >= shards:
+        return "cuda"
+    if requested == "auto" or requested == "cpu":
+        return "cpu"
+    if requested == "cuda":
+        raise P2PLError(
+            f"device = 'cuda' gives each Ray shard one GPU, but the cluster has {gpus:g} GPU(s) for {shards} "
+            "shards; pass --shards with at most that many, or --set device=cpu"
+        )
+    raise P2PLError(f"--backend ray computes on cuda or cpu, not {requested!r}; use --set device=cpu")
+
+
 class RayBackend:
     """The devices of an experiment on ``num_shards`` Ray actors (see the module doc)."""
 
@@ -373,16 +398,18 @@ class RayBackend:
             "input_shape": tuple(exp.dataset.input_shape), "num_classes": exp.dataset.num_classes,
         }  # fmt: skip
         self._data_ref = ray.put(data)  # the training set goes to each node once, not per device
+        device = _shard_device(cfg.device, float(ray.cluster_resources().get("GPU", 0.0)), k)
         actor_cls = ray.remote(
-            num_cpus=share, max_restarts=MAX_RESTARTS, max_task_retries=0, scheduling_strategy="SPREAD"
-        )(ShardWorker)
+            num_cpus=share, num_gpus=1 if device == "cuda" else 0, max_restarts=MAX_RESTARTS, max_task_retries=0,
+            scheduling_strategy="SPREAD",
+        )(ShardWorker)  # fmt: skip
         threads = cfg.threads if cfg.threads > 0 else 1
         tag = uuid.uuid4().hex[:8]  # names let operators (and tests) find a run's actors
         # The data ref goes in a list so the actor fetches it itself: Ray keeps it alive through
         # our reference, and a restarted actor fetches it again.
         self.actors = [
             actor_cls.options(name=f"{ACTOR_PREFIX}{tag}-{s}").remote(
-                cfg, ids, [exp.parts[d] for d in ids], [self._data_ref], self.strategy, threads
+                cfg, ids, [exp.parts[d] for d in ids], [self._data_ref], self.strategy, threads, device
             )
             for s, ids in enumerate(self.sharding.shards)
         ]
