@@ -158,7 +158,7 @@ def _mlp_loss_grad(model: nn.Module, spec: ParamSpec) -> LossGrad:
         delta.mul_((mask / count.unsqueeze(1)).unsqueeze(2))
         for i in range(len(layers) - 1, first_linear - 1, -1):
             if i in relu_out:
-                delta = delta.mul_(relu_out[i] > 0)
+                delta = delta.masked_fill_(relu_out[i] <= 0, 0.0)  # as autograd's threshold_backward
             elif i in inputs:
                 weight_grad = g[f"{i}.weight"]
                 scratch = work.get(f"{i}.weight", weight_grad)
