@@ -122,22 +122,42 @@ class _Workspace:
         return buf[:n]
 
 
-def _mlp_loss_grad(model: nn.Module, spec: ParamSpec) -> LossGrad:
+class _MlpLossGrad:
     """A plain MLP's batched forward and hand-written backward: each weight gradient is one
     batched matmul in its own [n, out, in] layout, written into its slice of a reused [n, P]
     gradient buffer. Autograd's version transposed every weight gradient back into row layout
     and concatenated the pieces: ~60 % of a step (BENCHMARKS.md). Same sums as autograd, so
     results agree with it to float rounding (tests compare both and the reference engine)."""
-    layers = list(model)  # type: ignore[call-overload]
-    first_linear = min(i for i, layer in enumerate(layers) if isinstance(layer, nn.Linear))
-    work = _Workspace()
 
-    def loss_grad(
-        flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
+    def __init__(self, model: nn.Module, spec: ParamSpec) -> None:
+        self.spec = spec
+        self.layers = list(model)  # type: ignore[call-overload]
+        self.first_linear = min(i for i, layer in enumerate(self.layers) if isinstance(layer, nn.Linear))
+        self.work = _Workspace()
+        self._views: dict[tuple[int, tuple[int, ...], tuple[int, ...]], dict[str, torch.Tensor]] = {}
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``spec.unflatten(flat)``, kept while the same tensor comes back (the parameters when
+        every device steps, the gradient buffer): rebuilding them was 8 % of a step. A kept view
+        holds its storage alive, so no other tensor can take its address until ``release``."""
+        key = (flat.data_ptr(), tuple(flat.shape), tuple(flat.stride()))
+        found = self._views.get(key)
+        if found is None:
+            if len(self._views) >= 2:  # the parameters and the gradient buffer; nothing stale
+                self._views.clear()
+            found = self._views[key] = self.spec.unflatten(flat)
+        return found
+
+    def release(self) -> None:
+        """Drop the kept views (end of a round: the parameters are replaced by cooperation)."""
+        self._views.clear()
+
+    def __call__(
+        self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        p = spec.unflatten(flat)
+        layers, work = self.layers, self.work
         grads = work.get("grads", flat)
-        g = spec.unflatten(grads)
+        p, g = self.views(flat), self.views(grads)
         h = x.flatten(2)  # [n, b, features]
         inputs: dict[int, torch.Tensor] = {}  # each Linear's input, for its weight gradient
         relu_out: dict[int, torch.Tensor] = {}  # each ReLU's output, for its backward
@@ -156,23 +176,21 @@ def _mlp_loss_grad(model: nn.Module, spec: ParamSpec) -> LossGrad:
         delta = log_probs.exp_()
         delta.scatter_add_(2, target, torch.full_like(per_sample, -1.0).unsqueeze(2))
         delta.mul_((mask / count.unsqueeze(1)).unsqueeze(2))
-        for i in range(len(layers) - 1, first_linear - 1, -1):
+        for i in range(len(layers) - 1, self.first_linear - 1, -1):
             if i in relu_out:
-                delta = delta.masked_fill_(relu_out[i] <= 0, 0.0)  # as autograd's threshold_backward
+                # autograd's own ReLU backward: one fused op (a bool mask and a fill were 10x slower)
+                delta = torch.ops.aten.threshold_backward(delta, relu_out[i], 0)
             elif i in inputs:
                 weight_grad = g[f"{i}.weight"]
                 scratch = work.get(f"{i}.weight", weight_grad)
-                # bmm cannot write into a row-strided view without its own copy: a contiguous
-                # scratch, then one plain copy into the [n, P] buffer.
+                # bmm cannot write into a row-strided view without a copy of its own: a
+                # contiguous scratch, then one plain copy into the [n, P] buffer.
                 torch.bmm(delta.transpose(1, 2), inputs[i], out=scratch)
                 weight_grad.copy_(scratch)
-                torch.sum(delta, 1, out=work.get(f"{i}.bias", g[f"{i}.bias"]))
-                g[f"{i}.bias"].copy_(work.get(f"{i}.bias", g[f"{i}.bias"]))
-                if i != first_linear:
+                g[f"{i}.bias"].copy_(delta.sum(1))
+                if i != self.first_linear:
                     delta = torch.bmm(delta, p[f"{i}.weight"])
         return grads, losses
-
-    return loss_grad
 
 
 def _loop_loss_grad(model: nn.Module, spec: ParamSpec) -> LossGrad:
@@ -203,7 +221,7 @@ def make_loss_grad(model: nn.Module, spec: ParamSpec, strategy: str) -> LossGrad
     if strategy == "loop":
         return _loop_loss_grad(model, spec)
     if strategy == "bmm":
-        return _mlp_loss_grad(model, spec)
+        return _MlpLossGrad(model, spec)
     batched = {"bmm": _bmm_losses, "vmap": _vmap_losses}[strategy](model, spec)
 
     def loss_grad(
@@ -287,6 +305,8 @@ class VectorizedTrainer:
                     break
                 self._step(params, plan, t, active, loss_sum)
                 taken += active.long()
+        if isinstance(self.loss_grad, _MlpLossGrad):
+            self.loss_grad.release()
         mean = torch.where(taken > 0, loss_sum / taken.clamp_min(1), torch.full_like(loss_sum, float("nan")))
         return RoundStats(mean.float(), taken)
 
