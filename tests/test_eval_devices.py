@@ -80,3 +80,17 @@ def test_the_default_experiment_on_cuda_matches_the_cpu() -> None:
     for a, b in zip(cpu.history.loss, gpu.history.loss, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(cpu.params, gpu.params, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_picks_cuda_only_where_torch_sees_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from p2pl.core.device import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda") == torch.device("cuda")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    with pytest.raises(P2PLError, match="'mps' is not supported yet"):
+        resolve_device("mps")

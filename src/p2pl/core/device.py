@@ -23,4 +23,7 @@ def resolve_device(requested: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not _available(requested):
         raise P2PLError(f"device = {requested!r}, but this machine has no {requested} device; use --set device=cpu")
+    if requested == "mps":
+        # Accuracy, loss and Adam's step count are accumulated in float64, which MPS lacks.
+        raise P2PLError("device = 'mps' is not supported yet (it has no float64); use --set device=cpu")
     return torch.device(requested)
