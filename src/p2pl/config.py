@@ -196,7 +196,7 @@ class ExperimentConfig:
     seed: int = 0
     engine: str = "vectorized"  # vectorized | reference
     threads: int = 0  # torch CPU threads; 0 = choose from the workload size
-    device: str = "auto"  # where the vectorized engine computes: auto (cuda if present) | cpu | cuda | mps
+    device: str = "auto"  # where the vectorized engine computes: auto (cuda if present) | cpu | cuda
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -141,7 +141,7 @@ class NodeConfig:
     rounds: int = 10
     seed: int = 0
     threads: int = 1  # torch CPU threads of this process
-    device: str = "auto"  # where this node trains and evaluates: auto (cuda if present) | cpu | cuda | mps
+    device: str = "auto"  # where this node trains and evaluates: auto (cuda if present) | cpu | cuda
     listen: str = "127.0.0.1:0"
     dir: str = "."  # output directory of this node
     checkpoint_every: int = 1  # rounds between checkpoints (0: never; resuming needs them)
