@@ -41,16 +41,8 @@ from typing import Any
 
 import tomli_w
 
-from p2pl.config import (
-    DEVICES,
-    SYNC_MODES,
-    AdversaryConfig,
-    ConsensusConfig,
-    ModelConfig,
-    TrainingConfig,
-    _from_dict,
-    read_toml,
-)
+from p2pl import config as experiment_config
+from p2pl.config import SYNC_MODES, AdversaryConfig, ConsensusConfig, ModelConfig, TrainingConfig, _from_dict, read_toml
 from p2pl.errors import P2PLError, choose
 from p2pl.node.certs import check_device_id
 
@@ -192,7 +184,7 @@ class NodeConfig:
         }.items():
             if not sec > 0:
                 raise P2PLError(f"node config: {key} must be > 0, got {sec}")
-        choose("device", self.device, DEVICES)
+        choose("device", self.device, experiment_config.DEVICES)
         self.training.validate()
         self.consensus.validate()
         self.adversary.validate()
