@@ -96,6 +96,18 @@ class TestLocalRay:
         assert_same_run(resumed, local)
         assert (tmp_path / "metrics.csv").read_text().count("\n") == 1 + 4 * 12
 
+    def test_evaluating_a_device_subset_matches_the_local_engine(self) -> None:
+        cfg = load_config(None, ["devices=20", "rounds=3", "topology.radius=0.45", "eval.devices=6"])
+        local, shards = run_experiment(cfg), run_experiment(cfg, backend="ray", shards=2)
+        for a, b in zip(shards.history.accuracy, local.history.accuracy, strict=True):
+            assert np.array_equal(np.isnan(a), np.isnan(b))  # the same devices evaluated
+            assert np.abs(a[~np.isnan(a)] - b[~np.isnan(b)]).max() <= 1e-2
+        assert [int((~np.isnan(a)).sum()) for a in shards.history.accuracy] == [6, 6, 6, 20]
+        with pytest.raises(P2PLError, match="gives each Ray shard one GPU"):
+            run_experiment(
+                load_config(None, ["devices=4", "rounds=1", "topology.radius=1.5", "device='cuda'"]), backend="ray"
+            )
+
     def test_killed_actor_is_restored_and_the_run_ends_the_same(self) -> None:
         cfg = load_config(None, ["devices=24", "rounds=4", "topology.radius=0.45"])
         undisturbed = run_experiment(cfg, backend="ray", shards=2)

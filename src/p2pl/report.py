@@ -76,8 +76,9 @@ def summary_table(summaries: dict[str, dict[str, Any]], title: str = "") -> Tabl
 
 
 def accuracy_curves(h: History) -> dict[str, np.ndarray]:
-    acc = np.stack(h.accuracy)
-    return {"round": np.asarray(h.eval_rounds), "mean": acc.mean(1), "min": acc.min(1), "max": acc.max(1)}
+    acc = np.stack(h.accuracy)  # NaN: a device not evaluated that round (eval.devices)
+    return {"round": np.asarray(h.eval_rounds), "mean": np.nanmean(acc, 1), "min": np.nanmin(acc, 1),
+            "max": np.nanmax(acc, 1)}  # fmt: skip
 
 
 def plot_accuracy(curves: dict[str, dict[str, np.ndarray]], path: Path, title: str = "", band: bool = True) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from p2pl import atomic
-from p2pl.metrics import History, finite_or_none, oscillation, rounds_to_accuracy, spread
+from p2pl.metrics import History, evaluated_devices, finite_or_none, oscillation, rounds_to_accuracy, spread
 
 ACCURACY_TARGETS = (0.8, 0.9)
 
@@ -37,7 +37,7 @@ def _local_by_round(h: History) -> dict[int, tuple[np.ndarray, np.ndarray]]:
 
 
 def metrics_csv(h: History) -> str:
-    """One row per evaluated round and device (round 0 = after initialization/sync)."""
+    """One row per evaluated round and evaluated device (round 0 = after initialization/sync)."""
     local_by_round = _local_by_round(h)
     header = ["round", "device", "accuracy", "loss"]
     if local_by_round:
@@ -45,7 +45,7 @@ def metrics_csv(h: History) -> str:
     rows: list[list[Any]] = []
     for r, acc, loss in zip(h.eval_rounds, h.accuracy, h.loss, strict=True):
         local = local_by_round.get(r)
-        for d in range(len(acc)):
+        for d in np.flatnonzero(evaluated_devices(acc)):
             row: list[Any] = [r, d, _fmt(acc[d]), _fmt(loss[d])]
             if local_by_round:
                 row += [_fmt(local[0][d]), _fmt(local[1][d])] if local is not None else ["", ""]
@@ -100,8 +100,8 @@ def honest_only(values: np.ndarray, honest: np.ndarray | None) -> np.ndarray:
 
 
 def rounds_csv(h: History, honest: np.ndarray | None = None) -> str:
-    """One row per round: spread of accuracy/loss (honest devices), consensus distance, bytes,
-    links, time."""
+    """One row per round: spread of accuracy/loss (honest devices evaluated that round: see
+    ``eval.devices``), consensus distance, bytes, links, time."""
     evals = {r: i for i, r in enumerate(h.eval_rounds)}
     local_by_round = _local_by_round(h)
     rows: list[list[Any]] = []
@@ -117,7 +117,7 @@ def rounds_csv(h: History, honest: np.ndarray | None = None) -> str:
                 for stat, value in spread(honest_only(values, honest)).items():
                     row[f"{metric}_{stat}"] = _fmt(value)
         if r in local_by_round:
-            row["local_accuracy_mean"] = _fmt(float(np.mean(honest_only(local_by_round[r][0], honest))))
+            row["local_accuracy_mean"] = _fmt(float(np.nanmean(honest_only(local_by_round[r][0], honest))))
         if r > 0:
             k = r - 1
             elapsed += h.round_time_s[k]
@@ -153,11 +153,12 @@ def devices_csv(
 def summary(h: History, facts: dict[str, Any], honest: np.ndarray | None = None) -> dict[str, Any]:
     """Run-level results; accuracy and loss are over honest devices only (attackers apart)."""
     last = len(h.eval_rounds) - 1
+    # nan-aware: rounds that evaluated a subset of devices (eval.devices) hold NaN for the rest,
+    # and a networked run holds NaN for a device that never reached a round.
     accuracy = [honest_only(a, honest) for a in h.accuracy]
-    # nan-aware: a networked run reports NaN for a device that never reached a round.
     mean_acc = [float(np.nanmean(a)) for a in accuracy]
     min_acc = [float(np.nanmin(a)) for a in accuracy]
-    local_mean = [float(np.mean(honest_only(a, honest))) for a in h.local_accuracy]
+    local_mean = [float(np.nanmean(honest_only(a, honest))) for a in h.local_accuracy]
     after_mean = mean_acc[-len(local_mean) :] if local_mean else []
     total_bytes = np.sum(h.bytes_sent, axis=0) if h.bytes_sent else np.zeros(1)
     out: dict[str, Any] = dict(facts)
