@@ -30,6 +30,10 @@ class History:
     active_devices: list[int] = field(default_factory=list)
     round_time_s: list[float] = field(default_factory=list)
     train_loss: list[np.ndarray] = field(default_factory=list)  # each [N], nan where no step
+    # seconds of each round spent per phase (the simulator measures them; empty where unknown)
+    train_time_s: list[float] = field(default_factory=list)
+    exchange_time_s: list[float] = field(default_factory=list)
+    evaluate_time_s: list[float] = field(default_factory=list)
 
 
 def rounds_to_accuracy(rounds: list[int], mean_accuracy: list[float], target: float) -> int | None:

@@ -16,10 +16,11 @@ from p2pl.metrics import History, finite_or_none, oscillation, rounds_to_accurac
 ACCURACY_TARGETS = (0.8, 0.9)
 
 
-def _csv(rows: list[list[Any]], header: list[str]) -> str:
+def _csv(rows: list[list[Any]], header: list[str] | None = None) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
+    if header is not None:
+        writer.writerow(header)
     writer.writerows(rows)
     return buf.getvalue()
 
@@ -36,60 +37,119 @@ def _local_by_round(h: History) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     return dict(zip(h.eval_rounds[1:], pairs, strict=False))
 
 
+METRIC_COLUMNS = ["round", "device", "accuracy", "loss"]
+LOCAL_METRIC_COLUMNS = ["local_accuracy", "local_loss"]
+
+
+def _metrics_rows(h: History, i: int, local_by_round: dict[int, tuple[np.ndarray, np.ndarray]]) -> list[list[Any]]:
+    """metrics.csv rows of the ``i``-th evaluation, one per device."""
+    r, acc, loss = h.eval_rounds[i], h.accuracy[i], h.loss[i]
+    local = local_by_round.get(r)
+    rows: list[list[Any]] = []
+    for d in range(len(acc)):
+        row: list[Any] = [r, d, _fmt(acc[d]), _fmt(loss[d])]
+        if local_by_round:
+            row += [_fmt(local[0][d]), _fmt(local[1][d])] if local is not None else ["", ""]
+        rows.append(row)
+    return rows
+
+
 def metrics_csv(h: History) -> str:
     """One row per evaluated round and device (round 0 = after initialization/sync)."""
-    local_by_round = _local_by_round(h)
-    header = ["round", "device", "accuracy", "loss"]
-    if local_by_round:
-        header += ["local_accuracy", "local_loss"]
-    rows: list[list[Any]] = []
-    for r, acc, loss in zip(h.eval_rounds, h.accuracy, h.loss, strict=True):
-        local = local_by_round.get(r)
-        for d in range(len(acc)):
-            row: list[Any] = [r, d, _fmt(acc[d]), _fmt(loss[d])]
-            if local_by_round:
-                row += [_fmt(local[0][d]), _fmt(local[1][d])] if local is not None else ["", ""]
-            rows.append(row)
-    return _csv(rows, header)
+    return ResultFiles.render(h)[0]
 
 
+# round_time_s: this round's wall seconds (train_/exchange_/evaluate_time_s: its phases, where the
+# runtime measures them); elapsed_s: wall seconds of all rounds up to this one.
 ROUND_COLUMNS = [
     "round", "accuracy_mean", "accuracy_min", "accuracy_max", "loss_mean", "loss_min", "loss_max",
     "local_accuracy_mean", "consensus_distance", "bytes_sent_mean", "bytes_sent_total", "live_links",
-    "active_devices", "train_loss_mean", "wall_time_s",
+    "active_devices", "train_loss_mean", "round_time_s", "train_time_s", "exchange_time_s", "evaluate_time_s",
+    "elapsed_s",
 ]  # fmt: skip
+_PHASES = ("train_time_s", "exchange_time_s", "evaluate_time_s")
+
+
+def _round_row(
+    h: History, r: int, evals: dict[int, int], local_by_round: dict[int, tuple[np.ndarray, np.ndarray]], elapsed: float
+) -> list[Any]:
+    """rounds.csv row of round ``r`` (round 0: after initialization/sync, before any training)."""
+    row: dict[str, Any] = dict.fromkeys(ROUND_COLUMNS, "")
+    row["round"] = r
+    if r in evals:
+        for metric, values in (("accuracy", h.accuracy[evals[r]]), ("loss", h.loss[evals[r]])):
+            for stat, value in spread(values).items():
+                row[f"{metric}_{stat}"] = _fmt(value)
+    if r in local_by_round:
+        row["local_accuracy_mean"] = _fmt(float(np.mean(local_by_round[r][0])))
+    if r > 0:
+        k = r - 1
+        train = h.train_loss[k]
+        row |= {
+            "consensus_distance": _fmt(h.consensus_distance[k]),
+            "bytes_sent_mean": _fmt(float(h.bytes_sent[k].mean())),
+            "bytes_sent_total": int(h.bytes_sent[k].sum()),
+            "live_links": h.live_links[k],
+            "active_devices": h.active_devices[k],
+            "train_loss_mean": _fmt(float(np.nanmean(train))) if np.isfinite(train).any() else "nan",
+            "round_time_s": f"{h.round_time_s[k]:.3f}",
+        }
+        for phase in _PHASES:
+            times = getattr(h, phase)
+            if k < len(times):
+                row[phase] = f"{times[k]:.3f}" if np.isfinite(times[k]) else "nan"
+    row["elapsed_s"] = f"{elapsed:.3f}"
+    return [row[c] for c in ROUND_COLUMNS]
 
 
 def rounds_csv(h: History) -> str:
-    """One row per round: spread of accuracy/loss, consensus distance, bytes, links, time."""
-    evals = {r: i for i, r in enumerate(h.eval_rounds)}
-    local_by_round = _local_by_round(h)
-    rows: list[list[Any]] = []
-    elapsed = 0.0
-    for r in range(len(h.round_time_s) + 1):
-        row: dict[str, Any] = dict.fromkeys(ROUND_COLUMNS, "")
-        row["round"] = r
-        if r in evals:
-            for metric, values in (("accuracy", h.accuracy[evals[r]]), ("loss", h.loss[evals[r]])):
-                for stat, value in spread(values).items():
-                    row[f"{metric}_{stat}"] = _fmt(value)
-        if r in local_by_round:
-            row["local_accuracy_mean"] = _fmt(float(np.mean(local_by_round[r][0])))
-        if r > 0:
-            k = r - 1
-            elapsed += h.round_time_s[k]
-            train = h.train_loss[k]
-            row |= {
-                "consensus_distance": _fmt(h.consensus_distance[k]),
-                "bytes_sent_mean": _fmt(float(h.bytes_sent[k].mean())),
-                "bytes_sent_total": int(h.bytes_sent[k].sum()),
-                "live_links": h.live_links[k],
-                "active_devices": h.active_devices[k],
-                "train_loss_mean": _fmt(float(np.nanmean(train))) if np.isfinite(train).any() else "nan",
-            }
-        row["wall_time_s"] = f"{elapsed:.3f}"
-        rows.append([row[c] for c in ROUND_COLUMNS])
-    return _csv(rows, ROUND_COLUMNS)
+    """One row per round: spread of accuracy/loss, consensus distance, bytes, links, times."""
+    return ResultFiles.render(h)[1]
+
+
+class ResultFiles:
+    """metrics.csv and rounds.csv of one run, rewritten atomically after every round.
+
+    A crash loses nothing that was measured and a watcher (``tail``, a notebook) sees the run
+    progress. Each round's rows are formatted once and kept as text, so a round costs the file
+    write, not a re-render of every earlier round (10,000 devices x 100 rounds is 1M rows).
+    """
+
+    def __init__(self, directory: Path | None) -> None:
+        self.directory = directory
+        self._with_local = False
+        self._metrics: list[str] = []  # CSV text of each evaluation's rows
+        self._rounds: list[str] = []  # CSV text of each round's row
+        self._elapsed = 0.0
+
+    @classmethod
+    def render(cls, h: History) -> tuple[str, str]:
+        """(metrics.csv, rounds.csv) of ``h`` as text."""
+        files = cls(None)
+        files.update(h)
+        return files.texts()
+
+    def update(self, h: History) -> None:
+        """Format what ``h`` holds beyond the last update and, with a directory, write both files."""
+        local_by_round = _local_by_round(h)
+        if bool(local_by_round) != self._with_local:
+            # The first evaluation after local training adds two columns: re-render once.
+            self._with_local, self._metrics = bool(local_by_round), []
+        for i in range(len(self._metrics), len(h.eval_rounds)):
+            self._metrics.append(_csv(_metrics_rows(h, i, local_by_round)))
+        evals = {r: i for i, r in enumerate(h.eval_rounds)}
+        for r in range(len(self._rounds), len(h.round_time_s) + 1):
+            if r > 0:
+                self._elapsed += h.round_time_s[r - 1]
+            self._rounds.append(_csv([_round_row(h, r, evals, local_by_round, self._elapsed)]))
+        if self.directory is not None:
+            metrics, rounds = self.texts()
+            atomic.write_text(self.directory / "metrics.csv", metrics)
+            atomic.write_text(self.directory / "rounds.csv", rounds)
+
+    def texts(self) -> tuple[str, str]:
+        header = METRIC_COLUMNS + (LOCAL_METRIC_COLUMNS if self._with_local else [])
+        return _csv([], header) + "".join(self._metrics), _csv([], ROUND_COLUMNS) + "".join(self._rounds)
 
 
 def devices_csv(sizes: np.ndarray, histograms: np.ndarray) -> str:
@@ -121,10 +181,15 @@ def summary(h: History, facts: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_results(
-    directory: Path, h: History, facts: dict[str, Any], sizes: np.ndarray, histograms: np.ndarray
+    directory: Path,
+    h: History,
+    facts: dict[str, Any],
+    sizes: np.ndarray,
+    histograms: np.ndarray,
+    files: ResultFiles | None = None,
 ) -> dict[str, Any]:
-    atomic.write_text(directory / "metrics.csv", metrics_csv(h))
-    atomic.write_text(directory / "rounds.csv", rounds_csv(h))
+    """Every result file of a finished run (``files``: the run's per-round writer, if it had one)."""
+    (files or ResultFiles(directory)).update(h)
     atomic.write_text(directory / "devices.csv", devices_csv(sizes, histograms))
     result = summary(h, facts)
     atomic.write_text(directory / "summary.json", json.dumps(result, indent=2, default=_json_default) + "\n")

@@ -36,9 +36,9 @@ def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     out = writable_dir(Path(args.out or f"{cfg.output.dir}-launch"), "--out" if args.out else "output.dir")
     # Imported once the arguments are good: torch and gRPC take seconds to import.
-    from p2pl.node.launch import Launcher, prepare_launch
     from rich.markup import escape
 
+    from p2pl.node.launch import Launcher, prepare_launch
     from p2pl.report import console, progress_console, round_progress, summary_table
 
     if args.fresh and (out / "nodes").exists():

@@ -27,6 +27,7 @@ CHECKPOINT = "checkpoint.safetensors"
 _PER_EVAL = ("accuracy", "loss", "local_accuracy", "local_loss")
 _PER_ROUND_ARRAYS = ("bytes_sent", "train_loss")
 _PER_ROUND_SCALARS = ("consensus_distance", "live_links", "active_devices", "round_time_s")
+_PHASE_TIMES = ("train_time_s", "exchange_time_s", "evaluate_time_s")
 
 
 @dataclass
@@ -53,7 +54,7 @@ def save(directory: Path, ckpt: Checkpoint) -> None:
     tensors["hist.bytes_sent"] = _stack(h.bytes_sent, n, np.int64)
     tensors["hist.train_loss"] = _stack(h.train_loss, n)
     tensors["hist.eval_rounds"] = torch.tensor(h.eval_rounds, dtype=torch.int64)
-    for name in _PER_ROUND_SCALARS:
+    for name in (*_PER_ROUND_SCALARS, *_PHASE_TIMES):
         tensors[f"hist.{name}"] = torch.tensor(getattr(h, name), dtype=torch.float64)
     meta = {"round": str(ckpt.round), "meta": json.dumps(ckpt.meta)}
     atomic.write_bytes(directory / CHECKPOINT, st_save(tensors, metadata=meta))
@@ -84,5 +85,8 @@ def load(directory: Path) -> Checkpoint | None:
     h.live_links = [int(v) for v in tensors["hist.live_links"]]
     h.active_devices = [int(v) for v in tensors["hist.active_devices"]]
     h.round_time_s = [float(v) for v in tensors["hist.round_time_s"]]
+    for name in _PHASE_TIMES:  # absent from checkpoints written before phases were recorded
+        times = tensors.get(f"hist.{name}", torch.full((len(h.round_time_s),), float("nan")))
+        setattr(h, name, [float(v) for v in times])
     optimizer = {k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}
     return Checkpoint(round_index, tensors["params"], optimizer, h, extra)

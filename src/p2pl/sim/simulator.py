@@ -33,8 +33,8 @@ from p2pl.errors import P2PLError, choose
 from p2pl.experiment import Experiment, build_experiment, config_fingerprint
 from p2pl.graph.links import RoundNetwork
 from p2pl.metrics import History
+from p2pl.results import ResultFiles, write_results
 from p2pl.results import summary as make_summary
-from p2pl.results import write_results
 from p2pl.sim import checkpoint
 from p2pl.sim.backend import Backend, Started
 
@@ -245,6 +245,9 @@ def _run(
         start_round = 1
 
     phase_time = {p: 0.0 for p in PHASES}
+    files = ResultFiles(directory) if directory is not None else None
+    if files is not None:
+        files.update(history)  # round 0 (and, on resume, the rounds already run) before round 1
     last_round = cfg.rounds if stop_after is None else min(cfg.rounds, stop_after)
     for k in range(start_round, last_round + 1):
         t0 = time.perf_counter()
@@ -265,6 +268,8 @@ def _run(
             history.accuracy.append(out.eval[0])
             history.loss.append(out.eval[1])
         history.round_time_s.append(time.perf_counter() - t0)
+        for phase, seconds in out.phase_time_s.items():
+            getattr(history, f"{phase}_time_s").append(seconds)
         if (
             directory is not None
             and cfg.output.checkpoint_every
@@ -273,6 +278,8 @@ def _run(
             meta = {"fingerprint": fingerprint, "sync_steps": sync_steps, "sync_bytes_per_device": sync_bytes}
             state = checkpoint.Checkpoint(k, engine.params(), engine.optimizer_state(), history, meta)
             checkpoint.save(directory, state)
+        if files is not None:
+            files.update(history)  # metrics.csv / rounds.csv as each round ends
         if progress is not None:
             last = history.accuracy[-1]
             progress(k, cfg.rounds, {"acc_mean": float(last.mean()), "acc_min": float(last.min())})
@@ -299,7 +306,7 @@ def _run(
     facts |= engine.facts()
     summary: dict[str, Any]
     if directory is not None:
-        summary = write_results(directory, history, facts, exp.setting.data_sizes, exp.label_histograms())
+        summary = write_results(directory, history, facts, exp.setting.data_sizes, exp.label_histograms(), files)
     else:
         summary = make_summary(history, facts)
     return RunResult(summary, engine.params(), history, exp, phase_time)
