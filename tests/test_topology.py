@@ -306,5 +306,5 @@ def test_collinear_and_coincident_devices_still_get_a_connected_radius() -> None
 
 
 def test_an_explicit_radius_keeps_refusing_a_disconnected_graph() -> None:
-    with pytest.raises(P2PLError, match="radius 0.2 is disconnected"):
+    with pytest.raises(P2PLError, match=r"radius 0\.2 is disconnected"):
         build("random-geometric", 10, 85, radius=0.2)

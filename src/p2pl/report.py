@@ -40,8 +40,9 @@ class _Console(Console):
         raise BrokenPipeError
 
 
-console = _Console()  # results: stdout
-progress_console = _Console(stderr=True)  # progress, warnings and notes: stderr
+# soft_wrap: a long line (a path) stays one line in a log or a pipe; tables still fit the width.
+console = _Console(soft_wrap=True)  # results: stdout
+progress_console = _Console(stderr=True, soft_wrap=True)  # progress, warnings and notes: stderr
 
 
 @contextlib.contextmanager
