@@ -1,4 +1,4 @@
-"""The Ray backend (issue #6): same numbers as the single-process engine, survives a killed
+"""The Ray backend: same numbers as the single-process engine, survives a killed
 actor, and runs on a two-node Ray cluster. Needs the optional ray extra."""
 
 from __future__ import annotations

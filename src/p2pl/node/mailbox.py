@@ -4,7 +4,7 @@ The gRPC server threads call :meth:`Mailbox.put` with messages already validated
 :func:`p2pl.node.wire.decode` and authenticated by the transport. The runtime thread reads them
 with :meth:`Mailbox.wait_for`, which blocks until every expected neighbour has delivered or a
 deadline passes -- a neighbour that is down simply does not appear in the result, and the
-consensus weights are renormalized over those that did (DESIGN.md section 2).
+consensus weights are renormalized over those that did (docs/design.md, "The algorithm").
 
 Typical runtime use, for consensus step ``c`` of round ``k``::
 

@@ -1,6 +1,6 @@
 """The ``p2pl node`` runtime: one device of P2PL in one process, talking to its neighbours over gRPC.
 
-The math is the simulator's, run over a batch of one (DESIGN.md section 4): the device's own
+The math is the simulator's, run over a batch of one (docs/design.md, "Shape of the code"): the device's own
 init (``core.params.init_device_params`` keyed by its global index), local epochs with
 ``core.train.VectorizedTrainer`` over its own samples (the shuffle keys depend only on the seed,
 round, epoch, device index and sample position, so a node holding only its data walks the
