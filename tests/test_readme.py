@@ -111,14 +111,14 @@ EXAMPLES: dict[str, tuple[list[Step] | Elsewhere, Check | None, str]] = {
         [["compare", "exp.toml", "--out", "runs/cmp", *SMALL]],
         _has("runs/cmp/accuracy.png"),
         "",
-    ),  # fmt: skip
+    ),
     "p2pl topology [CONFIG] [--png FILE]": ([["topology", "exp.toml", "--png", "graph.png"]], _has("graph.png"), ""),
     "p2pl topology": ([["topology"]], None, ""),
     "p2pl reproduce [--quick] --out DIR": (
         [["reproduce", "--quick", "--out", "runs/rep", "--rounds", "2", "--only", "C2", "--quiet"]],
         _has("runs/rep/report.md"),
         "",
-    ),  # fmt: skip
+    ),
     "p2pl certs init": ([["certs", "init"]], _has("pki/ca.crt"), ""),
     "p2pl certs issue DEVICE": ([["certs", "init"], ["certs", "issue", "dev-07"]], _has("certs/dev-07/dev-07.key"), ""),
     "p2pl certs init --dir pki": (NODE_STEPS[:1], _has("pki/ca.key"), ""),
@@ -129,7 +129,7 @@ EXAMPLES: dict[str, tuple[list[Step] | Elsewhere, Check | None, str]] = {
         [["launch", "exp.toml", "--devices", "3", "--out", "runs/l3", *SMALL, "--quiet"]],
         _has("runs/l3/summary.json"),
         LAUNCH,
-    ),  # fmt: skip
+    ),
     "p2pl launch --devices 4 --set rounds=5 --out runs/launch": (
         LAUNCH_EXAMPLE,
         _has("runs/launch/rounds.csv"),
@@ -140,17 +140,17 @@ EXAMPLES: dict[str, tuple[list[Step] | Elsewhere, Check | None, str]] = {
         [["run", "--backend", "ray", "--shards", "2", *SMALL, "--quiet"]],
         _has("runs/default/summary.json"),
         RAY,
-    ),  # fmt: skip
+    ),
     "p2pl run --backend ray": (
         [["run", "--backend", "ray", "--shards", "2", *SMALL, "--quiet"]],
         _has("runs/default/summary.json"),
         RAY,
-    ),  # fmt: skip
+    ),
     "p2pl run CONFIG --backend ray --address HEAD:6379": (
         Elsewhere("test_ray_backend.py", "test_two_node_cluster_runs_an_experiment_end_to_end"),
         None,
         RAY,
-    ),  # fmt: skip
+    ),
     "p2pl run --set topology.name=ring --set consensus.weights=metropolis --set rounds=100 --out runs/ring": (
         [
             [
@@ -168,7 +168,7 @@ EXAMPLES: dict[str, tuple[list[Step] | Elsewhere, Check | None, str]] = {
         ],
         _has("runs/ring/metrics.csv"),
         "",
-    ),  # fmt: skip
+    ),
     "p2pl compare --set partition.scheme=dirichlet --set partition.alpha=0.1 --out runs/noniid": (
         [
             [
@@ -184,23 +184,23 @@ EXAMPLES: dict[str, tuple[list[Step] | Elsewhere, Check | None, str]] = {
         ],
         _has("runs/noniid/local/summary.json"),
         "",
-    ),  # fmt: skip
+    ),
     # the example that used to fail (10 devices left the old fixed-radius graph disconnected): as written
     "p2pl run --engine reference --set devices=10 --set rounds=2": (
         [["run", "--engine", "reference", "--set", "devices=10", "--set", "rounds=2"]],
         _has("runs/default/summary.json"),
         "",
-    ),  # fmt: skip
+    ),
     "p2pl topology --set devices=16 --png graph16.png": (
         [["topology", "--set", "devices=16", "--png", "graph16.png"]],
         _has("graph16.png"),
         "",
-    ),  # fmt: skip
+    ),
     "p2pl run DIR/config.toml": (
         [["run", "--out", "runs/a", *SMALL, "--quiet"], ["run", "runs/a/config.toml", "--out", "runs/b", "--quiet"]],
         _has("runs/b/summary.json"),
         "",
-    ),  # fmt: skip
+    ),
     "p2pl run > results.txt": ([Shell("p2pl run --quiet " + " ".join(SMALL) + " > results.txt")], _table_in_file, ""),
     "p2pl topology | head -1": ([Shell("p2pl topology | head -1")], _first_line_only, ""),
 }
