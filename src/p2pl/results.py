@@ -70,18 +70,29 @@ ROUND_COLUMNS = [
 _PHASES = ("train_time_s", "exchange_time_s", "evaluate_time_s")
 
 
+def honest_only(values: np.ndarray, honest: np.ndarray | None) -> np.ndarray:
+    """The values of honest devices (all values when the run had no attackers)."""
+    return values if honest is None or len(honest) != len(values) else values[honest]
+
+
 def _round_row(
-    h: History, r: int, evals: dict[int, int], local_by_round: dict[int, tuple[np.ndarray, np.ndarray]], elapsed: float
+    h: History,
+    r: int,
+    evals: dict[int, int],
+    local_by_round: dict[int, tuple[np.ndarray, np.ndarray]],
+    elapsed: float,
+    honest: np.ndarray | None,
 ) -> list[Any]:
-    """rounds.csv row of round ``r`` (round 0: after initialization/sync, before any training)."""
+    """rounds.csv row of round ``r`` (round 0: after initialization/sync, before any training);
+    accuracy and loss spreads are over honest devices."""
     row: dict[str, Any] = dict.fromkeys(ROUND_COLUMNS, "")
     row["round"] = r
     if r in evals:
         for metric, values in (("accuracy", h.accuracy[evals[r]]), ("loss", h.loss[evals[r]])):
-            for stat, value in spread(values).items():
+            for stat, value in spread(honest_only(values, honest)).items():
                 row[f"{metric}_{stat}"] = _fmt(value)
     if r in local_by_round:
-        row["local_accuracy_mean"] = _fmt(float(np.mean(local_by_round[r][0])))
+        row["local_accuracy_mean"] = _fmt(float(np.mean(honest_only(local_by_round[r][0], honest))))
     if r > 0:
         k = r - 1
         train = h.train_loss[k]
@@ -102,9 +113,10 @@ def _round_row(
     return [row[c] for c in ROUND_COLUMNS]
 
 
-def rounds_csv(h: History) -> str:
-    """One row per round: spread of accuracy/loss, consensus distance, bytes, links, times."""
-    return ResultFiles.render(h)[1]
+def rounds_csv(h: History, honest: np.ndarray | None = None) -> str:
+    """One row per round: spread of accuracy/loss (honest devices), consensus distance, bytes,
+    links, times."""
+    return ResultFiles.render(h, honest)[1]
 
 
 class ResultFiles:
@@ -115,17 +127,18 @@ class ResultFiles:
     write, not a re-render of every earlier round (10,000 devices x 100 rounds is 1M rows).
     """
 
-    def __init__(self, directory: Path | None) -> None:
+    def __init__(self, directory: Path | None, honest: np.ndarray | None = None) -> None:
         self.directory = directory
+        self.honest = honest  # bool [N]: devices that are not attackers (None: all)
         self._with_local = False
         self._metrics: list[str] = []  # CSV text of each evaluation's rows
         self._rounds: list[str] = []  # CSV text of each round's row
         self._elapsed = 0.0
 
     @classmethod
-    def render(cls, h: History) -> tuple[str, str]:
+    def render(cls, h: History, honest: np.ndarray | None = None) -> tuple[str, str]:
         """(metrics.csv, rounds.csv) of ``h`` as text."""
-        files = cls(None)
+        files = cls(None, honest)
         files.update(h)
         return files.texts()
 
@@ -141,7 +154,7 @@ class ResultFiles:
         for r in range(len(self._rounds), len(h.round_time_s) + 1):
             if r > 0:
                 self._elapsed += h.round_time_s[r - 1]
-            self._rounds.append(_csv([_round_row(h, r, evals, local_by_round, self._elapsed)]))
+            self._rounds.append(_csv([_round_row(h, r, evals, local_by_round, self._elapsed, self.honest)]))
         if self.directory is not None:
             metrics, rounds = self.texts()
             atomic.write_text(self.directory / "metrics.csv", metrics)
@@ -152,23 +165,26 @@ class ResultFiles:
         return _csv([], header) + "".join(self._metrics), _csv([], ROUND_COLUMNS) + "".join(self._rounds)
 
 
-def devices_csv(sizes: np.ndarray, histograms: np.ndarray) -> str:
-    header = ["device", "samples", *(f"label_{c}" for c in range(histograms.shape[1]))]
-    rows = [[d, int(sizes[d]), *(int(v) for v in histograms[d])] for d in range(len(sizes))]
+def devices_csv(sizes: np.ndarray, histograms: np.ndarray, honest: np.ndarray | None = None) -> str:
+    header = ["device", "role", "samples", *(f"label_{c}" for c in range(histograms.shape[1]))]
+    role = ["honest" if honest is None or honest[d] else "attacker" for d in range(len(sizes))]
+    rows = [[d, role[d], int(sizes[d]), *(int(v) for v in histograms[d])] for d in range(len(sizes))]
     return _csv(rows, header)
 
 
-def summary(h: History, facts: dict[str, Any]) -> dict[str, Any]:
+def summary(h: History, facts: dict[str, Any], honest: np.ndarray | None = None) -> dict[str, Any]:
+    """Run-level results; accuracy and loss are over honest devices only (attackers apart)."""
     last = len(h.eval_rounds) - 1
-    mean_acc = [float(np.mean(a)) for a in h.accuracy]
-    min_acc = [float(np.min(a)) for a in h.accuracy]
-    local_mean = [float(np.mean(a)) for a in h.local_accuracy]
+    accuracy = [honest_only(a, honest) for a in h.accuracy]
+    mean_acc = [float(np.mean(a)) for a in accuracy]
+    min_acc = [float(np.min(a)) for a in accuracy]
+    local_mean = [float(np.mean(honest_only(a, honest))) for a in h.local_accuracy]
     after_mean = mean_acc[-len(local_mean) :] if local_mean else []
     total_bytes = np.sum(h.bytes_sent, axis=0) if h.bytes_sent else np.zeros(1)
     out: dict[str, Any] = dict(facts)
     out |= {
         "rounds_done": len(h.round_time_s),
-        "final": {"accuracy": spread(h.accuracy[last]), "loss": spread(h.loss[last])},
+        "final": {"accuracy": spread(accuracy[last]), "loss": spread(honest_only(h.loss[last], honest))},
         "best_mean_accuracy": max(mean_acc[1:] or mean_acc),
         "rounds_to_mean_accuracy": {str(t): rounds_to_accuracy(h.eval_rounds, mean_acc, t) for t in ACCURACY_TARGETS},
         "rounds_to_min_accuracy": {str(t): rounds_to_accuracy(h.eval_rounds, min_acc, t) for t in ACCURACY_TARGETS},
@@ -177,6 +193,10 @@ def summary(h: History, facts: dict[str, Any]) -> dict[str, Any]:
         "round_time_s_mean": float(np.mean(h.round_time_s)) if h.round_time_s else None,
         "oscillation": oscillation(local_mean, after_mean) if local_mean else None,
     }
+    out["attackers"] = 0
+    if honest is not None and not honest.all():
+        out["attackers"] = int(np.sum(~honest))
+        out["final_attackers"] = {"accuracy": spread(h.accuracy[last][~honest])}
     return out
 
 
@@ -186,12 +206,14 @@ def write_results(
     facts: dict[str, Any],
     sizes: np.ndarray,
     histograms: np.ndarray,
+    honest: np.ndarray | None = None,
     files: ResultFiles | None = None,
 ) -> dict[str, Any]:
-    """Every result file of a finished run (``files``: the run's per-round writer, if it had one)."""
-    (files or ResultFiles(directory)).update(h)
-    atomic.write_text(directory / "devices.csv", devices_csv(sizes, histograms))
-    result = summary(h, facts)
+    """All result files; ``honest`` (bool [N]) marks the devices that are not attackers;
+    ``files``: the run's per-round writer of metrics.csv / rounds.csv, if it had one."""
+    (files or ResultFiles(directory, honest)).update(h)
+    atomic.write_text(directory / "devices.csv", devices_csv(sizes, histograms, honest))
+    result = summary(h, facts, honest)
     atomic.write_text(directory / "summary.json", json.dumps(result, indent=2, default=_json_default) + "\n")
     return result
 
@@ -202,7 +224,3 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
-
-
-def read_summary(directory: Path) -> dict[str, Any]:
-    return json.loads((directory / "summary.json").read_text())

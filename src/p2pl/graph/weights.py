@@ -15,6 +15,7 @@ simulator and the networked node cannot drift apart.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -94,6 +95,18 @@ def _check_sizes(sizes: np.ndarray, what: str) -> None:
         raise P2PLError(f"{what} must all be positive (every device needs local data), got {sizes.min()}")
 
 
+def bounded_claims(own: np.ndarray, claimed: np.ndarray, max_ratio: float) -> np.ndarray:
+    """A neighbour's claimed data size as a receiver counts it: within [own / r, own * r].
+
+    A size is a neighbour's word, never checkable: bounding it relative to the receiver's own
+    size means no single neighbour can take over a row of W (2^52) or vanish from it (0) by lying.
+    Non-finite claims count as the receiver's own size."""
+    own = np.asarray(own, dtype=np.float64)
+    claimed = np.asarray(claimed, dtype=np.float64)
+    claimed = np.where(np.isfinite(claimed), claimed, own)
+    return np.clip(claimed, own / max_ratio, own * max_ratio)
+
+
 def _undirected_edges(num_devices: int, edges: np.ndarray) -> np.ndarray:
     """Validate and canonicalize edges to unique rows with u < v (duplicates would inflate degrees)."""
     e = np.asarray(edges)
@@ -110,9 +123,17 @@ def _undirected_edges(num_devices: int, edges: np.ndarray) -> np.ndarray:
 
 
 def mixing_weights(
-    num_devices: int, edges: np.ndarray, rule: str, data_sizes: np.ndarray | None = None
+    num_devices: int,
+    edges: np.ndarray,
+    rule: str,
+    data_sizes: np.ndarray | None = None,
+    claimed_sizes: np.ndarray | None = None,
+    max_size_ratio: float = math.inf,
 ) -> MixingWeights:
-    """W for the live undirected links ``edges`` (int64 [E, 2]); isolated devices keep W_nn = 1."""
+    """W for the live undirected links ``edges`` (int64 [E, 2]); isolated devices keep W_nn = 1.
+
+    ``claimed_sizes`` are the sizes devices announce (default: the true ``data_sizes``); each
+    receiver bounds a neighbour's claim by :func:`bounded_claims`."""
     rule = choose("consensus weight rule (consensus.weights)", rule, WEIGHT_RULES)
     if num_devices < 1:
         raise P2PLError(f"devices must be a positive integer, got {num_devices}")
@@ -134,15 +155,11 @@ def mixing_weights(
             raise P2PLError(f"data_sizes has {sizes.shape[0]} entries for {num_devices} devices")
         _check_sizes(sizes, "data sizes")
 
-    weight, self_weight = _row_formula(
-        rule,
-        dst,
-        degree,
-        degree[src],
-        sizes,
-        None if sizes is None else sizes[src],
-        max_degree,
-    )
+    neighbour_sizes = None
+    if sizes is not None:
+        claims = sizes if claimed_sizes is None else np.asarray(claimed_sizes, dtype=np.float64).reshape(-1)
+        neighbour_sizes = bounded_claims(sizes[dst], claims[src], max_size_ratio)
+    weight, self_weight = _row_formula(rule, dst, degree, degree[src], sizes, neighbour_sizes, max_degree)
     return MixingWeights(num_devices, dst, src, weight, self_weight)
 
 
@@ -155,6 +172,7 @@ def row_weights(
     own_size: float | None = None,
     neighbour_sizes: Sequence[float] | None = None,
     max_degree: int | None = None,
+    max_size_ratio: float = math.inf,
 ) -> tuple[float, dict[int, float]]:
     """One device's row of W from local knowledge: ``(W_nn, {m: W_nm})``.
 
@@ -182,7 +200,9 @@ def row_weights(
         nbr_sizes = np.asarray(list(neighbour_sizes), dtype=np.float64).reshape(-1)
         if nbr_sizes.shape[0] != ids.shape[0]:
             raise P2PLError(f"device {own_id}: {nbr_sizes.shape[0]} sizes for {ids.shape[0]} neighbours")
-        _check_sizes(np.concatenate([own_sizes, nbr_sizes]), f"device {own_id}: data sizes")
+        _check_sizes(own_sizes, f"device {own_id}: data size")
+        nbr_sizes = bounded_claims(np.full(nbr_sizes.shape, own_size), nbr_sizes, max_size_ratio)
+        _check_sizes(nbr_sizes, f"device {own_id}: neighbour data sizes")
     if rule != "metropolis":
         degs = np.zeros(ids.shape[0], dtype=np.int64)  # unused by the other rules
 

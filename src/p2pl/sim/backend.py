@@ -46,7 +46,7 @@ class Backend(Protocol):
     def evaluate(self) -> tuple[np.ndarray, np.ndarray]:
         """Every device's (accuracy, loss) on the common test set."""
 
-    def exchange(self, links: RoundLinks) -> np.ndarray:
+    def exchange(self, links: RoundLinks, round_index: int) -> np.ndarray:
         """The algorithm's cooperation step; returns the bytes each device sent."""
 
     def consensus_distance(self) -> float: ...

@@ -28,6 +28,7 @@ from p2pl.algorithms.base import RoundLinks
 from p2pl.config import ExperimentConfig, dumps_config
 from p2pl.core.consensus import consensus_distance
 from p2pl.core.evaluate import evaluate
+from p2pl.core.rounds import NetworkCooperation, train_with_rollback
 from p2pl.core.train import choose_strategy
 from p2pl.errors import P2PLError, choose
 from p2pl.experiment import Experiment, build_experiment, config_fingerprint
@@ -61,19 +62,21 @@ class LocalBackend:
         self.exp = exp
         self.trainer = exp.trainer(strategy)
         self.strategy = getattr(self.trainer, "strategy", "reference")
+        self.cooperation = NetworkCooperation(exp.algorithm.cooperation(exp.setting), exp.setting.facts(), exp.cfg.seed)
         self._params = torch.empty(0)
 
     def start(self) -> Started:
-        start = self.exp.algorithm.start(self.exp.device_inits(), self.exp.setting)
-        self._params = start.params
-        return Started(start.sync_steps, float(np.mean(start.bytes_sent)))
+        self._params, start = self.exp.start_params()
+        return Started(start.steps, float(np.mean(start.bytes_sent)))
 
     def restore(self, params: torch.Tensor, optimizer: dict[str, torch.Tensor]) -> None:
         self._params = params
         self.trainer.load_state_tensors(optimizer)
 
     def train(self, round_index: int, work: np.ndarray | None) -> np.ndarray:
-        stats = self.trainer.train(self._params, round_index, work)
+        # Under attack a neighbour's parameters can make training blow up: roll such rows back.
+        guard = self.exp.setting.adversary.active
+        stats, _ = train_with_rollback(self.trainer, self._params, round_index, work, guard)
         return stats.mean_loss.double().numpy()
 
     def evaluate(self) -> tuple[np.ndarray, np.ndarray]:
@@ -84,10 +87,11 @@ class LocalBackend:
         )  # fmt: skip
         return acc.numpy(), loss.numpy()
 
-    def exchange(self, links: RoundLinks) -> np.ndarray:
-        exchanged = self.exp.algorithm.exchange(self._params, links, self.exp.setting)
-        self._params = exchanged.params
-        return exchanged.bytes_sent
+    def exchange(self, links: RoundLinks, round_index: int) -> np.ndarray:
+        if not links.cooperate:
+            return np.zeros(self._params.shape[0], dtype=np.int64)
+        self._params, sent = self.cooperation.run(self._params, links.live_edges, links.active, round_index)
+        return sent
 
     def consensus_distance(self) -> float:
         return consensus_distance(self._params)
@@ -132,7 +136,7 @@ def _round(backend: Backend, cfg: ExperimentConfig, k: int, net: RoundNetwork) -
         local_eval = backend.evaluate()
         clock["evaluate"] += time.perf_counter() - t
     t = time.perf_counter()
-    sent = backend.exchange(RoundLinks(net.live_edges, net.active, net.cooperate))
+    sent = backend.exchange(RoundLinks(net.live_edges, net.active, net.cooperate), k)
     clock["exchange"] += time.perf_counter() - t
     distance = backend.consensus_distance()
     t = time.perf_counter()
@@ -245,7 +249,7 @@ def _run(
         start_round = 1
 
     phase_time = {p: 0.0 for p in PHASES}
-    files = ResultFiles(directory) if directory is not None else None
+    files = ResultFiles(directory, exp.honest()) if directory is not None else None
     if files is not None:
         files.update(history)  # round 0 (and, on resume, the rounds already run) before round 1
     last_round = cfg.rounds if stop_after is None else min(cfg.rounds, stop_after)
@@ -281,7 +285,7 @@ def _run(
         if files is not None:
             files.update(history)  # metrics.csv / rounds.csv as each round ends
         if progress is not None:
-            last = history.accuracy[-1]
+            last = history.accuracy[-1][exp.honest()] if exp.setting.adversary.active else history.accuracy[-1]
             progress(k, cfg.rounds, {"acc_mean": float(last.mean()), "acc_min": float(last.min())})
 
     facts = {
@@ -299,6 +303,9 @@ def _run(
         "edges": len(exp.topology.edges),
         "weights": cfg.consensus.weights if exp.algorithm.uses_graph else None,
         "sync": bool(cfg.sync.enabled and exp.algorithm.uses_graph),
+        "sync_mode": cfg.sync.mode if cfg.sync.enabled and exp.algorithm.uses_graph else None,
+        "aggregation": cfg.consensus.aggregation if exp.algorithm.uses_graph else None,
+        "attack": exp.setting.adversary.attack if exp.setting.adversary.active else None,
         "sync_steps": sync_steps,
         "sync_bytes_per_device": sync_bytes,
         "wall_time_s": float(sum(history.round_time_s)),
@@ -306,7 +313,9 @@ def _run(
     facts |= engine.facts()
     summary: dict[str, Any]
     if directory is not None:
-        summary = write_results(directory, history, facts, exp.setting.data_sizes, exp.label_histograms(), files)
+        summary = write_results(
+            directory, history, facts, exp.setting.data_sizes, exp.label_histograms(), exp.honest(), files
+        )
     else:
-        summary = make_summary(history, facts)
+        summary = make_summary(history, facts, exp.honest())
     return RunResult(summary, engine.params(), history, exp, phase_time)
