@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from p2pl.config import ExperimentConfig
-from p2pl.results import ROUND_COLUMNS, ResultFiles, metrics_csv, rounds_csv
+from p2pl.results import ROUND_COLUMNS, SYSTEM_COLUMNS, ResultFiles, metrics_csv, rounds_csv
 from p2pl.sim.simulator import run_experiment
 
 
@@ -72,3 +72,21 @@ def test_incremental_files_equal_a_render_of_the_whole_history(
     assert (tmp_path / "rounds.csv").read_text() == rounds_csv(result.history)
     assert _rows(tmp_path / "metrics.csv")[0].keys() >= {"local_accuracy", "local_loss"}
     assert ResultFiles.render(result.history) == (metrics_csv(result.history), rounds_csv(result.history))
+
+
+def test_system_model_columns_are_written_round_by_round(
+    tiny_config: Callable[..., ExperimentConfig], tmp_path: Path
+) -> None:
+    """With [system] on, its columns appear from the first costed round and the file written as
+    the run went equals a render of the finished history."""
+    seen: list[list[str]] = []
+
+    def watch(k: int, total: int, metrics: dict[str, float]) -> None:
+        seen.append(list(_rows(tmp_path / "rounds.csv")[0]))
+
+    result = run_experiment(tiny_config("rounds=3", "system.enabled=true"), tmp_path, progress=watch)
+    assert all(header == ROUND_COLUMNS + SYSTEM_COLUMNS for header in seen)
+    assert (tmp_path / "rounds.csv").read_text() == rounds_csv(result.history)
+    rows = _rows(tmp_path / "rounds.csv")
+    sim = np.array([float(r["sim_round_s"]) for r in rows[1:]])
+    np.testing.assert_allclose([float(r["sim_time_s"]) for r in rows[1:]], np.cumsum(sim), rtol=1e-5)

@@ -34,6 +34,10 @@ class History:
     train_time_s: list[float] = field(default_factory=list)
     exchange_time_s: list[float] = field(default_factory=list)
     evaluate_time_s: list[float] = field(default_factory=list)
+    # system model (p2pl.system, only when [system] is enabled): one entry per finished round
+    system_round_s: list[float] = field(default_factory=list)  # simulated synchronous round
+    system_finish_s_mean: list[float] = field(default_factory=list)  # mean device finish in it
+    system_energy_j: list[np.ndarray] = field(default_factory=list)  # each [N] joules
 
 
 def rounds_to_accuracy(rounds: list[int], mean_accuracy: list[float], target: float) -> int | None:

@@ -70,6 +70,41 @@ ROUND_COLUMNS = [
 _PHASES = ("train_time_s", "exchange_time_s", "evaluate_time_s")
 
 
+# The system model's columns (p2pl.system; only when [system] is enabled): the simulated round,
+# the mean device's finish in it, simulated time so far, joules per device in the round (mean,
+# max, all devices) and so far (mean and max device).
+SYSTEM_COLUMNS = [
+    "sim_round_s", "sim_device_s_mean", "sim_time_s", "energy_j_mean", "energy_j_max", "energy_j_total",
+    "energy_j_cum_mean", "energy_j_cum_max",
+]  # fmt: skip
+
+
+def _system_cumulative(h: History) -> tuple[np.ndarray, np.ndarray]:
+    """(simulated seconds, [rounds + 1, N] joules per device) up to the end of each round 0..K."""
+    seconds = np.concatenate([[0.0], np.cumsum(h.system_round_s)])
+    n = len(h.system_energy_j[0]) if h.system_energy_j else 0
+    joules = (
+        np.concatenate([np.zeros((1, n)), np.cumsum(np.stack(h.system_energy_j), axis=0)]) if n else np.zeros((1, 0))
+    )
+    return seconds, joules
+
+
+def _system_row(h: History, r: int, seconds: float, joules: np.ndarray) -> dict[str, Any]:
+    """The system columns of round ``r``; ``seconds`` / ``joules``: simulated totals up to its end."""
+    row: dict[str, Any] = {"sim_time_s": _fmt(seconds)}
+    if r > 0:
+        energy = h.system_energy_j[r - 1]
+        row |= {
+            "sim_round_s": _fmt(h.system_round_s[r - 1]),
+            "sim_device_s_mean": _fmt(h.system_finish_s_mean[r - 1]),
+            "energy_j_mean": _fmt(float(energy.mean())),
+            "energy_j_max": _fmt(float(energy.max())),
+            "energy_j_total": _fmt(float(energy.sum())),
+        }
+    row |= {"energy_j_cum_mean": _fmt(float(joules.mean())), "energy_j_cum_max": _fmt(float(joules.max()))}
+    return row
+
+
 def honest_only(values: np.ndarray, honest: np.ndarray | None) -> np.ndarray:
     """The values of honest devices (all values when the run had no attackers)."""
     return values if honest is None or len(honest) != len(values) else values[honest]
@@ -82,10 +117,13 @@ def _round_row(
     local_by_round: dict[int, tuple[np.ndarray, np.ndarray]],
     elapsed: float,
     honest: np.ndarray | None,
+    system: tuple[float, np.ndarray] | None = None,
 ) -> list[Any]:
     """rounds.csv row of round ``r`` (round 0: after initialization/sync, before any training);
-    accuracy and loss spreads are over honest devices."""
-    row: dict[str, Any] = dict.fromkeys(ROUND_COLUMNS, "")
+    accuracy and loss spreads are over honest devices; ``system``: the system model's simulated
+    seconds and joules per device up to the end of round ``r`` (its columns are added)."""
+    columns = ROUND_COLUMNS + (SYSTEM_COLUMNS if system is not None else [])
+    row: dict[str, Any] = dict.fromkeys(columns, "")
     row["round"] = r
     if r in evals:
         for metric, values in (("accuracy", h.accuracy[evals[r]]), ("loss", h.loss[evals[r]])):
@@ -110,7 +148,9 @@ def _round_row(
             if k < len(times):
                 row[phase] = f"{times[k]:.3f}" if np.isfinite(times[k]) else "nan"
     row["elapsed_s"] = f"{elapsed:.3f}"
-    return [row[c] for c in ROUND_COLUMNS]
+    if system is not None:
+        row |= _system_row(h, r, *system)
+    return [row[c] for c in columns]
 
 
 def rounds_csv(h: History, honest: np.ndarray | None = None) -> str:
@@ -134,6 +174,9 @@ class ResultFiles:
         self._metrics: list[str] = []  # CSV text of each evaluation's rows
         self._rounds: list[str] = []  # CSV text of each round's row
         self._elapsed = 0.0
+        self._system = False  # the system model's columns ([system] enabled)
+        self._sim_seconds = 0.0  # its simulated seconds and joules per device so far
+        self._joules = np.zeros(0)
 
     @classmethod
     def render(cls, h: History, honest: np.ndarray | None = None) -> tuple[str, str]:
@@ -150,11 +193,21 @@ class ResultFiles:
             self._with_local, self._metrics = bool(local_by_round), []
         for i in range(len(self._metrics), len(h.eval_rounds)):
             self._metrics.append(_metrics_text(h, i, local_by_round))
+        system = bool(h.system_energy_j) and len(h.system_energy_j) == len(h.round_time_s)
+        if system != self._system:
+            # The system model's columns appear with its first costed round: re-render once.
+            self._system, self._rounds, self._elapsed = system, [], 0.0
         evals = {r: i for i, r in enumerate(h.eval_rounds)}
         for r in range(len(self._rounds), len(h.round_time_s) + 1):
+            if r == 0 and system:
+                self._sim_seconds, self._joules = 0.0, np.zeros(len(h.system_energy_j[0]))
             if r > 0:
                 self._elapsed += h.round_time_s[r - 1]
-            self._rounds.append(_csv([_round_row(h, r, evals, local_by_round, self._elapsed, self.honest)]))
+                if system:
+                    self._sim_seconds += h.system_round_s[r - 1]
+                    self._joules = self._joules + h.system_energy_j[r - 1]
+            costs = (self._sim_seconds, self._joules) if system else None
+            self._rounds.append(_csv([_round_row(h, r, evals, local_by_round, self._elapsed, self.honest, costs)]))
         if self.directory is not None:
             metrics, rounds = self.texts()
             atomic.write_text(self.directory / "metrics.csv", metrics)
@@ -162,7 +215,8 @@ class ResultFiles:
 
     def texts(self) -> tuple[str, str]:
         header = METRIC_COLUMNS + (LOCAL_METRIC_COLUMNS if self._with_local else [])
-        return _csv([], header) + "".join(self._metrics), _csv([], ROUND_COLUMNS) + "".join(self._rounds)
+        columns = ROUND_COLUMNS + (SYSTEM_COLUMNS if self._system else [])
+        return _csv([], header) + "".join(self._metrics), _csv([], columns) + "".join(self._rounds)
 
 
 def devices_csv(sizes: np.ndarray, histograms: np.ndarray, honest: np.ndarray | None = None) -> str:
@@ -197,7 +251,22 @@ def summary(h: History, facts: dict[str, Any], honest: np.ndarray | None = None)
     if honest is not None and not honest.all():
         out["attackers"] = int(np.sum(~honest))
         out["final_attackers"] = {"accuracy": spread(h.accuracy[last][~honest])}
+    if h.system_energy_j and len(h.system_energy_j) == len(h.round_time_s):
+        out |= system_summary(h, mean_acc)
     return out
+
+
+def system_summary(h: History, mean_acc: list[float]) -> dict[str, Any]:
+    """Simulated seconds and joules (p2pl.system): totals, per device, and to each accuracy target."""
+    seconds, joules = _system_cumulative(h)
+    reached = {str(t): rounds_to_accuracy(h.eval_rounds, mean_acc, t) for t in ACCURACY_TARGETS}
+    return {
+        "simulated_time_s": float(seconds[-1]),
+        "energy_j_per_device": spread(joules[-1]),
+        "energy_j_total": float(joules[-1].sum()),
+        "time_to_mean_accuracy_s": {t: None if r is None else float(seconds[r]) for t, r in reached.items()},
+        "energy_to_mean_accuracy_j": {t: None if r is None else float(joules[r].mean()) for t, r in reached.items()},
+    }
 
 
 def write_results(

@@ -24,6 +24,7 @@ def main(args: argparse.Namespace) -> int:
     # Imported once the config is known to be good: torch takes seconds to import.
     from p2pl.report import console, round_progress, summary_table
     from p2pl.sim.simulator import run_experiment
+    from p2pl.system.summary import cost_line
 
     enabled = cfg.output.progress and not args.quiet
     with round_progress(f"{cfg.algorithm} x{cfg.devices}", cfg.rounds, enabled) as update:
@@ -32,5 +33,7 @@ def main(args: argparse.Namespace) -> int:
             backend=args.backend, address=args.address, shards=args.shards,
         )  # fmt: skip
     console.print(summary_table({cfg.algorithm: result.summary}))
+    if (cost := cost_line(result.summary)) is not None:  # [system] on
+        console.print(cost)
     console.print(f"results in {directory}/ (metrics.csv, rounds.csv, summary.json, config.toml)")
     return 0

@@ -36,12 +36,15 @@ import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
 from p2pl.errors import P2PLError, choose
+
+T = TypeVar("T")
 
 #: Largest |value| a parameter row may hold after cooperation before it counts as exploding:
 #: far above any trained network's weights, far below float32 overflow (3.4e38) in a sum.
@@ -167,6 +170,17 @@ def _mean(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: G
     return torch.addcmul(mixed, self_w, own)
 
 
+def _spread(run: Callable[[T], None], jobs: list[T], device: torch.device) -> None:
+    """Run independent chunk jobs over torch's CPU threads (numpy and torch release the GIL)."""
+    workers = torch.get_num_threads() if device.type == "cpu" else 1
+    if workers > 1 and len(jobs) > 1:
+        with ThreadPoolExecutor(max_workers=workers) as threads:
+            list(threads.map(run, jobs))
+    else:
+        for job in jobs:
+            run(job)
+
+
 def _by_degree(
     own: torch.Tensor,
     pool: torch.Tensor,
@@ -202,13 +216,7 @@ def _by_degree(
             ordered = stack.sort(dim=-1).values
         out[idx] = reduce(ordered)
 
-    workers = torch.get_num_threads() if own.device.type == "cpu" else 1
-    if workers > 1 and len(jobs) > 1:
-        with ThreadPoolExecutor(max_workers=workers) as pool_of_threads:
-            list(pool_of_threads.map(run, jobs))
-    else:
-        for part in jobs:
-            run(part)
+    _spread(run, jobs, own.device)
     return out
 
 
@@ -237,15 +245,29 @@ def _median(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage:
 
 
 def _edge_distances(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods) -> np.ndarray:
-    """||pool[src] − own[dst]|| per neighbourhood entry, in memory-bounded chunks."""
+    """||pool[src] − own[dst]|| per neighbourhood entry, in cache-sized chunks over CPU threads."""
     dst, m = hoods.dst, len(hoods.src)
     out = np.empty(m, dtype=np.float64)
     chunk = max(1, GATHER_BUDGET // max(own.shape[1], 1))
-    for lo in range(0, m, chunk):
+
+    def run(lo: int) -> None:
         s = torch.from_numpy(hoods.src[lo : lo + chunk]).to(pool.device)
         d = torch.from_numpy(dst[lo : lo + chunk]).to(own.device)
         out[lo : lo + chunk] = torch.linalg.vector_norm(pool[s] - own[d], dim=1).double().cpu().numpy()
+
+    _spread(run, list(range(0, m, chunk)), own.device)
     return out
+
+
+def one_row(self_weight: float, weights: list[float]) -> Neighbourhoods:
+    """The neighbourhood of a single device hearing pool rows ``0..k-1`` (a node's view)."""
+    k = len(weights)
+    return Neighbourhoods(
+        np.array([0, k], dtype=np.int64),
+        np.arange(k, dtype=np.int64),
+        np.asarray(weights, dtype=np.float64),
+        np.array([self_weight], dtype=np.float64),
+    )
 
 
 def clip_radius(distances: np.ndarray, weight: np.ndarray, indptr: np.ndarray, quantile: float) -> np.ndarray:
@@ -359,6 +381,7 @@ __all__ = [
     "broken_rows",
     "clip_radius",
     "finish",
+    "one_row",
     "rollback_broken",
     "trim_count",
     "weighted_average",

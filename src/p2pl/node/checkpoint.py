@@ -38,6 +38,8 @@ class NodeHistory:
     bytes_sent: list[int] = field(default_factory=list)
     round_time_s: list[float] = field(default_factory=list)
     mixed: list[list[str]] = field(default_factory=list)  # neighbours mixed with, per round
+    compute_s: list[float] = field(default_factory=list)  # seconds training, per round
+    comm_s: list[float] = field(default_factory=list)  # seconds sending, waiting and mixing, per round
 
 
 @dataclass
@@ -62,6 +64,8 @@ def save(directory: Path, ckpt: NodeCheckpoint) -> None:
         "hist.train_loss": torch.tensor(h.train_loss, dtype=torch.float64),
         "hist.bytes_sent": torch.tensor(h.bytes_sent, dtype=torch.int64),
         "hist.round_time_s": torch.tensor(h.round_time_s, dtype=torch.float64),
+        "hist.compute_s": torch.tensor(h.compute_s, dtype=torch.float64),
+        "hist.comm_s": torch.tensor(h.comm_s, dtype=torch.float64),
     }
     tensors |= {f"opt.{k}": v.detach().contiguous() for k, v in ckpt.optimizer.items()}
     if ckpt.sync_params is not None:
@@ -93,6 +97,9 @@ def load(directory: Path, num_params: int | None = None) -> NodeCheckpoint | Non
             bytes_sent=[int(v) for v in tensors["hist.bytes_sent"]],
             round_time_s=[float(v) for v in tensors["hist.round_time_s"]],
             mixed=[[str(p) for p in row] for row in mixed],
+            # absent in checkpoints written before the node measured them
+            compute_s=[float(v) for v in tensors.get("hist.compute_s", torch.zeros(0))],
+            comm_s=[float(v) for v in tensors.get("hist.comm_s", torch.zeros(0))],
         )
         params = tensors["params"]
         rng_state = tensors["rng_state"]

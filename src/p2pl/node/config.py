@@ -97,6 +97,7 @@ class NodeNetworkConfig:
     max_degree: int = 0  # max-degree weights: the graph's max degree (0: own degree)
     backoff_max: float = 5.0  # longest pause before an unreachable neighbour is tried again
     max_rounds_ahead: int = 8  # buffer at most this many rounds of a faster neighbour
+    throttle_mbps: float = 0.0  # pace every send at this rate per link (emulates a slow radio); 0: off
 
 
 @dataclass
@@ -169,6 +170,7 @@ class NodeConfig:
             "checkpoint_every": self.checkpoint_every,
             "sync.max_steps": self.sync.max_steps,
             "network.max_degree": self.network.max_degree,
+            "network.throttle_mbps": self.network.throttle_mbps,
         }.items():
             if num < 0:
                 raise P2PLError(f"node config: {key} must be >= 0, got {num}")

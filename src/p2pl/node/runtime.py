@@ -206,6 +206,7 @@ class NodeRuntime:
             insecure=cfg.tls.insecure,
             backoff_initial=min(0.25, cfg.network.backoff_max),
             backoff_max=cfg.network.backoff_max,
+            throttle_bps=cfg.network.throttle_mbps * 1e6,
         )
         self.client.set_link_filter(lambda peer: not cfg.link_cut(peer, self.round_now))
         # (owner id, owner index, norm, flat params): the parameters this node serves on Fetch.
@@ -343,6 +344,8 @@ class NodeRuntime:
             h.bytes_sent.append(0)
             h.mixed.append([])
             h.round_time_s.append(0.0)
+            h.compute_s.append(0.0)
+            h.comm_s.append(0.0)
         self._checkpoint(target - 1)
         self._write_status()
         return target
@@ -470,6 +473,8 @@ class NodeRuntime:
         stats = self.trainer.train(self.params, k)
         if cfg.faults.round_delay_s:
             time.sleep(cfg.faults.round_delay_s)  # injected straggler
+        t_comm = time.perf_counter()
+        compute_s = t_comm - t0
         mixed: list[str] = []
         if k % cfg.consensus.every == 0 and self.peers:
             before = self.params[0].clone()
@@ -481,6 +486,7 @@ class NodeRuntime:
             if cfg.consensus.affinity < 1.0:
                 own = torch.lerp(before, own, cfg.consensus.affinity)  # as core.consensus does
             self.params = own.reshape(1, -1).clone()
+        comm_s = time.perf_counter() - t_comm
         if k % cfg.eval.every == 0 or k == cfg.rounds:
             acc, loss = self._evaluate()
             self.history.eval_rounds.append(k)
@@ -490,6 +496,8 @@ class NodeRuntime:
         self.history.bytes_sent.append(self._bytes_sent() - sent_before)
         self.history.mixed.append(mixed)
         self.history.round_time_s.append(time.perf_counter() - t0)
+        self.history.compute_s.append(compute_s)
+        self.history.comm_s.append(comm_s)
         if cfg.checkpoint_every and (k % cfg.checkpoint_every == 0 or k == cfg.rounds):
             self._checkpoint(k)
         self._write_status()
@@ -595,6 +603,9 @@ class NodeRuntime:
             "sync": None if self.sync is None else self.sync.__dict__,
             "sync_bytes": self.sync_bytes,
             "elapsed_s": time.time() - self._started,
+            # the last round's measured split (what the system model predicts: p2pl.system)
+            "compute_s": h.compute_s[-1] if h.compute_s else None,
+            "comm_s": h.comm_s[-1] if h.comm_s else None,
             "transport": {
                 "server": self.server.stats(),
                 "client": self.client.stats(),

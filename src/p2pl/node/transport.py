@@ -386,6 +386,7 @@ class PeerClient:
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
         max_parallel: int = 8,
+        throttle_bps: float = 0.0,
     ) -> None:
         _check_security(device_id, tls, insecure, "PeerClient")
         if attempts < 1 or retry_delay < 0 or backoff_initial < 0 or backoff_max < backoff_initial:
@@ -399,6 +400,9 @@ class PeerClient:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self._max_parallel = max(1, int(max_parallel))
+        # Emulates a slow link: a send first holds this peer's link for len(message) * 8 / rate
+        # seconds, so sends to different peers overlap (send_many) like separate links.
+        self.throttle_bps = float(throttle_bps)
         self._peers: dict[str, _PeerState] = {}
         self._lock = threading.Lock()
         self._counters: Counter[str] = Counter()
@@ -576,6 +580,8 @@ class PeerClient:
                 self.max_message_bytes,
             )
             return False
+        if self.throttle_bps > 0:
+            time.sleep(len(message) * 8 / self.throttle_bps)
         ack = self._call("send", peer_id, address, message, timeout)
         if ack is None:
             return False

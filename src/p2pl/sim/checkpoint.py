@@ -56,6 +56,10 @@ def save(directory: Path, ckpt: Checkpoint) -> None:
     tensors["hist.eval_rounds"] = torch.tensor(h.eval_rounds, dtype=torch.int64)
     for name in (*_PER_ROUND_SCALARS, *_PHASE_TIMES):
         tensors[f"hist.{name}"] = torch.tensor(getattr(h, name), dtype=torch.float64)
+    if h.system_energy_j:  # the system model's per-round costs (only when it is enabled)
+        tensors["hist.system_round_s"] = torch.tensor(h.system_round_s, dtype=torch.float64)
+        tensors["hist.system_finish_s_mean"] = torch.tensor(h.system_finish_s_mean, dtype=torch.float64)
+        tensors["hist.system_energy_j"] = _stack(h.system_energy_j, n)
     meta = {"round": str(ckpt.round), "meta": json.dumps(ckpt.meta)}
     atomic.write_bytes(directory / CHECKPOINT, st_save(tensors, metadata=meta))
 
@@ -88,5 +92,9 @@ def load(directory: Path) -> Checkpoint | None:
     for name in _PHASE_TIMES:  # absent from checkpoints written before phases were recorded
         times = tensors.get(f"hist.{name}", torch.full((len(h.round_time_s),), float("nan")))
         setattr(h, name, [float(v) for v in times])
+    if "hist.system_energy_j" in tensors:
+        h.system_round_s = [float(v) for v in tensors["hist.system_round_s"]]
+        h.system_finish_s_mean = [float(v) for v in tensors["hist.system_finish_s_mean"]]
+        h.system_energy_j = [row.numpy() for row in tensors["hist.system_energy_j"]]
     optimizer = {k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}
     return Checkpoint(round_index, tensors["params"], optimizer, h, extra)
