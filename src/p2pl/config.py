@@ -95,6 +95,8 @@ class LinksConfig:
 SYNC_MODES = ("verified", "flood")
 AGGREGATIONS = ("mean", "trimmed-mean", "median", "clipped")
 ATTACKS = ("none", "sync-hijack", "scale", "sign-flip", "gaussian", "alie", "label-flip", "silent", "data-size")
+#: Network-level misbehaviour that only a real node can play (p2pl.node.adversary).
+NODE_ATTACKS = ("hello-round", "header-bomb", "flood")
 PLACEMENTS = ("random", "degree")
 
 
@@ -162,8 +164,8 @@ class AdversaryConfig:
     placement: str = "random"  # random | degree (the highest-degree devices)
     scale: float = 0.0  # the attack's strength; 0 = the attack's documented default
 
-    def validate(self) -> None:
-        choose("adversary.attack", self.attack, ATTACKS)
+    def validate(self, attacks: tuple[str, ...] = ATTACKS) -> None:
+        choose("adversary.attack", self.attack, attacks)
         choose("adversary.placement", self.placement, PLACEMENTS)
         _require({"adversary.fraction": self.fraction}, lambda v: 0 <= v < 1, "in [0, 1)", "0.1")
         _require({"adversary.count": self.count}, lambda v: v >= 0, ">= 0", "10")

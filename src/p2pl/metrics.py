@@ -9,8 +9,10 @@ import numpy as np
 
 
 def spread(values: np.ndarray) -> dict[str, float]:
-    """mean / min / max across devices (the paper's claim is about *all* devices)."""
+    """mean / min / max across devices (the paper's claim is about *all* devices); NaN marks a
+    device with no value (a networked device that never reached the round) and is left out."""
     v = np.asarray(values, dtype=np.float64)
+    v = v[~np.isnan(v)] if np.isnan(v).any() and not np.isnan(v).all() else v
     return {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max())}
 
 

@@ -219,10 +219,16 @@ class ResultFiles:
         return _csv([], header) + "".join(self._metrics), _csv([], columns) + "".join(self._rounds)
 
 
-def devices_csv(sizes: np.ndarray, histograms: np.ndarray, honest: np.ndarray | None = None) -> str:
+def devices_csv(
+    sizes: np.ndarray, histograms: np.ndarray, honest: np.ndarray | None = None, status: list[str] | None = None
+) -> str:
+    """One row per device; ``status`` (networked runs: done, failed, missing, ...) adds a column."""
     header = ["device", "role", "samples", *(f"label_{c}" for c in range(histograms.shape[1]))]
     role = ["honest" if honest is None or honest[d] else "attacker" for d in range(len(sizes))]
-    rows = [[d, role[d], int(sizes[d]), *(int(v) for v in histograms[d])] for d in range(len(sizes))]
+    rows: list[list[Any]] = [[d, role[d], int(sizes[d]), *(int(v) for v in histograms[d])] for d in range(len(sizes))]
+    if status is not None:
+        header.append("status")
+        rows = [[*row, s] for row, s in zip(rows, status, strict=True)]
     return _csv(rows, header)
 
 
@@ -230,8 +236,9 @@ def summary(h: History, facts: dict[str, Any], honest: np.ndarray | None = None)
     """Run-level results; accuracy and loss are over honest devices only (attackers apart)."""
     last = len(h.eval_rounds) - 1
     accuracy = [honest_only(a, honest) for a in h.accuracy]
-    mean_acc = [float(np.mean(a)) for a in accuracy]
-    min_acc = [float(np.min(a)) for a in accuracy]
+    # nan-aware: a networked run reports NaN for a device that never reached a round.
+    mean_acc = [float(np.nanmean(a)) for a in accuracy]
+    min_acc = [float(np.nanmin(a)) for a in accuracy]
     local_mean = [float(np.mean(honest_only(a, honest))) for a in h.local_accuracy]
     after_mean = mean_acc[-len(local_mean) :] if local_mean else []
     total_bytes = np.sum(h.bytes_sent, axis=0) if h.bytes_sent else np.zeros(1)
@@ -276,12 +283,13 @@ def write_results(
     sizes: np.ndarray,
     histograms: np.ndarray,
     honest: np.ndarray | None = None,
+    status: list[str] | None = None,
     files: ResultFiles | None = None,
 ) -> dict[str, Any]:
     """All result files; ``honest`` (bool [N]) marks the devices that are not attackers;
     ``files``: the run's per-round writer of metrics.csv / rounds.csv, if it had one."""
     (files or ResultFiles(directory, honest)).update(h)
-    atomic.write_text(directory / "devices.csv", devices_csv(sizes, histograms, honest))
+    atomic.write_text(directory / "devices.csv", devices_csv(sizes, histograms, honest, status))
     result = summary(h, facts, honest)
     atomic.write_text(directory / "summary.json", json.dumps(result, indent=2, default=_json_default) + "\n")
     return result

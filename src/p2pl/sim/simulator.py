@@ -318,7 +318,7 @@ def _run(
     summary: dict[str, Any]
     if directory is not None:
         summary = write_results(
-            directory, history, facts, exp.setting.data_sizes, exp.label_histograms(), exp.honest(), files
+            directory, history, facts, exp.setting.data_sizes, exp.label_histograms(), exp.honest(), files=files
         )
     else:
         summary = make_summary(history, facts, exp.honest())
