@@ -17,10 +17,10 @@ from p2pl.core.cooperate import (
     Gossip,
     Neighbourhoods,
     aggregate,
-    broken_rows,
     clip_radius,
     finish,
     trim_count,
+    unsound_rows,
 )
 from p2pl.errors import P2PLError
 from p2pl.graph.topology import graph_edges
@@ -126,17 +126,19 @@ def test_one_huge_neighbour_cannot_move_a_robust_receiver_far(rule: str) -> None
     assert float(plain[victims].abs().max()) > 1e30
 
 
-def test_finish_blends_keeps_absent_rows_and_rolls_back_broken_rows() -> None:
+def test_finish_blends_keeps_absent_rows_and_rolls_back_unsound_rows() -> None:
     before = _params(5, 4, 4)
     after = _params(5, 4, 5)
     after[3, 1] = float("nan")
-    after[4, 0] = 1e20  # exploding
+    after[4, 0] = 1e5  # exploding: norm far beyond 1000 x its row before
     active = np.array([True, False, True, True, True])
     out = finish(Cooperation((Gossip(),), affinity=0.25), after, before, active)
     assert torch.allclose(out[0], 0.75 * before[0] + 0.25 * after[0])
     assert torch.equal(out[1], before[1])  # absent
     assert torch.equal(out[3], before[3]) and torch.equal(out[4], before[4])  # rolled back
-    assert broken_rows(torch.tensor([[1.0, math.inf], [0.0, 1.0], [1e16, 0.0]])).tolist() == [True, False, True]
+    rows = torch.tensor([[1.0, math.inf], [0.0, 1.0], [1e4, 0.0], [999.0, 0.0]])
+    assert unsound_rows(rows, torch.zeros(4, 2)).tolist() == [True, False, True, False]
+    assert unsound_rows(rows, torch.full((4, 2), 10.0)).tolist() == [True, False, False, False]
 
 
 def test_subset_keeps_each_rows_neighbourhood() -> None:

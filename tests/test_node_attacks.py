@@ -323,7 +323,7 @@ def test_header_metadata_bounds(tmp_path: Path) -> None:
             ),
         )
         assert liar is not None
-        mixed = rt._mix(own_row, {"dev-0": liar})
+        mixed, _ = rt._mix(1, own_row, {"dev-0": liar})
         assert torch.allclose(mixed, torch.full_like(own_row, 10 / 11))  # weight r / (1 + r), not ~1
         for bad in ({"degree": 0, "data_size": 5}, {"degree": 3, "data_size": 5}, {"degree": 1, "data_size": 0},
                     {"degree": 1}):  # fmt: skip
@@ -332,9 +332,16 @@ def test_header_metadata_bounds(tmp_path: Path) -> None:
         rt.close()
 
 
-def test_only_network_attacks_run_on_a_node(tmp_path: Path) -> None:
-    cfgs = _network(tmp_path, 2, [(0, 1)], {"adversary": {"attack": "sign-flip"}}, {})
-    with pytest.raises(P2PLError, match="not available on a node"):
+def test_row_attacks_send_what_the_simulator_sends_and_alie_stays_in_the_simulator(tmp_path: Path) -> None:
+    cfgs = _network(tmp_path, 2, [(0, 1)], {"adversary": {"attack": "sign-flip", "scale": 2.0}}, {})
+    rt = build_runtime(cfgs[0])
+    try:
+        row = torch.randn(rt.spec.total)
+        assert torch.equal(rt.outgoing(row, 3, 0), row * -2.0)
+    finally:
+        rt.close()
+    cfgs = _network(tmp_path / "alie", 2, [(0, 1)], {"adversary": {"attack": "alie"}}, {})
+    with pytest.raises(P2PLError, match="simulator only"):
         build_runtime(cfgs[0])
 
 
@@ -346,13 +353,14 @@ def test_mix_is_rolled_back_when_even_the_clean_rows_explode(tmp_path: Path) -> 
 
         own = torch.ones(rt.spec.total)
         fine = _Row(own * 2, 1, float(rt.data_size))
-        mixed, live = rt._mix_checked(1, own, {"dev-0": fine, "dev-2": fine})
+        mixed, live = rt._mix(1, own, {"dev-0": fine, "dev-2": fine})
         assert live == ["dev-0", "dev-2"] and torch.allclose(mixed, own * 5 / 3)
         huge = _Row(torch.full_like(own, 3.4e38), 1, float(rt.data_size))
-        mixed, live = rt._mix_checked(1, own, {"dev-0": huge, "dev-2": huge})
+        mixed, live = rt._mix(1, own, {"dev-0": huge, "dev-2": huge})
         assert live == [] and torch.equal(mixed, own)  # nothing sane left: the pre-mix row
-        mixed, live = rt._mix_checked(1, own, {"dev-0": fine, "dev-2": huge})
-        assert live == ["dev-0"] and torch.allclose(mixed, own * 1.5)
+        mixed, live = rt._mix(1, own, {"dev-0": fine, "dev-2": huge})
+        # the out-of-bounds neighbour's weight (1/3) goes to the device itself: 2/3 own + 1/3 fine
+        assert live == ["dev-0"] and torch.allclose(mixed, own * 4 / 3)
     finally:
         rt.close()
 

@@ -18,18 +18,26 @@ OVERRIDES = [
 ]  # fmt: skip
 
 
+ROBUST_UNDER_ATTACK = [
+    ["consensus.aggregation='trimmed-mean'", "consensus.trim=0.25", "adversary.attack='gaussian'", "adversary.count=1"],
+    ["consensus.aggregation='clipped'", "adversary.attack='sign-flip'", "adversary.count=1"],
+]
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(300)
-def test_launched_nodes_equal_the_simulator(tmp_path: Path) -> None:
-    """No faults, same seeds: every node's parameters after K rounds equal the simulator's."""
+@pytest.mark.parametrize("extra", [[], *ROBUST_UNDER_ATTACK], ids=["mean", "trimmed-gaussian", "clipped-signflip"])
+def test_launched_nodes_equal_the_simulator(tmp_path: Path, extra: list[str]) -> None:
+    """No faults, same seeds: every node's parameters after K rounds equal the simulator's, for
+    each aggregation rule, with and without an attacking node (one cooperation pipeline)."""
     from p2pl.sim.simulator import run_experiment
 
     out = tmp_path / "run"
     args = ["launch", "--out", str(out), "--quiet", "--timeout", "240"]
-    for o in OVERRIDES:
+    for o in [*OVERRIDES, *extra]:
         args += ["--set", o]
     assert cli(args) == 0
-    cfg = load_config(None, OVERRIDES)
+    cfg = load_config(None, [*OVERRIDES, *extra])
     sim = run_experiment(cfg)
     ids = json.loads((out / "launch.json").read_text())["devices"]
     assert len(ids) == 5
@@ -47,6 +55,7 @@ def test_launched_nodes_equal_the_simulator(tmp_path: Path) -> None:
     assert summary["sync_steps"] == sim.summary["sync_steps"]
     for stat in ("mean", "min", "max"):
         assert summary["final"]["accuracy"][stat] == pytest.approx(sim.summary["final"]["accuracy"][stat], abs=1e-3)
+    assert summary["attackers"] == sim.summary["attackers"] == (1 if extra else 0)
     with open(out / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == ["round", "device", "accuracy", "loss"]

@@ -143,6 +143,9 @@ class ConsensusConfig:
     # A neighbour's claimed data size counts within [own / r, own * r] (data-size weights), so no
     # one neighbour can steer a device's row of W by lying about its data.
     max_size_ratio: float = 10.0
+    # A row whose norm grows past this multiple of its own (or of 1) in one mix or one round of
+    # training is rolled back; in a mix, first retried without the out-of-bounds neighbours.
+    max_norm_ratio: float = 1000.0
 
     def validate(self) -> None:
         _require({"consensus.steps": self.steps, "consensus.every": self.every}, lambda v: v > 0,
@@ -151,6 +154,8 @@ class ConsensusConfig:
         _require({"consensus.trim": self.trim}, lambda v: 0 <= v < 0.5, "in [0, 0.5)", "0.2")
         _require({"consensus.clip_quantile": self.clip_quantile}, lambda v: 0 < v <= 1, "in (0, 1]", "0.8")
         _require({"consensus.max_size_ratio": self.max_size_ratio}, lambda v: v >= 1, ">= 1", "10")
+        _require({"consensus.max_norm_ratio": self.max_norm_ratio}, lambda v: 1 < v < float("inf"), "> 1 and finite",
+                 "1000")  # fmt: skip
         choose("consensus.aggregation", self.aggregation, AGGREGATIONS)
 
 

@@ -8,8 +8,10 @@ parameter rows:
    :class:`GlobalMean` (FedAvg's server: one weighted mean over every present device);
 2. the affinity blend ``(1 - a) * before + a * after`` (a = 1: plain P2PL);
 3. absent devices keep their rows exactly;
-4. a guard: a row that came out non-finite or exploding is rolled back to its row before
-   cooperation (a lying neighbour can make a round worse, never poison a device for good).
+4. a guard: a row that came out non-finite or exploding (norm beyond ``max_norm_ratio`` times
+   its row before, see :func:`unsound_rows`) is rolled back to that row. Inside each gossip step
+   a receiver whose result is unsound first retries without the neighbours whose own rows are
+   out of bounds (their weight goes to itself), as a real node does (:func:`gossip`).
 
 Each runtime supplies the rows it holds and the rows it heard, and calls the same functions:
 the simulator over all N rows at once, a Ray shard over its rows plus halo rows, a node over its
@@ -46,9 +48,9 @@ from p2pl.errors import P2PLError, choose
 
 T = TypeVar("T")
 
-#: Largest |value| a parameter row may hold after cooperation before it counts as exploding:
-#: far above any trained network's weights, far below float32 overflow (3.4e38) in a sum.
-MAX_ABS_PARAM = 1e15
+#: A row whose L2 norm exceeds this multiple of its reference row's norm (or of 1) counts as
+#: exploding (``consensus.max_norm_ratio``): no honest step grows a model 1000-fold.
+MAX_NORM_RATIO = 1000.0
 #: Values one gathered block of a robust rule may hold (4M floats = 16 MB: stays in cache, and
 #: no large fresh allocation per chunk).
 GATHER_BUDGET = 1 << 22
@@ -128,7 +130,8 @@ class Gossip:
 
     rule: str = "mean"
     trim: float = 0.2  # trimmed-mean: share cut at each end
-    clip_quantile: float = 0.8  # clipped: weighted quantile of the distances used as radius
+    clip_quantile: float = 0.8  # clipped: share of the neighbour weight trusted to set the radius
+    max_norm_ratio: float = MAX_NORM_RATIO  # see unsound_rows
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,7 @@ class Cooperation:
 
     stages: tuple[Stage, ...] = ()
     affinity: float = 1.0
+    max_norm_ratio: float = MAX_NORM_RATIO  # the guard after cooperation (see unsound_rows)
 
 
 def _mean(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip) -> torch.Tensor:
@@ -343,46 +347,72 @@ def weighted_average(params: torch.Tensor, weights: torch.Tensor, chunk: int = 4
 # ------------------------------------------------------------------------------------ finish
 
 
-def broken_rows(rows: torch.Tensor, limit: float = MAX_ABS_PARAM) -> torch.Tensor:
-    """bool [R]: rows holding a non-finite value or a value beyond ``limit`` (one pass)."""
-    peak = torch.linalg.vector_norm(rows, ord=math.inf, dim=1)
-    return ~(peak <= limit)  # NaN compares False, so NaN rows count as broken
+def unsound_rows(rows: torch.Tensor, reference: torch.Tensor, ratio: float = MAX_NORM_RATIO) -> torch.Tensor:
+    """bool [R]: rows that are non-finite or whose norm exceeds ``ratio`` x max(||reference||, 1)."""
+    norm = torch.linalg.vector_norm(rows, dim=-1)
+    bound = ratio * torch.linalg.vector_norm(reference, dim=-1).clamp_min(1.0)
+    return ~(norm <= bound)  # NaN and inf compare False: unsound
 
 
-def rollback_broken(rows: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
-    """Restore broken rows of ``rows`` from ``before`` in place; returns their bool mask."""
-    bad = broken_rows(rows)
+def rollback_unsound(rows: torch.Tensor, before: torch.Tensor, ratio: float = MAX_NORM_RATIO) -> torch.Tensor:
+    """Restore unsound rows of ``rows`` from ``before`` in place; returns their bool mask."""
+    bad = unsound_rows(rows, before, ratio)
     if bool(bad.any()):
         rows[bad] = before[bad]
     return bad
 
 
+def gossip(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip) -> torch.Tensor:
+    """One gossip step with the safety net every runtime shares: a receiver whose result is
+    unsound retries without the neighbours whose own rows are out of bounds for it (their weight
+    goes to itself); if that is still unsound it keeps its row."""
+    mixed = aggregate(own, pool, hoods, stage)
+    bad = unsound_rows(mixed, own, stage.max_norm_ratio)
+    if not bool(bad.any()):
+        return mixed
+    rows = np.flatnonzero(bad.cpu().numpy())
+    sub = hoods.subset(rows)
+    dst = sub.dst
+    sent_norm = torch.linalg.vector_norm(pool[torch.from_numpy(sub.src).to(pool.device)], dim=-1)
+    own_norm = torch.linalg.vector_norm(own[torch.from_numpy(rows).to(own.device)], dim=-1).clamp_min(1.0)
+    suspect = (~(sent_norm <= stage.max_norm_ratio * own_norm[torch.from_numpy(dst).to(own.device)])).cpu().numpy()
+    keep = ~suspect
+    self_weight = sub.self_weight + np.bincount(dst, weights=np.where(suspect, sub.weight, 0.0), minlength=len(rows))
+    reduced = Neighbourhoods.from_edges(len(rows), dst[keep], sub.src[keep], sub.weight[keep], self_weight)
+    index = torch.from_numpy(rows).to(own.device)
+    retry = aggregate(own[index], pool, reduced, stage)
+    rollback_unsound(retry, own[index], stage.max_norm_ratio)
+    mixed[index] = retry
+    return mixed
+
+
 def finish(coop: Cooperation, after: torch.Tensor, before: torch.Tensor, active: np.ndarray | None) -> torch.Tensor:
-    """Affinity blend, absent rows kept, broken rows rolled back (returns a new tensor)."""
+    """Affinity blend, absent rows kept, unsound rows rolled back (returns a new tensor)."""
     out = after if coop.affinity >= 1.0 else torch.lerp(before, after, coop.affinity)
     if out is before:
         out = before.clone()
     if active is not None and not bool(np.all(active)):
         absent = torch.from_numpy(~np.asarray(active, dtype=bool)).to(out.device)
         out[absent] = before[absent]
-    rollback_broken(out, before)
+    rollback_unsound(out, before, coop.max_norm_ratio)
     return out
 
 
 __all__ = [
     "AGGREGATION_RULES",
-    "MAX_ABS_PARAM",
+    "MAX_NORM_RATIO",
     "Cooperation",
     "GlobalMean",
     "Gossip",
     "Neighbourhoods",
     "Stage",
     "aggregate",
-    "broken_rows",
     "clip_radius",
     "finish",
+    "gossip",
     "one_row",
-    "rollback_broken",
+    "rollback_unsound",
     "trim_count",
+    "unsound_rows",
     "weighted_average",
 ]

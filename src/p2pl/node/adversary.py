@@ -16,8 +16,11 @@ strength; 0 means the default given here):
 ``flood``        each round also sends every neighbour ``scale`` (200) messages with distinct keys:
                  parameters for far-future rounds and steps, sync claims, hellos.
 
-The parameter-level attacks (scale, sign-flip, gaussian, ALIE, label-flip) transform the row a
-node sends; they plug into :meth:`NodeRuntime.outgoing`.
+The parameter-level attacks ``scale``, ``sign-flip`` and ``gaussian`` are the simulator's own
+transforms (``core.adversary``), applied in :meth:`NodeRuntime.outgoing` with the same keyed draws,
+so an attacking node sends exactly what its simulated twin sends. ``label-flip`` is data: the
+node trains on the labels its data file holds (``p2pl launch`` writes the flipped ones). ALIE
+needs the rows it hears before it sends, which a node's round does not wait for: simulator only.
 """
 
 from __future__ import annotations
@@ -28,15 +31,18 @@ import struct
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
+from p2pl.core.adversary import DEFAULT_SCALE, Adversary, SendContext
+from p2pl.core.cooperate import one_row
 from p2pl.errors import P2PLError
 from p2pl.node import wire
 from p2pl.node.config import NodeConfig
 from p2pl.node.runtime import Claim, NodeRuntime
 from p2pl.node.transport import GRPC_SLACK_BYTES
 
-__all__ = ["NETWORK_ATTACKS", "AdversaryRuntime", "build_runtime"]
+__all__ = ["NETWORK_ATTACKS", "ROW_ATTACKS", "AdversaryRuntime", "build_runtime"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,8 @@ NETWORK_ATTACKS: dict[str, float] = {
     "header-bomb": 1_000_000.0,
     "flood": 200.0,
 }
+#: the simulator's row transforms a node applies to what it sends (see core.adversary)
+ROW_ATTACKS: dict[str, float] = {a: DEFAULT_SCALE[a] for a in ("scale", "sign-flip", "gaussian")}
 
 
 class AdversaryRuntime(NodeRuntime):
@@ -57,7 +65,10 @@ class AdversaryRuntime(NodeRuntime):
     def __init__(self, cfg: NodeConfig, *, fresh: bool = False) -> None:
         super().__init__(cfg, fresh=fresh)
         self.attack = cfg.adversary.attack
-        self.strength = cfg.adversary.scale or NETWORK_ATTACKS[self.attack]
+        self.strength = cfg.adversary.scale or {**NETWORK_ATTACKS, **ROW_ATTACKS}[self.attack]
+        self._rows = (
+            Adversary.of(cfg.adversary, np.array([cfg.index]), cfg.seed) if self.attack in ROW_ATTACKS else None
+        )
         if self.attack == "header-bomb":
             # Its own client must let the bomb out; a receiver's limit is what stops it.
             self.client.max_message_bytes = min(2**31 - 1 - GRPC_SLACK_BYTES, 64 * 1024 * 1024)
@@ -76,6 +87,13 @@ class AdversaryRuntime(NodeRuntime):
 
     def _served_init(self, init: torch.Tensor) -> torch.Tensor:
         return init * self.strength if self.attack == "sync-hijack" else init.clone()
+
+    def outgoing(self, row: torch.Tensor, round_index: int, step: int) -> torch.Tensor:
+        if self._rows is None:
+            return super().outgoing(row, round_index, step)
+        rows = row.reshape(1, -1)
+        ctx = SendContext(rows, one_row(1.0, []), self.cfg.seed, round_index, step)
+        return self._rows.send(rows, np.array([self.cfg.index]), ctx)[0]
 
     def hello_round(self) -> int:
         return int(self.strength) if self.attack == "hello-round" else super().hello_round()
@@ -127,11 +145,11 @@ class AdversaryRuntime(NodeRuntime):
 def build_runtime(cfg: NodeConfig, *, fresh: bool = False) -> NodeRuntime:
     """The runtime a node config asks for: honest, or one playing a network-level attack."""
     attack = cfg.adversary.attack
-    if attack == "none":
+    if attack in ("none", "label-flip"):  # label-flip: the data file holds the flipped labels
         return NodeRuntime(cfg, fresh=fresh)
-    if attack in NETWORK_ATTACKS:
+    if attack in NETWORK_ATTACKS or attack in ROW_ATTACKS:
         return AdversaryRuntime(cfg, fresh=fresh)
     raise P2PLError(
-        f"adversary.attack = {attack!r} transforms the parameters a node sends and is not available on "
-        f"a node; network-level attacks are {', '.join(NETWORK_ATTACKS)}"
+        f"adversary.attack = {attack!r} needs the rows a device hears before it sends and runs in the "
+        f"simulator only; a node plays {', '.join([*NETWORK_ATTACKS, *ROW_ATTACKS, 'label-flip'])}"
     )

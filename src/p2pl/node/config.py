@@ -35,7 +35,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,7 +111,6 @@ class NodeNetworkConfig:
     max_missed_rounds: int = 2  # stop waiting for a neighbour silent this many rounds (or sync steps), until it speaks
     # A trained or mixed row whose L2 norm exceeds this many times the row before it (or 1) is
     # rolled back: non-finite values and exploded parameters never leave a node.
-    max_norm_ratio: float = 1000.0
     throttle_mbps: float = 0.0  # pace every send at this rate per link (emulates a slow radio); 0: off
 
 
@@ -204,17 +202,8 @@ class NodeConfig:
                 raise P2PLError(f"node config: {key} must be > 0, got {sec}")
         self.training.validate()
         self.consensus.validate()
-        if self.consensus.aggregation != "mean":
-            # The node mixes by the weighted mean; robust rules come with the shared core pipeline.
-            raise P2PLError(
-                f"node config: consensus.aggregation = {self.consensus.aggregation!r} is not available on "
-                "p2pl nodes yet; use 'mean' (the simulator runs the robust rules)"
-            )
         self.adversary.validate(ATTACKS + NODE_ATTACKS)
         choose("sync.mode", self.sync.mode, SYNC_MODES)
-        if not 1 < self.network.max_norm_ratio < math.inf:
-            raise P2PLError(f"node config: network.max_norm_ratio must be a finite number > 1, got "
-                            f"{self.network.max_norm_ratio} (e.g. 1000)")  # fmt: skip
         if self.network.devices and not self.index < self.network.devices:
             raise P2PLError(f"node config: index {self.index} is outside network.devices = {self.network.devices}")
         if not self.data.train or not self.data.test:

@@ -47,7 +47,7 @@ from p2pl.core.consensus import consensus_distance
 from p2pl.errors import P2PLError
 from p2pl.metrics import History
 from p2pl.node import certs, checkpoint
-from p2pl.node.adversary import NETWORK_ATTACKS
+from p2pl.node.adversary import NETWORK_ATTACKS, ROW_ATTACKS
 from p2pl.node.checkpoint import NodeCheckpoint
 from p2pl.node.runtime import read_status
 
@@ -75,16 +75,12 @@ def check_launchable(cfg: ExperimentConfig) -> None:
         )
     if cfg.devices < 2:
         raise P2PLError(f"p2pl launch needs at least 2 devices, got {cfg.devices}")
-    if cfg.consensus.aggregation != "mean":
-        raise P2PLError(
-            f"consensus.aggregation = {cfg.consensus.aggregation!r} is not available on p2pl nodes yet; "
-            "use 'mean' with p2pl launch (the simulator runs the robust rules)"
-        )
     attack = cfg.adversary.attack
-    if attack != "none" and attack not in NETWORK_ATTACKS and attack != "label-flip":
+    playable = [*NETWORK_ATTACKS, *ROW_ATTACKS, "label-flip"]
+    if attack != "none" and attack not in playable:
         raise P2PLError(
-            f"adversary.attack = {attack!r} transforms the parameters a node sends and is not available on "
-            f"p2pl nodes; use the simulator, or one of {', '.join(NETWORK_ATTACKS)}, label-flip"
+            f"adversary.attack = {attack!r} needs the rows a device hears before it sends and runs in the "
+            f"simulator only; p2pl launch plays {', '.join(playable)}"
         )
 
 
@@ -216,7 +212,7 @@ def prepare_launch(
             "eval": {"every": cfg.eval.every, "test_batch": cfg.eval.test_batch},
             "peers": [{"id": ids[j], "index": j, "address": f"{host}:{ports[j]}"} for j in sorted(neighbours[i])],
         }
-        if not honest[i] and cfg.adversary.attack in NETWORK_ATTACKS:
+        if not honest[i] and (cfg.adversary.attack in NETWORK_ATTACKS or cfg.adversary.attack in ROW_ATTACKS):
             # label-flip needs nothing here: the attacker's data file already holds flipped labels.
             node["adversary"] = {"attack": cfg.adversary.attack, "scale": cfg.adversary.scale}
         if node_extra and i in node_extra:

@@ -5,7 +5,8 @@ init (``core.params.init_device_params`` keyed by its global index), local epoch
 ``core.train.VectorizedTrainer`` over its own samples (the shuffle keys depend only on the seed,
 round, epoch, device index and sample position, so a node holding only its data walks the
 simulator's batches), its row of W from ``graph.weights.row_weights``, and the mix as a
-``core.consensus.MixingOperator`` over [self; neighbours]. With no faults a node's parameters
+``core.cooperate.gossip`` over [self; neighbours]: the simulator's cooperation pipeline for one
+row (aggregation rule, safety net, affinity blend). With no faults a node's parameters
 equal the simulator's device row up to float rounding.
 
 What the network adds, with no coordinator anywhere:
@@ -68,14 +69,15 @@ import numpy as np
 import torch
 
 from p2pl import atomic
-from p2pl.core.consensus import MixingOperator
+from p2pl.algorithms.base import gossip_stages
+from p2pl.core.cooperate import Cooperation, Gossip, finish, gossip, one_row, unsound_rows
 from p2pl.core.evaluate import evaluate
 from p2pl.core.params import ParamSpec, init_device_params
 from p2pl.core.schedule import Partition
 from p2pl.core.train import VectorizedTrainer
 from p2pl.data.base import Dataset
 from p2pl.errors import P2PLError
-from p2pl.graph.weights import MixingWeights, row_weights
+from p2pl.graph.weights import row_weights
 from p2pl.models import build_model
 from p2pl.node import checkpoint, wire
 from p2pl.node.certs import TlsConfig, load_tls_config
@@ -140,22 +142,17 @@ def load_node_data(cfg: NodeConfig) -> Dataset:
 
 
 def mix_row(
-    own: torch.Tensor, neighbours: list[torch.Tensor], self_weight: float, weights: list[float]
+    own: torch.Tensor,
+    neighbours: list[torch.Tensor],
+    self_weight: float,
+    weights: list[float],
+    stage: Gossip | None = None,
 ) -> torch.Tensor:
-    """One consensus step of one device: ``W_nn θ_n + Σ_m W_nm θ_m`` as the simulator computes it
-    (a MixingOperator over the stack [self; neighbours], row 0)."""
-    if not neighbours:
-        return own * self_weight if self_weight != 1.0 else own.clone()
-    n = len(neighbours)
-    stack = torch.stack([own, *neighbours])
-    w = MixingWeights(
-        n + 1,
-        np.zeros(n, dtype=np.int64),
-        np.arange(1, n + 1, dtype=np.int64),
-        np.asarray(weights, dtype=np.float64),
-        np.asarray([self_weight] + [1.0] * n, dtype=np.float64),
-    )
-    return MixingOperator.of(w, "dense").apply(stack)[0]
+    """One consensus step of one device, by the simulator's own code (``core.cooperate.gossip``
+    over [its row] and the rows it heard; the weighted mean unless ``stage`` names a robust rule)."""
+    stage = stage or Gossip()
+    pool = torch.stack(neighbours) if neighbours else own.new_zeros(0, own.shape[-1])
+    return gossip(own.reshape(1, -1), pool, one_row(self_weight, weights), stage)[0]
 
 
 def _better(a: tuple[float, int], b: tuple[float, int]) -> bool:
@@ -263,6 +260,10 @@ class NodeRuntime:
         # No message of this model can be larger, so neither gRPC nor the mailbox holds more.
         limit = max(wire.PREFIX_SIZE + wire.MAX_HEADER_BYTES,
                     min(cfg.network.max_message_bytes, self.wire_spec.max_message_bytes()))  # fmt: skip
+        # The cooperation a simulator would run for this device (one row of it).
+        self.cooperation = Cooperation(
+            gossip_stages(cfg.consensus), cfg.consensus.affinity, cfg.consensus.max_norm_ratio
+        )
         self.mailbox = Mailbox(
             max_rounds_ahead=cfg.network.max_rounds_ahead,
             consensus_steps=cfg.consensus.steps,
@@ -646,9 +647,8 @@ class NodeRuntime:
         return int(self.client.stats().get("bytes.sent", 0)) + served
 
     def _sane(self, row: torch.Tensor, reference: torch.Tensor) -> bool:
-        """Finite, and not exploded: norm within ``network.max_norm_ratio`` of the reference's."""
-        norm = _norm(row)
-        return math.isfinite(norm) and norm <= self.cfg.network.max_norm_ratio * max(_norm(reference), 1.0)
+        """Finite, and not exploded (``core.cooperate.unsound_rows``: the simulator's test)."""
+        return not bool(unsound_rows(row.reshape(1, -1), reference.reshape(1, -1), self.cooperation.max_norm_ratio)[0])
 
     def _train(self, k: int) -> float:
         """Local training; a non-finite or exploded result is rolled back to the pre-train row
@@ -687,9 +687,8 @@ class NodeRuntime:
                 own, live = self._consensus_step(k, c, own, train_loss)
                 if c == 0:
                     mixed = live
-            if cfg.consensus.affinity < 1.0:
-                own = torch.lerp(before, own, cfg.consensus.affinity)  # as core.consensus does
-            self.params = own.reshape(1, -1).clone()
+            # the affinity blend and the guard, as every runtime finishes a cooperation step
+            self.params = finish(self.cooperation, own.reshape(1, -1), before.reshape(1, -1), None).clone()
         comm_s = time.perf_counter() - t_comm
         if k % cfg.eval.every == 0 or k == cfg.rounds:
             acc, loss = self._evaluate()
@@ -746,7 +745,7 @@ class NodeRuntime:
                 continue
             if row is not None:
                 rows[peer] = row
-        return self._mix_checked(k, own, rows)
+        return self._mix(k, own, rows)
 
     def _skipped(self, peer: str, k: int = 0) -> bool:
         """True while ``peer`` is not waited for: it sent nothing for network.max_missed_rounds
@@ -793,9 +792,10 @@ class NodeRuntime:
             return None
         return _Row(self._flat(msg), degree, float(size))
 
-    def _mix(self, own: torch.Tensor, rows: Mapping[str, _Row]) -> torch.Tensor:
-        """The consensus math of one step, in one place: this device's row of W over the live
-        neighbours, applied to [own; theirs]."""
+    def _mix(self, k: int, own: torch.Tensor, rows: Mapping[str, _Row]) -> tuple[torch.Tensor, list[str]]:
+        """One consensus step: this device's row of W over the live neighbours, then the shared
+        gossip step (``core.cooperate.gossip``: the aggregation rule, and the safety net that
+        retries without out-of-bounds neighbours and keeps the own row if that is not enough)."""
         cfg = self.cfg
         live = list(rows)
         max_degree = max(cfg.network.max_degree or len(self.peers), len(live))
@@ -810,25 +810,13 @@ class NodeRuntime:
             max_degree,
             cfg.consensus.max_size_ratio,
         )
-        return mix_row(own, [rows[p].flat for p in live], self_w, [row[self.peer_index[p]] for p in live])
-
-    def _mix_checked(self, k: int, own: torch.Tensor, rows: Mapping[str, _Row]) -> tuple[torch.Tensor, list[str]]:
-        """Mix; a non-finite or exploding result is retried without the neighbours whose rows are
-        themselves out of bounds, and rolled back to the pre-mix row if that does not help."""
-        mixed = self._mix(own, rows)
-        if self._sane(mixed, own):
-            return mixed, list(rows)
-        suspects = sorted(p for p, r in rows.items() if not self._sane(r.flat, own))
-        kept = {p: r for p, r in rows.items() if p not in suspects}
-        if suspects and kept:
-            mixed = self._mix(own, kept)
-            if self._sane(mixed, own):
-                log.warning("%s round %d: parameters of %s are out of bounds; mixed without them",
-                            self.cfg.id, k, suspects)  # fmt: skip
-                return mixed, list(kept)
-        log.warning("%s round %d: mixing with %s gave non-finite or exploding parameters; rolled back",
-                    self.cfg.id, k, sorted(rows))  # fmt: skip
-        return own.clone(), []
+        stage = self.cooperation.stages[0] if self.cooperation.stages else Gossip()
+        assert isinstance(stage, Gossip)
+        suspects = [p for p in live if not self._sane(rows[p].flat, own)]
+        if suspects:
+            log.warning("%s round %d: parameters of %s are out of bounds", cfg.id, k, suspects)
+        mixed = mix_row(own, [rows[p].flat for p in live], self_w, [row[self.peer_index[p]] for p in live], stage)
+        return mixed, [p for p in live if p not in suspects]
 
     def _wait_params(self, k: int, c: int, waiting: set[str]) -> dict[str, wire.Message]:
         """Wait for the round-k step-c parameters of ``waiting`` until the round deadline; a silent

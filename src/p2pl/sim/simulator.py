@@ -77,7 +77,8 @@ class LocalBackend:
     def train(self, round_index: int, work: np.ndarray | None) -> np.ndarray:
         # Under attack a neighbour's parameters can make training blow up: roll such rows back.
         guard = self.exp.setting.adversary.active
-        stats, _ = train_with_rollback(self.trainer, self._params, round_index, work, guard)
+        ratio = self.exp.cfg.consensus.max_norm_ratio
+        stats, _ = train_with_rollback(self.trainer, self._params, round_index, work, guard, ratio)
         return stats.mean_loss.double().numpy()
 
     def evaluate(self) -> tuple[np.ndarray, np.ndarray]:
