@@ -1,4 +1,4 @@
-"""The acceptance numbers of issues #2 and #4, through the real ``p2pl`` command.
+"""The acceptance numbers (BENCHMARKS.md), through the real ``p2pl`` command.
 
 1. ``p2pl run`` (the default experiment: 100 devices, digits, IID, random geometric graph,
    uniform weights, sync on): wall time (target < 60 s) and every device's final accuracy

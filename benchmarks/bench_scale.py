@@ -1,4 +1,4 @@
-"""Scale benchmark (issue #6): seconds per round, peak memory and the consensus share of a round,
+"""Scale benchmark: seconds per round, peak memory and the consensus share of a round,
 for the single-process engine and the Ray backend with 2 actors, at 1,000 and 10,000 devices.
 
 Each (backend, devices) point runs in a fresh child process so its peak RSS is its own.

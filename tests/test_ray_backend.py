@@ -1,4 +1,4 @@
-"""The Ray backend (issue #6): same numbers as the single-process engine, survives a killed
+"""The Ray backend: same numbers as the single-process engine, survives a killed
 actor, and runs on a two-node Ray cluster. Needs the optional ray extra."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from p2pl.config import ExperimentConfig, load_config
 from p2pl.errors import P2PLError
 from p2pl.sim import checkpoint
+from p2pl.sim.ray_start import start_ray
 from p2pl.sim.simulator import RunResult, run_experiment
 
 ray = pytest.importorskip("ray")
@@ -52,8 +53,7 @@ def assert_same_run(ray_run: RunResult, local: RunResult) -> None:
 class TestLocalRay:
     @pytest.fixture(scope="class", autouse=True)
     def local_ray(self) -> Iterator[None]:
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        start_ray(ray, num_cpus=2)  # retried when a busy machine makes the raylet slow to start
         yield
         ray.shutdown()
 

@@ -63,7 +63,7 @@ class ModelConfig:
 @dataclass
 class TopologyConfig:
     name: str = "random-geometric"
-    radius: float = 0.25  # random-geometric: link range in the unit square
+    radius: float = 0.0  # random-geometric: link range in the unit square (0: automatic, connected)
     p: float = 0.1  # erdos-renyi: edge probability
     k: int = 4  # small-world: neighbours in the ring lattice; random-regular: degree
     rewire: float = 0.1  # small-world: rewiring probability

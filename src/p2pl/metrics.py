@@ -40,6 +40,10 @@ class History:
     active_devices: list[int] = field(default_factory=list)
     round_time_s: list[float] = field(default_factory=list)
     train_loss: list[np.ndarray] = field(default_factory=list)  # each [N], nan where no step
+    # seconds of each round spent per phase (the simulator measures them; empty where unknown)
+    train_time_s: list[float] = field(default_factory=list)
+    exchange_time_s: list[float] = field(default_factory=list)
+    evaluate_time_s: list[float] = field(default_factory=list)
     # system model (p2pl.system, only when [system] is enabled): one entry per finished round
     system_round_s: list[float] = field(default_factory=list)  # simulated synchronous round
     system_finish_s_mean: list[float] = field(default_factory=list)  # mean device finish in it

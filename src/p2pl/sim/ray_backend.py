@@ -27,7 +27,6 @@ workers; parameters travel as plain numpy arrays.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import resource
 import socket
@@ -54,6 +53,7 @@ from p2pl.errors import P2PLError
 from p2pl.experiment import Experiment
 from p2pl.models import build_model
 from p2pl.sim.backend import Started
+from p2pl.sim.ray_start import ACTOR_ARGS_NOTICE, start_ray, without_stderr_line
 from p2pl.sim.sharding import Sharding, shard_devices
 
 T = TypeVar("T")
@@ -368,12 +368,7 @@ class RayBackend:
         if not ray.is_initialized():
             if address is not None:
                 _check_reachable(address)
-            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            try:
-                ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
-            except (ConnectionError, RuntimeError, ValueError) as err:
-                where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
-                raise P2PLError(f"could not start or join {where} ({err}); check --address") from None
+            start_ray(ray, address)  # retried if the raylet is slow to start; quiet on a normal run
             self._owns_ray = True
         cpus = float(ray.cluster_resources().get("CPU", 1.0))
         n = exp.num_devices
@@ -397,19 +392,20 @@ class RayBackend:
         tag = uuid.uuid4().hex[:8]  # names let operators (and tests) find a run's actors
         # The data ref goes in a list so the actor fetches it itself: Ray keeps it alive through
         # our reference, and a restarted actor fetches it again.
-        self.actors = [
-            actor_cls.options(name=f"{ACTOR_PREFIX}{tag}-{s}").remote(
-                cfg,
-                ids,
-                [exp.parts[d] for d in ids],
-                [self._data_ref],
-                self.strategy,
-                threads,
-                exp.setting.adversary.ids,
-                device,
-            )
-            for s, ids in enumerate(self.sharding.shards)
-        ]
+        with without_stderr_line(ACTOR_ARGS_NOTICE):  # intended here: see p2pl.sim.ray_start
+            self.actors = [
+                actor_cls.options(name=f"{ACTOR_PREFIX}{tag}-{s}").remote(
+                    cfg,
+                    ids,
+                    [exp.parts[d] for d in ids],
+                    [self._data_ref],
+                    self.strategy,
+                    threads,
+                    exp.setting.adversary.ids,
+                    device,
+                )
+                for s, ids in enumerate(self.sharding.shards)
+            ]
         self._errors: tuple[type[BaseException], ...] = (
             ray.exceptions.RayActorError,
             ray.exceptions.ObjectLostError,

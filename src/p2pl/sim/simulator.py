@@ -36,8 +36,8 @@ from p2pl.errors import P2PLError, choose
 from p2pl.experiment import Experiment, build_experiment, config_fingerprint
 from p2pl.graph.links import RoundNetwork
 from p2pl.metrics import History
+from p2pl.results import ResultFiles, write_results
 from p2pl.results import summary as make_summary
-from p2pl.results import write_results
 from p2pl.sim import checkpoint
 from p2pl.sim.backend import Backend, Started
 from p2pl.system.model import SystemModel, record_round_cost
@@ -302,6 +302,9 @@ def _run(
 
     system = SystemModel.for_experiment(exp) if cfg.system.enabled else None
     phase_time = {p: 0.0 for p in PHASES}
+    files = ResultFiles(directory, exp.honest()) if directory is not None else None
+    if files is not None:
+        files.update(history)  # round 0 (and, on resume, the rounds already run) before round 1
     last_round = cfg.rounds if stop_after is None else min(cfg.rounds, stop_after)
     for k in range(start_round, last_round + 1):
         t0 = time.perf_counter()
@@ -324,6 +327,8 @@ def _run(
         if system is not None:  # seconds and joules on the configured devices and radios
             record_round_cost(history, system.cost(net, out.bytes_sent))
         history.round_time_s.append(time.perf_counter() - t0)
+        for phase, seconds in out.phase_time_s.items():
+            getattr(history, f"{phase}_time_s").append(seconds)
         if (
             directory is not None
             and cfg.output.checkpoint_every
@@ -332,6 +337,8 @@ def _run(
             meta = {"fingerprint": fingerprint, "sync_steps": sync_steps, "sync_bytes_per_device": sync_bytes}
             state = checkpoint.Checkpoint(k, backend.params(), backend.optimizer_state(), history, meta)
             checkpoint.save(directory, state)
+        if files is not None:
+            files.update(history)  # metrics.csv / rounds.csv as each round ends
         if progress is not None:
             last = history.accuracy[-1][exp.honest()] if exp.setting.adversary.active else history.accuracy[-1]
             progress(k, cfg.rounds, {"acc_mean": float(np.nanmean(last)), "acc_min": float(np.nanmin(last))})
@@ -361,7 +368,9 @@ def _run(
     facts |= backend.facts()
     summary: dict[str, Any]
     if directory is not None:
-        summary = write_results(directory, history, facts, exp.setting.data_sizes, exp.label_histograms(), exp.honest())
+        summary = write_results(
+            directory, history, facts, exp.setting.data_sizes, exp.label_histograms(), exp.honest(), files=files
+        )
     else:
         summary = make_summary(history, facts, exp.honest())
     return RunResult(summary, backend.params(), history, exp, phase_time)
