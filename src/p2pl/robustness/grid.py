@@ -123,10 +123,10 @@ def grid_settings(
     if base.adversary.fraction == 0 and base.adversary.count == 0:
         base = replace(base, adversary=replace(base.adversary, fraction=DEFAULT_FRACTION))
     scenario_keys = _names("attacks", attacks, tuple(SCENARIOS), DEFAULT_SCENARIOS)
-    if NO_ATTACK not in scenario_keys:
-        scenario_keys = (NO_ATTACK, *scenario_keys)
+    chosen = {NO_ATTACK, *scenario_keys}
+    rows = tuple(s for k, s in SCENARIOS.items() if k in chosen)  # the report's row order, whatever was typed
     chosen_rules = _names("rules", rules, RULES, RULES)
-    return GridSettings(base, tuple(SCENARIOS[k] for k in scenario_keys), chosen_rules, quick, command)
+    return GridSettings(base, rows, tuple(r for r in RULES if r in chosen_rules), quick, command)
 
 
 __all__ = [

@@ -87,10 +87,9 @@ def reading(result: GridResult) -> list[str]:
             if d is not None:
                 verdict = "collapses" if d[0] < -COLLAPSE else "holds" if _holds(d) else "degrades"
                 parts.append(f"plain mean {pts(d[0])} / {pts(d[1])} pts ({verdict})")
-        scored = [(r, result.honest_accuracy(scenario.key, r), _deltas(result, scenario.key, r)) for r in robust]
-        ok = [(r, a, d) for r, a, d in scored if a is not None and d is not None]
-        if ok:
-            best, _, d = max(ok, key=lambda t: t[1][0])
+        best = best_rule(result, scenario.key, robust)
+        d = None if best is None else _deltas(result, scenario.key, best)
+        if d is not None:
             parts.append(f"best robust rule **{best}** {pts(d[0])} / {pts(d[1])} pts "
                          f"({'holds' if _holds(d) else 'does not hold'})")  # fmt: skip
         if parts:
@@ -119,6 +118,13 @@ def reading(result: GridResult) -> list[str]:
                 + ("; a robust rule recovers from it." if undone else "; no aggregation rule recovers from it.")
             )
     return lines
+
+
+def best_rule(result: GridResult, scenario: str, rules: list[str] | tuple[str, ...]) -> str | None:
+    """The rule with the highest average of honest mean and worst accuracy under ``scenario``
+    (both count: a rule that keeps the mean but abandons some devices is not the best)."""
+    scored = [(sum(acc) / 2, r) for r in rules if (acc := result.honest_accuracy(scenario, r)) is not None]
+    return max(scored)[1] if scored else None
 
 
 def _holds(d: tuple[float, float]) -> bool:
@@ -234,4 +240,14 @@ def write_report(result: GridResult) -> Path:
     return path
 
 
-__all__ = ["COLLAPSE", "HOLD_MEAN", "HOLD_WORST", "accuracy_table", "heatmap", "reading", "render", "write_report"]
+__all__ = [
+    "COLLAPSE",
+    "HOLD_MEAN",
+    "HOLD_WORST",
+    "accuracy_table",
+    "best_rule",
+    "heatmap",
+    "reading",
+    "render",
+    "write_report",
+]
