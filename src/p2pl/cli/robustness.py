@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="Byzantine attacks x aggregation rules: honest accuracy, report and figure",
         description="Runs every attack against every aggregation rule (plus the attack-free run of each "
         "rule) into OUT/runs/<attack>/<rule>/ and writes OUT/results.csv, OUT/report.md and "
-        "OUT/robustness.png. Default: digits, 100 devices, random geometric graph, 10 %% of the devices "
+        "OUT/robustness.png. Default: digits, 100 devices, random geometric graph, 10 % of the devices "
         "attacking, placed at random. Finished runs are reused on a rerun, interrupted ones resume. "
         "Exit code 1 if a run failed (the report still covers the rest and names the failure).",
     )
