@@ -95,6 +95,7 @@ def test_report_table_figure_and_reading(tiny_grid: Path) -> None:
     expected = f"{100 * float(r['honest_mean']):.1f} / {100 * float(r['honest_worst']):.1f} ("
     assert expected in scale_row.split(" | ")[3]
     assert "## Reading" in report and "**scaling**: plain mean" in report
+    assert "**Exposure** (base graph): " in report and " of 9 honest devices hear an attacker" in report
     assert "--attacks scale,sync-hijack" in report  # the command that made it
     assert (tiny_grid / "robustness.png").read_bytes().startswith(PNG)
     assert "(robustness.png)" in report

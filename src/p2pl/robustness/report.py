@@ -105,6 +105,9 @@ def reading(result: GridResult) -> list[str]:
                 cost.append(f"{r} {pts(acc[0] - plain[0])}{flag}")
     if cost:
         lines.append("**Without attack**, against plain mean (mean accuracy, pts): " + ", ".join(cost) + ".")
+    exposure = exposure_line(result)
+    if exposure:
+        lines.append(exposure)
     hijack = [k for k in ("sync-hijack-verified", "sync-hijack-flood") if k in {x.key for x in s.scenarios}]
     if len(hijack) == 2 and "mean" in s.rules:
         v, f = (_deltas(result, k, "mean") for k in hijack)
@@ -118,6 +121,40 @@ def reading(result: GridResult) -> list[str]:
                 + ("; a robust rule recovers from it." if undone else "; no aggregation rule recovers from it.")
             )
     return lines
+
+
+def exposure_line(result: GridResult) -> str | None:
+    """How many attackers the honest devices hear on the base graph, against what each rule
+    tolerates: this is what decides which rule holds for which device."""
+    from p2pl.core.cooperate import trim_count
+    from p2pl.graph.topology import build_topology
+
+    honest, cfg = result.reference_honest(), result.settings.base
+    if honest is None or len(honest) != cfg.devices:
+        return None
+    try:
+        edges = np.asarray(build_topology(cfg.topology, cfg.devices, cfg.seed).edges, dtype=np.int64).reshape(-1, 2)
+    except Exception:  # e.g. an edge-list file gone since the runs: the reading goes without this line
+        return None
+    attacker = (~honest).astype(np.float64)
+    degree = np.bincount(edges.ravel(), minlength=cfg.devices)
+    heard = np.bincount(edges[:, 0], attacker[edges[:, 1]], cfg.devices)
+    heard += np.bincount(edges[:, 1], attacker[edges[:, 0]], cfg.devices)
+    d, a = degree[honest], heard[honest].astype(np.int64)
+    if len(d) == 0:
+        return None
+    worst = int(np.argmax(a / (d + 1)))
+    trim_cut = np.array([trim_count(cfg.consensus.trim, int(x) + 1) for x in d])
+    clip_share = 1 - cfg.consensus.clip_quantile
+    return (
+        f"**Exposure** (base graph): {int((a > 0).sum())} of {len(d)} honest devices hear an attacker; the most "
+        f"exposed hears {a[worst]} among its {d[worst] + 1} values (own included). {int((a > trim_cut).sum())} "
+        f"honest devices hear more attackers than trimmed-mean cuts at each end (trim {cfg.consensus.trim:g}), "
+        f"{int((a > clip_share * np.maximum(d, 1)).sum())} have more than {100 * clip_share:.0f} % of their "
+        f"neighbours attacking (so under equal weights the clipped rule's radius, the {cfg.consensus.clip_quantile:g} "
+        f"quantile of neighbour distances, can be an attacker's distance), and {int((2 * a >= d + 1).sum())} "
+        "have attackers as half or more of their values (where the median can follow them)."
+    )
 
 
 def best_rule(result: GridResult, scenario: str, rules: list[str] | tuple[str, ...]) -> str | None:
@@ -246,6 +283,7 @@ __all__ = [
     "HOLD_WORST",
     "accuracy_table",
     "best_rule",
+    "exposure_line",
     "heatmap",
     "reading",
     "render",
