@@ -95,7 +95,15 @@ def test_report_table_figure_and_reading(tiny_grid: Path) -> None:
     expected = f"{100 * float(r['honest_mean']):.1f} / {100 * float(r['honest_worst']):.1f} ("
     assert expected in scale_row.split(" | ")[3]
     assert "## Reading" in report and "**scaling**: plain mean" in report
-    assert "**Exposure** (base graph): " in report and " of 9 honest devices hear an attacker" in report
+    # exposure, recomputed from the run's graph and its attacker
+    from p2pl.graph.topology import build_topology
+
+    cfg = load_config(tiny_grid / "runs" / "scale" / "mean" / "config.toml")
+    edges = np.asarray(build_topology(cfg.topology, cfg.devices, cfg.seed).edges)
+    _, honest = final_accuracy(tiny_grid / "runs" / "scale" / "mean")
+    (attacker,) = np.flatnonzero(~honest)
+    hearing = len({int(v) for u, v in edges if u == attacker} | {int(u) for u, v in edges if v == attacker})
+    assert f"**Exposure** (base graph): {hearing} of 9 honest devices hear an attacker" in report
     assert "--attacks scale,sync-hijack" in report  # the command that made it
     assert (tiny_grid / "robustness.png").read_bytes().startswith(PNG)
     assert "(robustness.png)" in report
