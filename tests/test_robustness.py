@@ -203,6 +203,7 @@ def test_grid_settings_defaults_aliases_and_the_users_attackers() -> None:
         ({"rules": "krum"}, "unknown rule 'krum'"),
         ({"overrides": ["algorithm=fedavg"]}, "runs P2PL's gossip"),
         ({"overrides": ["adversary.fraction=2"]}, "adversary.fraction must be in [0, 1)"),
+        ({"overrides": ["devices=9"]}, "adversary.fraction 0.1 of 9 devices is no attacker"),
     ],
 )
 def test_grid_settings_bad_input(kwargs: dict, message: str) -> None:

@@ -122,6 +122,10 @@ def grid_settings(
                         "drop the algorithm setting")  # fmt: skip
     if base.adversary.fraction == 0 and base.adversary.count == 0:
         base = replace(base, adversary=replace(base.adversary, fraction=DEFAULT_FRACTION))
+    adv = base.adversary
+    if adv.count == 0 and int(adv.fraction * base.devices + 1e-9) == 0:  # rounded down, as the placement does
+        raise P2PLError(f"adversary.fraction {adv.fraction:g} of {base.devices} devices is no attacker; "
+                        "raise it or set adversary.count, e.g. --set adversary.count=1")  # fmt: skip
     scenario_keys = _names("attacks", attacks, tuple(SCENARIOS), DEFAULT_SCENARIOS)
     chosen = {NO_ATTACK, *scenario_keys}
     rows = tuple(s for k, s in SCENARIOS.items() if k in chosen)  # the report's row order, whatever was typed
