@@ -146,14 +146,16 @@ def exposure_line(result: GridResult) -> str | None:
     worst = int(np.argmax(a / (d + 1)))
     trim_cut = np.array([trim_count(cfg.consensus.trim, int(x) + 1) for x in d])
     clip_share = 1 - cfg.consensus.clip_quantile
+    q = cfg.consensus.clip_quantile
     return (
-        f"**Exposure** (base graph): {int((a > 0).sum())} of {len(d)} honest devices hear an attacker; the most "
-        f"exposed hears {a[worst]} among its {d[worst] + 1} values (own included). {int((a > trim_cut).sum())} "
-        f"honest devices hear more attackers than trimmed-mean cuts at each end (trim {cfg.consensus.trim:g}), "
-        f"{int((a > clip_share * np.maximum(d, 1)).sum())} have more than {100 * clip_share:.0f} % of their "
-        f"neighbours attacking (so under equal weights the clipped rule's radius, the {cfg.consensus.clip_quantile:g} "
-        f"quantile of neighbour distances, can be an attacker's distance), and {int((2 * a >= d + 1).sum())} "
-        "have attackers as half or more of their values (where the median can follow them)."
+        f"**Exposure** (base graph): {int((a > 0).sum())} of {len(d)} honest devices hear an attacker; "
+        f"the most exposed (by share) hears {a[worst]} among its {d[worst] + 1} values (own included). "
+        f"{int((a > trim_cut).sum())} honest devices hear more attackers than trimmed-mean cuts at each end "
+        f"(trim {cfg.consensus.trim:g}), {int((a > clip_share * np.maximum(d, 1)).sum())} have more than "
+        f"{100 * clip_share:.0f} % of their neighbours attacking (so under equal weights the clipped rule's "
+        f"radius, the {q:g} quantile of neighbour distances, can be an attacker's distance), and "
+        f"{int((2 * a >= d + 1).sum())} have attackers as half or more of their values (where the median can "
+        "follow them)."
     )
 
 
