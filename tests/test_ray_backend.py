@@ -74,6 +74,18 @@ class TestLocalRay:
         assert 0 < facts["halo_rows_moved"] < all_gather
         assert facts["recoveries"] == 0
 
+    @pytest.mark.parametrize(
+        ("aggregation", "attack", "weights"),
+        [("trimmed-mean", "alie", "metropolis"), ("clipped", "gaussian", "metropolis"),
+         ("median", "data-size", "data-size"), ("mean", "silent", "metropolis")],
+    )  # fmt: skip
+    def test_robust_rules_and_attackers_match_single_process(self, aggregation: str, attack: str, weights: str) -> None:
+        cfg = load_config(None, [*BUSY, f'consensus.aggregation="{aggregation}"', f'adversary.attack="{attack}"',
+                                 "adversary.fraction=0.2", f'consensus.weights="{weights}"'])  # fmt: skip
+        local = run_experiment(cfg)
+        assert local.summary["attackers"] == 6
+        assert_same_run(run_experiment(cfg, backend="ray", shards=3), local)
+
     def test_fedavg_and_checkpoint_resume_across_backends(self, tmp_path: Path) -> None:
         cfg = load_config(None, ['algorithm="fedavg"', "devices=12", "rounds=3", "links.dropout=0.2"])
         local = run_experiment(cfg)

@@ -9,8 +9,10 @@ import numpy as np
 
 
 def spread(values: np.ndarray) -> dict[str, float]:
-    """mean / min / max across devices (the paper's claim is about *all* devices)."""
+    """mean / min / max across devices (the paper's claim is about *all* devices); NaN marks a
+    device with no value (a networked device that never reached the round) and is left out."""
     v = np.asarray(values, dtype=np.float64)
+    v = v[~np.isnan(v)] if np.isnan(v).any() and not np.isnan(v).all() else v
     return {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max())}
 
 
@@ -30,6 +32,10 @@ class History:
     active_devices: list[int] = field(default_factory=list)
     round_time_s: list[float] = field(default_factory=list)
     train_loss: list[np.ndarray] = field(default_factory=list)  # each [N], nan where no step
+    # system model (p2pl.system, only when [system] is enabled): one entry per finished round
+    system_round_s: list[float] = field(default_factory=list)  # simulated synchronous round
+    system_finish_s_mean: list[float] = field(default_factory=list)  # mean device finish in it
+    system_energy_j: list[np.ndarray] = field(default_factory=list)  # each [N] joules
 
 
 def rounds_to_accuracy(rounds: list[int], mean_accuracy: list[float], target: float) -> int | None:

@@ -60,6 +60,40 @@ ROUND_COLUMNS = [
 ]  # fmt: skip
 
 
+# The system model's columns (p2pl.system; only when [system] is enabled): the simulated round,
+# the mean device's finish in it, simulated time so far, joules per device in the round (mean,
+# max, all devices) and so far (mean and max device).
+SYSTEM_COLUMNS = [
+    "sim_round_s", "sim_device_s_mean", "sim_time_s", "energy_j_mean", "energy_j_max", "energy_j_total",
+    "energy_j_cum_mean", "energy_j_cum_max",
+]  # fmt: skip
+
+
+def _system_cumulative(h: History) -> tuple[np.ndarray, np.ndarray]:
+    """(simulated seconds, [rounds + 1, N] joules per device) up to the end of each round 0..K."""
+    seconds = np.concatenate([[0.0], np.cumsum(h.system_round_s)])
+    n = len(h.system_energy_j[0]) if h.system_energy_j else 0
+    joules = (
+        np.concatenate([np.zeros((1, n)), np.cumsum(np.stack(h.system_energy_j), axis=0)]) if n else np.zeros((1, 0))
+    )
+    return seconds, joules
+
+
+def _system_row(h: History, r: int, seconds: np.ndarray, joules: np.ndarray) -> dict[str, Any]:
+    row: dict[str, Any] = {"sim_time_s": _fmt(seconds[r])}
+    if r > 0:
+        energy = h.system_energy_j[r - 1]
+        row |= {
+            "sim_round_s": _fmt(h.system_round_s[r - 1]),
+            "sim_device_s_mean": _fmt(h.system_finish_s_mean[r - 1]),
+            "energy_j_mean": _fmt(float(energy.mean())),
+            "energy_j_max": _fmt(float(energy.max())),
+            "energy_j_total": _fmt(float(energy.sum())),
+        }
+    row |= {"energy_j_cum_mean": _fmt(float(joules[r].mean())), "energy_j_cum_max": _fmt(float(joules[r].max()))}
+    return row
+
+
 def honest_only(values: np.ndarray, honest: np.ndarray | None) -> np.ndarray:
     """The values of honest devices (all values when the run had no attackers)."""
     return values if honest is None or len(honest) != len(values) else values[honest]
@@ -72,8 +106,11 @@ def rounds_csv(h: History, honest: np.ndarray | None = None) -> str:
     local_by_round = _local_by_round(h)
     rows: list[list[Any]] = []
     elapsed = 0.0
+    system = bool(h.system_energy_j) and len(h.system_energy_j) == len(h.round_time_s)
+    columns = ROUND_COLUMNS + (SYSTEM_COLUMNS if system else [])
+    seconds, joules = _system_cumulative(h) if system else (np.zeros(0), np.zeros(0))
     for r in range(len(h.round_time_s) + 1):
-        row: dict[str, Any] = dict.fromkeys(ROUND_COLUMNS, "")
+        row: dict[str, Any] = dict.fromkeys(columns, "")
         row["round"] = r
         if r in evals:
             for metric, values in (("accuracy", h.accuracy[evals[r]]), ("loss", h.loss[evals[r]])):
@@ -94,14 +131,22 @@ def rounds_csv(h: History, honest: np.ndarray | None = None) -> str:
                 "train_loss_mean": _fmt(float(np.nanmean(train))) if np.isfinite(train).any() else "nan",
             }
         row["wall_time_s"] = f"{elapsed:.3f}"
-        rows.append([row[c] for c in ROUND_COLUMNS])
-    return _csv(rows, ROUND_COLUMNS)
+        if system:
+            row |= _system_row(h, r, seconds, joules)
+        rows.append([row[c] for c in columns])
+    return _csv(rows, columns)
 
 
-def devices_csv(sizes: np.ndarray, histograms: np.ndarray, honest: np.ndarray | None = None) -> str:
+def devices_csv(
+    sizes: np.ndarray, histograms: np.ndarray, honest: np.ndarray | None = None, status: list[str] | None = None
+) -> str:
+    """One row per device; ``status`` (networked runs: done, failed, missing, ...) adds a column."""
     header = ["device", "role", "samples", *(f"label_{c}" for c in range(histograms.shape[1]))]
     role = ["honest" if honest is None or honest[d] else "attacker" for d in range(len(sizes))]
-    rows = [[d, role[d], int(sizes[d]), *(int(v) for v in histograms[d])] for d in range(len(sizes))]
+    rows: list[list[Any]] = [[d, role[d], int(sizes[d]), *(int(v) for v in histograms[d])] for d in range(len(sizes))]
+    if status is not None:
+        header.append("status")
+        rows = [[*row, s] for row, s in zip(rows, status, strict=True)]
     return _csv(rows, header)
 
 
@@ -109,8 +154,9 @@ def summary(h: History, facts: dict[str, Any], honest: np.ndarray | None = None)
     """Run-level results; accuracy and loss are over honest devices only (attackers apart)."""
     last = len(h.eval_rounds) - 1
     accuracy = [honest_only(a, honest) for a in h.accuracy]
-    mean_acc = [float(np.mean(a)) for a in accuracy]
-    min_acc = [float(np.min(a)) for a in accuracy]
+    # nan-aware: a networked run reports NaN for a device that never reached a round.
+    mean_acc = [float(np.nanmean(a)) for a in accuracy]
+    min_acc = [float(np.nanmin(a)) for a in accuracy]
     local_mean = [float(np.mean(honest_only(a, honest))) for a in h.local_accuracy]
     after_mean = mean_acc[-len(local_mean) :] if local_mean else []
     total_bytes = np.sum(h.bytes_sent, axis=0) if h.bytes_sent else np.zeros(1)
@@ -130,7 +176,22 @@ def summary(h: History, facts: dict[str, Any], honest: np.ndarray | None = None)
     if honest is not None and not honest.all():
         out["attackers"] = int(np.sum(~honest))
         out["final_attackers"] = {"accuracy": spread(h.accuracy[last][~honest])}
+    if h.system_energy_j and len(h.system_energy_j) == len(h.round_time_s):
+        out |= system_summary(h, mean_acc)
     return out
+
+
+def system_summary(h: History, mean_acc: list[float]) -> dict[str, Any]:
+    """Simulated seconds and joules (p2pl.system): totals, per device, and to each accuracy target."""
+    seconds, joules = _system_cumulative(h)
+    reached = {str(t): rounds_to_accuracy(h.eval_rounds, mean_acc, t) for t in ACCURACY_TARGETS}
+    return {
+        "simulated_time_s": float(seconds[-1]),
+        "energy_j_per_device": spread(joules[-1]),
+        "energy_j_total": float(joules[-1].sum()),
+        "time_to_mean_accuracy_s": {t: None if r is None else float(seconds[r]) for t, r in reached.items()},
+        "energy_to_mean_accuracy_j": {t: None if r is None else float(joules[r].mean()) for t, r in reached.items()},
+    }
 
 
 def write_results(
@@ -140,11 +201,12 @@ def write_results(
     sizes: np.ndarray,
     histograms: np.ndarray,
     honest: np.ndarray | None = None,
+    status: list[str] | None = None,
 ) -> dict[str, Any]:
     """All result files; ``honest`` (bool [N]) marks the devices that are not attackers."""
     atomic.write_text(directory / "metrics.csv", metrics_csv(h))
     atomic.write_text(directory / "rounds.csv", rounds_csv(h, honest))
-    atomic.write_text(directory / "devices.csv", devices_csv(sizes, histograms, honest))
+    atomic.write_text(directory / "devices.csv", devices_csv(sizes, histograms, honest, status))
     result = summary(h, facts, honest)
     atomic.write_text(directory / "summary.json", json.dumps(result, indent=2, default=_json_default) + "\n")
     return result

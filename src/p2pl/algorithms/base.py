@@ -55,7 +55,7 @@ class Setting:
 
 def gossip_stages(consensus: ConsensusConfig) -> tuple[Gossip, ...]:
     """``consensus.steps`` gossip steps by the configured aggregation rule."""
-    stage = Gossip(consensus.aggregation, consensus.trim, consensus.clip_quantile)
+    stage = Gossip(consensus.aggregation, consensus.trim, consensus.clip_quantile, consensus.max_norm_ratio)
     return (stage,) * consensus.steps
 
 

@@ -21,4 +21,4 @@ class FedAvg(Algorithm):
 
     def cooperation(self, setting: Setting) -> Cooperation:
         # Absent devices keep their model and get the new one when they come back.
-        return Cooperation((GlobalMean(),))
+        return Cooperation((GlobalMean(),), max_norm_ratio=setting.consensus.max_norm_ratio)

@@ -23,4 +23,6 @@ class P2PL(Algorithm):
         )
 
     def cooperation(self, setting: Setting) -> Cooperation:
-        return Cooperation(gossip_stages(setting.consensus), setting.consensus.affinity)
+        return Cooperation(
+            gossip_stages(setting.consensus), setting.consensus.affinity, setting.consensus.max_norm_ratio
+        )

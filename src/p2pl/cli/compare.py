@@ -12,6 +12,7 @@ from p2pl.cli.common import add_config_arguments, add_output_arguments, config_f
 from p2pl.config import OutputConfig
 from p2pl.report import accuracy_curves, console, plot_accuracy, round_progress, summary_table
 from p2pl.sim.simulator import run_experiment
+from p2pl.system.plots import plot_compare_costs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,5 +42,7 @@ def main(args: argparse.Namespace) -> int:
         f"P2PL vs FedAvg: mean {100 * (p2pl['mean'] - fedavg['mean']):+.1f} points, "
         f"min {100 * (p2pl['min'] - fedavg['min']):+.1f} points"
     )
+    if plot_compare_costs(directory, ALGORITHMS) is not None:  # [system] on: accuracy vs seconds and joules
+        console.print(f"accuracy against simulated seconds and joules: {directory}/cost.png")
     console.print(f"results in {directory}/ (one folder per algorithm, accuracy.png)")
     return 0

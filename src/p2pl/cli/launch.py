@@ -29,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
     parser.add_argument("--base-port", type=int, default=0, help="first port (default: any free ports)")
     parser.add_argument("--round-timeout", type=float, default=None, help="seconds a node waits for neighbours")
     parser.add_argument("--timeout", type=float, default=None, help="give up (and stop every node) after this")
+    parser.add_argument("--throttle-mbps", type=float, default=None,
+                        help="pace every node's sends at this rate per link (emulates slow radios)")  # fmt: skip
     parser.set_defaults(func=main)
 
 
@@ -44,6 +46,10 @@ def main(args: argparse.Namespace) -> int:
     if args.fresh and (out / "nodes").exists():
         shutil.rmtree(out / "nodes")
     network = {} if args.round_timeout is None else {"round_timeout": args.round_timeout}
+    if args.throttle_mbps is not None:
+        if not args.throttle_mbps > 0:
+            raise P2PLError(f"--throttle-mbps must be > 0 (Mbit/s per link), got {args.throttle_mbps}")
+        network["throttle_mbps"] = args.throttle_mbps
     if not 0 <= args.base_port <= 65535 - cfg.devices:
         raise P2PLError(f"--base-port {args.base_port} leaves no room for {cfg.devices} ports")
     plan = prepare_launch(cfg, out, host=args.host, base_port=args.base_port, network=network)

@@ -7,6 +7,7 @@ import argparse
 from p2pl.cli.common import add_config_arguments, add_output_arguments, config_from_args, out_dir
 from p2pl.report import console, round_progress, summary_table
 from p2pl.sim.simulator import run_experiment
+from p2pl.system.summary import cost_line
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,5 +31,7 @@ def main(args: argparse.Namespace) -> int:
             backend=args.backend, address=args.address, shards=args.shards,
         )  # fmt: skip
     console.print(summary_table({cfg.algorithm: result.summary}))
+    if (cost := cost_line(result.summary)) is not None:  # [system] on
+        console.print(cost)
     console.print(f"results in {directory}/ (metrics.csv, rounds.csv, summary.json, config.toml)")
     return 0

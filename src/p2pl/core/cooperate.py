@@ -8,8 +8,10 @@ parameter rows:
    :class:`GlobalMean` (FedAvg's server: one weighted mean over every present device);
 2. the affinity blend ``(1 - a) * before + a * after`` (a = 1: plain P2PL);
 3. absent devices keep their rows exactly;
-4. a guard: a row that came out non-finite or exploding is rolled back to its row before
-   cooperation (a lying neighbour can make a round worse, never poison a device for good).
+4. a guard: a row that came out non-finite or exploding (norm beyond ``max_norm_ratio`` times
+   its row before, see :func:`unsound_rows`) is rolled back to that row. Inside each gossip step
+   a receiver whose result is unsound first retries without the neighbours whose own rows are
+   out of bounds (their weight goes to itself), as a real node does (:func:`gossip`).
 
 Each runtime supplies the rows it holds and the rows it heard, and calls the same functions:
 the simulator over all N rows at once, a Ray shard over its rows plus halo rows, a node over its
@@ -25,16 +27,18 @@ Aggregation rules (``consensus.aggregation``; see docs/robustness.md):
   average the rest, unweighted (Yang & Bajwa's BRIDGE-T).
 * ``median``: per coordinate, the median of the neighbourhood's ``d + 1`` values, unweighted.
 * ``clipped``: self-centred clipping (He, Karimireddy & Jaggi 2022):
-  ``θ_n + Σ_m W_nm clip(θ_m − θ_n, τ_n)`` with ``clip(z, τ) = z min(1, τ/||z||)``, where ``τ_n`` is
-  the ``clip_quantile`` weighted quantile of the neighbours' distances ``||θ_m − θ_n||`` (weights
-  W_nm): the farthest ``1 - q`` of the neighbourhood's weight is clipped onto that radius.
+  ``θ_n + Σ_m W_nm clip(θ_m − θ_n, τ_n)`` with ``clip(z, τ) = z min(1, τ/||z||)``; the radius
+  ``τ_n`` comes from the nearest neighbours carrying ``clip_quantile`` of the weight
+  (:func:`clip_radius`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -42,11 +46,14 @@ import torch
 
 from p2pl.errors import P2PLError, choose
 
-#: Largest |value| a parameter row may hold after cooperation before it counts as exploding:
-#: far above any trained network's weights, far below float32 overflow (3.4e38) in a sum.
-MAX_ABS_PARAM = 1e15
-#: Elements one gathered [rows, d + 1, P] block of a robust rule may hold (64M floats = 256 MB).
-GATHER_BUDGET = 1 << 26
+T = TypeVar("T")
+
+#: A row whose L2 norm exceeds this multiple of its reference row's norm (or of 1) counts as
+#: exploding (``consensus.max_norm_ratio``): no honest step grows a model 1000-fold.
+MAX_NORM_RATIO = 1000.0
+#: Values one gathered block of a robust rule may hold (4M floats = 16 MB: stays in cache, and
+#: no large fresh allocation per chunk).
+GATHER_BUDGET = 1 << 22
 #: Below this many receivers x pool rows, W is applied as one dense matmul.
 DENSE_MAX_CELLS = 256 * 256
 
@@ -123,7 +130,8 @@ class Gossip:
 
     rule: str = "mean"
     trim: float = 0.2  # trimmed-mean: share cut at each end
-    clip_quantile: float = 0.8  # clipped: weighted quantile of the distances used as radius
+    clip_quantile: float = 0.8  # clipped: share of the neighbour weight trusted to set the radius
+    max_norm_ratio: float = MAX_NORM_RATIO  # see unsound_rows
 
 
 @dataclass(frozen=True)
@@ -140,6 +148,7 @@ class Cooperation:
 
     stages: tuple[Stage, ...] = ()
     affinity: float = 1.0
+    max_norm_ratio: float = MAX_NORM_RATIO  # the guard after cooperation (see unsound_rows)
 
 
 def _mean(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip) -> torch.Tensor:
@@ -165,31 +174,53 @@ def _mean(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: G
     return torch.addcmul(mixed, self_w, own)
 
 
+def _spread(run: Callable[[T], None], jobs: list[T], device: torch.device) -> None:
+    """Run independent chunk jobs over torch's CPU threads (numpy and torch release the GIL)."""
+    workers = torch.get_num_threads() if device.type == "cpu" else 1
+    if workers > 1 and len(jobs) > 1:
+        with ThreadPoolExecutor(max_workers=workers) as threads:
+            list(threads.map(run, jobs))
+    else:
+        for job in jobs:
+            run(job)
+
+
 def _by_degree(
     own: torch.Tensor,
     pool: torch.Tensor,
     hoods: Neighbourhoods,
     reduce: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    """Apply ``reduce`` to every receiver's sorted stack [rows, d + 1, P] of its own row and its
-    neighbours' rows, grouping receivers of equal degree, in chunks of at most GATHER_BUDGET."""
+    """Apply ``reduce`` to every receiver's values sorted per coordinate, ``[rows, P, d + 1]`` (its
+    own row and its neighbours' rows), grouping receivers of equal degree, in chunks of at most
+    GATHER_BUDGET values spread over torch's CPU threads (numpy's sort releases the GIL)."""
     out = torch.empty_like(own)
     degree = hoods.degree
-    p = own.shape[1]
+    p = max(own.shape[1], 1)
+    jobs: list[np.ndarray] = []
     for d in np.unique(degree).tolist():
         rows = np.flatnonzero(degree == d)
+        chunk = max(1, GATHER_BUDGET // ((d + 1) * p))
+        jobs += [rows[lo : lo + chunk] for lo in range(0, len(rows), chunk)]
+
+    def run(part: np.ndarray) -> None:
+        d = int(degree[part[0]])
+        idx = torch.from_numpy(part).to(own.device)
         if d == 0:
-            idx = torch.from_numpy(rows)
             out[idx] = own[idx]
-            continue
-        chunk = max(1, GATHER_BUDGET // ((d + 1) * max(p, 1)))
-        for lo in range(0, len(rows), chunk):
-            part = rows[lo : lo + chunk]
-            cols = hoods.indptr[part][:, None] + np.arange(d)
-            neighbour_rows = torch.from_numpy(hoods.src[cols]).to(pool.device)
-            idx = torch.from_numpy(part).to(own.device)
-            stack = torch.cat([own[idx].unsqueeze(1), pool[neighbour_rows]], dim=1)
-            out[idx] = reduce(stack.sort(dim=1).values)
+            return
+        cols = hoods.indptr[part][:, None] + np.arange(d)
+        neighbour_rows = torch.from_numpy(hoods.src[cols]).to(pool.device)
+        # [rows, P, d + 1] with one coordinate's values contiguous: numpy sorts many short rows
+        # several times faster than torch.sort does along any axis on CPU.
+        stack = torch.cat([own[idx].unsqueeze(2), pool[neighbour_rows].transpose(1, 2)], dim=2)
+        if stack.device.type == "cpu":
+            ordered = torch.from_numpy(np.sort(stack.numpy(), axis=-1))
+        else:
+            ordered = stack.sort(dim=-1).values
+        out[idx] = reduce(ordered)
+
+    _spread(run, jobs, own.device)
     return out
 
 
@@ -200,39 +231,57 @@ def trim_count(trim: float, size: int) -> int:
 
 def _trimmed_mean(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip) -> torch.Tensor:
     def reduce(ordered: torch.Tensor) -> torch.Tensor:
-        size = ordered.shape[1]
+        size = ordered.shape[-1]
         b = trim_count(stage.trim, size)
-        return ordered[:, b : size - b].mean(dim=1)
+        return ordered[..., b : size - b].mean(dim=-1)
 
     return _by_degree(own, pool, hoods, reduce)
 
 
 def _median(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip) -> torch.Tensor:
     def reduce(ordered: torch.Tensor) -> torch.Tensor:
-        size = ordered.shape[1]
+        size = ordered.shape[-1]
         if size % 2:
-            return ordered[:, size // 2]
-        return (ordered[:, size // 2 - 1] + ordered[:, size // 2]) * 0.5
+            return ordered[..., size // 2]
+        return (ordered[..., size // 2 - 1] + ordered[..., size // 2]) * 0.5
 
     return _by_degree(own, pool, hoods, reduce)
 
 
 def _edge_distances(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods) -> np.ndarray:
-    """||pool[src] − own[dst]|| per neighbourhood entry (float64), in memory-bounded chunks."""
+    """||pool[src] − own[dst]|| per neighbourhood entry, in cache-sized chunks over CPU threads."""
     dst, m = hoods.dst, len(hoods.src)
     out = np.empty(m, dtype=np.float64)
     chunk = max(1, GATHER_BUDGET // max(own.shape[1], 1))
-    for lo in range(0, m, chunk):
+
+    def run(lo: int) -> None:
         s = torch.from_numpy(hoods.src[lo : lo + chunk]).to(pool.device)
         d = torch.from_numpy(dst[lo : lo + chunk]).to(own.device)
-        diff = (pool[s] - own[d]).double()
-        out[lo : lo + chunk] = torch.linalg.vector_norm(diff, dim=1).cpu().numpy()
+        out[lo : lo + chunk] = torch.linalg.vector_norm(pool[s] - own[d], dim=1).double().cpu().numpy()
+
+    _spread(run, list(range(0, m, chunk)), own.device)
     return out
 
 
+def one_row(self_weight: float, weights: list[float]) -> Neighbourhoods:
+    """The neighbourhood of a single device hearing pool rows ``0..k-1`` (a node's view)."""
+    k = len(weights)
+    return Neighbourhoods(
+        np.array([0, k], dtype=np.int64),
+        np.arange(k, dtype=np.int64),
+        np.asarray(weights, dtype=np.float64),
+        np.array([self_weight], dtype=np.float64),
+    )
+
+
 def clip_radius(distances: np.ndarray, weight: np.ndarray, indptr: np.ndarray, quantile: float) -> np.ndarray:
-    """Per receiver, the smallest neighbour distance whose cumulative weight (neighbours sorted by
-    distance) reaches ``quantile`` of the receiver's neighbour weight; 0 for no neighbours."""
+    """Per receiver, the clipping radius of self-centred clipping.
+
+    The receiver trusts its nearest neighbours that together carry at most ``quantile`` of its
+    neighbour weight (always at least the nearest one) and sets ``τ² = Σ_trusted W d² / (1 − q)``
+    (He, Karimireddy & Jaggi's adaptive radius with δ = 1 − q as the weight share that may lie):
+    honest neighbours at typical distances pass unclipped, a far outlier is pulled in to τ.
+    0 for a receiver with no neighbours."""
     r = len(indptr) - 1
     degree = np.diff(indptr)
     row = np.repeat(np.arange(r), degree)
@@ -241,15 +290,15 @@ def clip_radius(distances: np.ndarray, weight: np.ndarray, indptr: np.ndarray, q
     cum = np.cumsum(w)
     start = np.concatenate([[0.0], cum])[indptr[:-1]]
     total = np.add.reduceat(w, indptr[:-1]) if len(w) else np.zeros(r)
-    within = cum - np.repeat(start, degree)
-    reached = within >= quantile * np.repeat(total, degree) * (1 - 1e-12)
-    position = np.where(reached, np.arange(len(w)), len(w))
-    radius = np.zeros(r, dtype=np.float64)
     has = degree > 0
-    if has.any():
-        first = np.minimum.reduceat(position, indptr[:-1][has])
-        radius[has] = dist[np.minimum(first, len(w) - 1)]
-    return radius
+    total = np.where(has, total, 0.0)
+    within = cum - np.repeat(start, degree)  # cumulative weight, nearest first, within each row
+    first = np.zeros(len(w), dtype=bool)
+    first[indptr[:-1][has]] = True
+    trusted = (within <= quantile * np.repeat(total, degree) * (1 + 1e-12)) | first
+    sq = np.bincount(row, weights=np.where(trusted, w * dist**2, 0.0), minlength=r)
+    delta = max(1.0 - quantile, 1e-12)
+    return np.sqrt(sq / delta)
 
 
 def _clipped(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip) -> torch.Tensor:
@@ -298,45 +347,72 @@ def weighted_average(params: torch.Tensor, weights: torch.Tensor, chunk: int = 4
 # ------------------------------------------------------------------------------------ finish
 
 
-def broken_rows(rows: torch.Tensor, limit: float = MAX_ABS_PARAM) -> torch.Tensor:
-    """bool [R]: rows holding a non-finite value or a value beyond ``limit`` (one pass)."""
-    peak = torch.linalg.vector_norm(rows, ord=math.inf, dim=1)
-    return ~(peak <= limit)  # NaN compares False, so NaN rows count as broken
+def unsound_rows(rows: torch.Tensor, reference: torch.Tensor, ratio: float = MAX_NORM_RATIO) -> torch.Tensor:
+    """bool [R]: rows that are non-finite or whose norm exceeds ``ratio`` x max(||reference||, 1)."""
+    norm = torch.linalg.vector_norm(rows, dim=-1)
+    bound = ratio * torch.linalg.vector_norm(reference, dim=-1).clamp_min(1.0)
+    return ~(norm <= bound)  # NaN and inf compare False: unsound
 
 
-def rollback_broken(rows: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
-    """Restore broken rows of ``rows`` from ``before`` in place; returns their bool mask."""
-    bad = broken_rows(rows)
+def rollback_unsound(rows: torch.Tensor, before: torch.Tensor, ratio: float = MAX_NORM_RATIO) -> torch.Tensor:
+    """Restore unsound rows of ``rows`` from ``before`` in place; returns their bool mask."""
+    bad = unsound_rows(rows, before, ratio)
     if bool(bad.any()):
         rows[bad] = before[bad]
     return bad
 
 
+def gossip(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip) -> torch.Tensor:
+    """One gossip step with the safety net every runtime shares: a receiver whose result is
+    unsound retries without the neighbours whose own rows are out of bounds for it (their weight
+    goes to itself); if that is still unsound it keeps its row."""
+    mixed = aggregate(own, pool, hoods, stage)
+    bad = unsound_rows(mixed, own, stage.max_norm_ratio)
+    if not bool(bad.any()):
+        return mixed
+    rows = np.flatnonzero(bad.cpu().numpy())
+    sub = hoods.subset(rows)
+    dst = sub.dst
+    sent_norm = torch.linalg.vector_norm(pool[torch.from_numpy(sub.src).to(pool.device)], dim=-1)
+    own_norm = torch.linalg.vector_norm(own[torch.from_numpy(rows).to(own.device)], dim=-1).clamp_min(1.0)
+    suspect = (~(sent_norm <= stage.max_norm_ratio * own_norm[torch.from_numpy(dst).to(own.device)])).cpu().numpy()
+    keep = ~suspect
+    self_weight = sub.self_weight + np.bincount(dst, weights=np.where(suspect, sub.weight, 0.0), minlength=len(rows))
+    reduced = Neighbourhoods.from_edges(len(rows), dst[keep], sub.src[keep], sub.weight[keep], self_weight)
+    index = torch.from_numpy(rows).to(own.device)
+    retry = aggregate(own[index], pool, reduced, stage)
+    rollback_unsound(retry, own[index], stage.max_norm_ratio)
+    mixed[index] = retry
+    return mixed
+
+
 def finish(coop: Cooperation, after: torch.Tensor, before: torch.Tensor, active: np.ndarray | None) -> torch.Tensor:
-    """Affinity blend, absent rows kept, broken rows rolled back (returns a new tensor)."""
+    """Affinity blend, absent rows kept, unsound rows rolled back (returns a new tensor)."""
     out = after if coop.affinity >= 1.0 else torch.lerp(before, after, coop.affinity)
     if out is before:
         out = before.clone()
     if active is not None and not bool(np.all(active)):
         absent = torch.from_numpy(~np.asarray(active, dtype=bool)).to(out.device)
         out[absent] = before[absent]
-    rollback_broken(out, before)
+    rollback_unsound(out, before, coop.max_norm_ratio)
     return out
 
 
 __all__ = [
     "AGGREGATION_RULES",
-    "MAX_ABS_PARAM",
+    "MAX_NORM_RATIO",
     "Cooperation",
     "GlobalMean",
     "Gossip",
     "Neighbourhoods",
     "Stage",
     "aggregate",
-    "broken_rows",
     "clip_radius",
     "finish",
-    "rollback_broken",
+    "gossip",
+    "one_row",
+    "rollback_unsound",
     "trim_count",
+    "unsound_rows",
     "weighted_average",
 ]

@@ -21,9 +21,9 @@ from p2pl.core.cooperate import (
     GlobalMean,
     Gossip,
     Neighbourhoods,
-    aggregate,
     finish,
-    rollback_broken,
+    gossip,
+    rollback_unsound,
     weighted_average,
 )
 from p2pl.graph.weights import mixing_weights
@@ -84,16 +84,16 @@ class Trainer(Protocol):
 
 
 def train_with_rollback(
-    trainer: Trainer, params: torch.Tensor, round_index: int, work: np.ndarray | None, guard: bool
+    trainer: Trainer, params: torch.Tensor, round_index: int, work: np.ndarray | None, guard: bool, ratio: float
 ) -> tuple[Any, np.ndarray]:
-    """Local training; with ``guard``, a row that came out non-finite or exploding (poisoned by
-    what a neighbour sent) is rolled back to its pre-training row and its optimizer state reset.
-    Returns the trainer's stats and the rolled-back rows (bool [N])."""
+    """Local training; with ``guard``, a row that came out non-finite or exploding (norm beyond
+    ``ratio`` x its pre-training norm: poisoned by what a neighbour sent) is rolled back to its
+    pre-training row and its optimizer state reset. Returns the stats and the rolled-back rows."""
     before = params.clone() if guard else None
     stats = trainer.train(params, round_index, work)
     if before is None:
         return stats, np.zeros(params.shape[0], dtype=bool)
-    bad = rollback_broken(params, before)
+    bad = rollback_unsound(params, before, ratio)
     if bool(bad.any()):
         state = {k: v.clone() for k, v in trainer.state_tensors().items()}
         for value in state.values():
@@ -140,7 +140,7 @@ class NetworkCooperation:
         for step, stage in enumerate(self.coop.stages):
             if isinstance(stage, Gossip):
                 hoods = self.neighbourhoods(n, live_edges)
-                rows = aggregate(rows, self.sent_rows(rows, hoods, round_index, step), hoods, stage)
+                rows = gossip(rows, self.sent_rows(rows, hoods, round_index, step), hoods, stage)
                 sent += gossip_bytes(n, live_edges, self.facts)
             elif isinstance(stage, GlobalMean):
                 rows = self.global_mean(rows, active, round_index, step)

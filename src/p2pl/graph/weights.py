@@ -24,7 +24,7 @@ import scipy.sparse as sp
 
 from p2pl.errors import P2PLError, choose
 
-WEIGHT_RULES: tuple[str, ...] = ("metropolis", "max-degree", "uniform", "data-size")
+WEIGHT_RULES: tuple[str, ...] = ("metropolis", "max-degree", "uniform", "data-size")  # names of _RULES
 
 
 # eq=False: array fields make generated __eq__ ambiguous; compare .dense() instead.
@@ -56,6 +56,45 @@ class MixingWeights:
         return sp.csr_matrix((vals, (rows, cols)), shape=(self.num_devices, self.num_devices))
 
 
+@dataclass(frozen=True)
+class _Pairs:
+    """(receiving row, neighbour) pairs and what each side looks like (see :func:`_row_formula`)."""
+
+    row: np.ndarray  # [M] receiving row of each pair, indexing the per-row arrays
+    own_degree: np.ndarray  # [R]
+    neighbour_degree: np.ndarray  # [M]
+    own_size: np.ndarray | None  # [R]
+    neighbour_size: np.ndarray | None  # [M]
+    max_degree: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.own_degree.shape[0]
+
+
+def _metropolis(p: _Pairs) -> tuple[np.ndarray, np.ndarray]:
+    w = 1.0 / (1.0 + np.maximum(p.own_degree[p.row], p.neighbour_degree))
+    return w, 1.0 - np.bincount(p.row, weights=w, minlength=p.num_rows)
+
+
+def _max_degree(p: _Pairs) -> tuple[np.ndarray, np.ndarray]:
+    return np.full(p.row.shape[0], 1.0 / (1.0 + p.max_degree)), 1.0 - p.own_degree / (1.0 + p.max_degree)
+
+
+def _uniform(p: _Pairs) -> tuple[np.ndarray, np.ndarray]:
+    return 1.0 / (1.0 + p.own_degree[p.row]), 1.0 / (1.0 + p.own_degree)
+
+
+def _data_size(p: _Pairs) -> tuple[np.ndarray, np.ndarray]:
+    assert p.own_size is not None and p.neighbour_size is not None  # checked by the callers
+    total = p.own_size + np.bincount(p.row, weights=p.neighbour_size, minlength=p.num_rows)
+    return p.neighbour_size / total[p.row], p.own_size / total
+
+
+#: consensus.weights name -> (W_nm per pair, W_nn per row): the table above, once.
+_RULES = {"metropolis": _metropolis, "max-degree": _max_degree, "uniform": _uniform, "data-size": _data_size}
+
+
 def _row_formula(
     rule: str,
     row: np.ndarray,
@@ -65,29 +104,13 @@ def _row_formula(
     neighbour_size: np.ndarray | None,
     max_degree: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The table above, once. Returns (W_nm per pair, W_nn per row).
+    """Returns (W_nm per pair, W_nn per row) by ``rule``.
 
     ``row`` [M] indexes the receiving device of each (n, m) pair into the per-row arrays
     ``own_degree`` / ``own_size`` [R]; ``neighbour_*`` [M] describe m as n sees it.
     """
-    num_rows = own_degree.shape[0]
-    if rule == "metropolis":
-        w = 1.0 / (1.0 + np.maximum(own_degree[row], neighbour_degree))
-        self_w = 1.0 - np.bincount(row, weights=w, minlength=num_rows)
-    elif rule == "max-degree":
-        w = np.full(row.shape[0], 1.0 / (1.0 + max_degree))
-        self_w = 1.0 - own_degree / (1.0 + max_degree)
-    elif rule == "uniform":
-        w = 1.0 / (1.0 + own_degree[row])
-        self_w = 1.0 / (1.0 + own_degree)
-    elif rule == "data-size":
-        assert own_size is not None and neighbour_size is not None  # checked by the callers
-        total = own_size + np.bincount(row, weights=neighbour_size, minlength=num_rows)
-        w = neighbour_size / total[row]
-        self_w = own_size / total
-    else:  # pragma: no cover - callers validate the name with choose()
-        raise AssertionError(rule)
-    return w.astype(np.float64), np.asarray(self_w, dtype=np.float64)
+    w, self_w = _RULES[rule](_Pairs(row, own_degree, neighbour_degree, own_size, neighbour_size, max_degree))
+    return np.asarray(w, dtype=np.float64), np.asarray(self_w, dtype=np.float64)
 
 
 def _check_sizes(sizes: np.ndarray, what: str) -> None:

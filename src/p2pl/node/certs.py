@@ -54,6 +54,8 @@ __all__ = [
 
 CA_KEY_NAME = "ca.key"
 CA_CERT_NAME = "ca.crt"
+#: Device ids this CA has issued, one a line: TLS host names ignore case, so ids must not clash.
+ISSUED_NAME = "issued.txt"
 DEVICE_ID_PATTERN = r"[A-Za-z0-9_.-]{1,64}"
 _DEVICE_ID_RE = re.compile(rf"\A{DEVICE_ID_PATTERN}\Z")
 _HOSTNAME_RE = re.compile(r"\A[A-Za-z0-9_.-]{1,253}\Z")
@@ -230,9 +232,20 @@ def init_ca(directory: Path, name: str = "p2pl-ca", days: int = DEFAULT_CA_DAYS,
     try:
         _atomic_write(key_path, _key_pem(key), 0o600)
         _atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        _atomic_write(directory / ISSUED_NAME, b"", 0o644)  # a new CA has issued nothing yet
     except OSError as exc:
         raise P2PLError(f"cannot write the CA into {directory}: {exc.strerror or exc}") from None
     return CertPaths(key=key_path, cert=cert_path, ca_cert=cert_path)
+
+
+def _issued(ca_dir: Path) -> list[str]:
+    """Ids this CA issued (an older CA without the list: none recorded)."""
+    try:
+        return [line for line in (ca_dir / ISSUED_NAME).read_text(encoding="utf-8").splitlines() if line]
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError) as exc:
+        raise P2PLError(f"cannot read {ca_dir / ISSUED_NAME}: {exc}") from None
 
 
 def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
@@ -287,6 +300,13 @@ def issue_device_cert(
     if isinstance(hosts, str):
         hosts = [hosts]
     ca_cert, ca_key = _load_ca(Path(ca_dir))
+    issued = _issued(Path(ca_dir))
+    clash = [d for d in issued if d.lower() == device_id.lower() and d != device_id]
+    if clash:
+        raise P2PLError(
+            f"device id {device_id!r} differs only in case from {clash[0]!r}, which this CA already issued; "
+            "TLS host names ignore case, so choose another id"
+        )
     out_dir = Path(out_dir)
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
@@ -334,6 +354,9 @@ def issue_device_cert(
         src = Path(ca_dir) / CA_CERT_NAME
         if not ca_copy.exists() or not ca_copy.samefile(src):
             _atomic_write(ca_copy, src.read_bytes(), 0o644)
+        if device_id not in issued:
+            text = "".join(f"{d}\n" for d in [*issued, device_id])
+            _atomic_write(Path(ca_dir) / ISSUED_NAME, text.encode(), 0o644)
     except OSError as exc:
         raise P2PLError(f"cannot write the certificate for {device_id} into {out_dir}: {exc}") from None
     return CertPaths(key=key_path, cert=cert_path, ca_cert=ca_copy)

@@ -259,6 +259,9 @@ def write_report(result: SuiteResult) -> Path:
         if points:
             names.append(f"{claim.id.lower()}-spectral-gap.png")
             gap_figure(points, result.settings.rounds, result.settings.target, fig_dir / names[1])
+        for name, draw in finding.extra.get("figures", {}).items():  # a claim's own extra figures
+            draw(fig_dir / name)
+            names.append(name)
         figures[claim.id] = names
     path = result.out / "report.md"
     atomic.write_text(path, render(result, findings, figures))

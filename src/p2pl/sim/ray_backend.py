@@ -44,7 +44,7 @@ import torch
 from p2pl.algorithms.base import RoundLinks
 from p2pl.config import ExperimentConfig
 from p2pl.core.adversary import Adversary, SendContext
-from p2pl.core.cooperate import Cooperation, GlobalMean, Gossip, Neighbourhoods, aggregate, finish, weighted_average
+from p2pl.core.cooperate import Cooperation, GlobalMean, Gossip, Neighbourhoods, finish, gossip, weighted_average
 from p2pl.core.evaluate import evaluate
 from p2pl.core.params import ParamSpec, init_device_params
 from p2pl.core.rounds import gossip_bytes, network_neighbourhoods, train_with_rollback, upload_bytes
@@ -195,7 +195,8 @@ class ShardWorker:
             self.params *= torch.from_numpy(np.asarray(scale, dtype=np.float32)).unsqueeze(1)
 
     def train(self, round_index: int, work: np.ndarray | None) -> np.ndarray:
-        stats, _ = train_with_rollback(self.trainer, self.params, round_index, work, self.adversary.active)
+        guard, ratio = self.adversary.active, self.cfg.consensus.max_norm_ratio
+        stats, _ = train_with_rollback(self.trainer, self.params, round_index, work, guard, ratio)
         return stats.mean_loss.double().numpy()
 
     def evaluate(self) -> tuple[np.ndarray, np.ndarray]:
@@ -236,7 +237,7 @@ class ShardWorker:
         assert self._plan is not None
         own_sent = self.params if self._sent is None else self._sent
         pool = torch.cat([own_sent, *(_tensor(h) for h in halos)]) if halos else own_sent
-        self.params = aggregate(self.params, pool, self._plan[1].hoods, stage)
+        self.params = gossip(self.params, pool, self._plan[1].hoods, stage)
         self._sent = None
 
     def upload(self, present: np.ndarray, sizes: np.ndarray, round_index: int, step: int) -> tuple[Any, float]:

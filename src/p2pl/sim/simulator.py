@@ -1,8 +1,8 @@
-"""The simulator's round loop, over the in-process engine or the Ray backend.
+"""The simulator's round loop, over the local backend (this process) or the Ray backend.
 
 Each round: local training (``core.train``), optional evaluation after local training, the
 algorithm's cooperation step (``algorithms``), evaluation of every device on the common test
-set, and a resumable checkpoint. Same config and seed give the same numbers on either engine.
+set, and a resumable checkpoint. Same config and seed give the same numbers on either backend.
 
 Where the devices live is a :class:`Backend`: :class:`LocalBackend` holds all ``N`` rows in this
 process (one batch); :class:`p2pl.sim.ray_backend.RayBackend` splits them over Ray actors. The
@@ -38,6 +38,7 @@ from p2pl.results import summary as make_summary
 from p2pl.results import write_results
 from p2pl.sim import checkpoint
 from p2pl.sim.backend import Backend, Started
+from p2pl.system.model import SystemModel, record_round_cost
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
 T = TypeVar("T")
@@ -76,7 +77,8 @@ class LocalBackend:
     def train(self, round_index: int, work: np.ndarray | None) -> np.ndarray:
         # Under attack a neighbour's parameters can make training blow up: roll such rows back.
         guard = self.exp.setting.adversary.active
-        stats, _ = train_with_rollback(self.trainer, self._params, round_index, work, guard)
+        ratio = self.exp.cfg.consensus.max_norm_ratio
+        stats, _ = train_with_rollback(self.trainer, self._params, round_index, work, guard, ratio)
         return stats.mean_loss.double().numpy()
 
     def evaluate(self) -> tuple[np.ndarray, np.ndarray]:
@@ -205,16 +207,16 @@ def run_experiment(
     ckpt = checkpoint.load(directory) if directory is not None and resume else None
     if ckpt is not None and ckpt.meta.get("fingerprint") != fingerprint:
         raise P2PLError(f"{directory} holds a run of a different config; use another --out directory or pass --fresh")
-    engine = make_backend(exp, backend, strategy, address, shards)
+    devices = make_backend(exp, backend, strategy, address, shards)
     try:
-        return _run(exp, engine, directory, ckpt, fingerprint, threads, progress, stop_after)
+        return _run(exp, devices, directory, ckpt, fingerprint, threads, progress, stop_after)
     finally:
-        engine.close()
+        devices.close()
 
 
 def _run(
     exp: Experiment,
-    engine: Backend,
+    backend: Backend,
     directory: Path | None,
     ckpt: checkpoint.Checkpoint | None,
     fingerprint: str,
@@ -230,7 +232,7 @@ def _run(
 
     if ckpt is not None:
         history = ckpt.history
-        engine.guarded(lambda: engine.restore(ckpt.params, ckpt.optimizer))
+        backend.guarded(lambda: backend.restore(ckpt.params, ckpt.optimizer))
         start_round = ckpt.round + 1
         sync_steps = int(ckpt.meta["sync_steps"])
         sync_bytes = float(ckpt.meta["sync_bytes_per_device"])
@@ -238,9 +240,9 @@ def _run(
     else:
 
         def begin() -> tuple[Started, tuple[np.ndarray, np.ndarray]]:
-            return engine.start(), engine.evaluate()
+            return backend.start(), backend.evaluate()
 
-        started, (acc, loss) = engine.guarded(begin)
+        started, (acc, loss) = backend.guarded(begin)
         sync_steps, sync_bytes = started.sync_steps, started.sync_bytes_per_device
         history = History()
         history.eval_rounds.append(0)
@@ -248,12 +250,13 @@ def _run(
         history.loss.append(loss)
         start_round = 1
 
+    system = SystemModel.for_experiment(exp) if cfg.system.enabled else None
     phase_time = {p: 0.0 for p in PHASES}
     last_round = cfg.rounds if stop_after is None else min(cfg.rounds, stop_after)
     for k in range(start_round, last_round + 1):
         t0 = time.perf_counter()
         net = dynamics.next_round()
-        out = engine.guarded(partial(_round, engine, cfg, k, net))
+        out = backend.guarded(partial(_round, backend, cfg, k, net))
         for phase, seconds in out.phase_time_s.items():
             phase_time[phase] += seconds
         if out.local_eval is not None:
@@ -268,6 +271,8 @@ def _run(
             history.eval_rounds.append(k)
             history.accuracy.append(out.eval[0])
             history.loss.append(out.eval[1])
+        if system is not None:  # seconds and joules on the configured devices and radios
+            record_round_cost(history, system.cost(net, out.bytes_sent))
         history.round_time_s.append(time.perf_counter() - t0)
         if (
             directory is not None
@@ -275,7 +280,7 @@ def _run(
             and (k % cfg.output.checkpoint_every == 0 or k == last_round)
         ):
             meta = {"fingerprint": fingerprint, "sync_steps": sync_steps, "sync_bytes_per_device": sync_bytes}
-            state = checkpoint.Checkpoint(k, engine.params(), engine.optimizer_state(), history, meta)
+            state = checkpoint.Checkpoint(k, backend.params(), backend.optimizer_state(), history, meta)
             checkpoint.save(directory, state)
         if progress is not None:
             last = history.accuracy[-1][exp.honest()] if exp.setting.adversary.active else history.accuracy[-1]
@@ -284,7 +289,7 @@ def _run(
     facts = {
         "algorithm": cfg.algorithm,
         "engine": cfg.engine,
-        "training_strategy": engine.strategy,
+        "training_strategy": backend.strategy,
         "devices": exp.num_devices,
         "threads": threads,
         "rounds": cfg.rounds,
@@ -303,10 +308,10 @@ def _run(
         "sync_bytes_per_device": sync_bytes,
         "wall_time_s": float(sum(history.round_time_s)),
     }
-    facts |= engine.facts()
+    facts |= backend.facts()
     summary: dict[str, Any]
     if directory is not None:
         summary = write_results(directory, history, facts, exp.setting.data_sizes, exp.label_histograms(), exp.honest())
     else:
         summary = make_summary(history, facts, exp.honest())
-    return RunResult(summary, engine.params(), history, exp, phase_time)
+    return RunResult(summary, backend.params(), history, exp, phase_time)
