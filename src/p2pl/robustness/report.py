@@ -152,8 +152,8 @@ def exposure_line(result: GridResult) -> str | None:
         f"the most exposed (by share) hears {a[worst]} among its {d[worst] + 1} values (own included). "
         f"{int((a > trim_cut).sum())} honest devices hear more attackers than trimmed-mean cuts at each end "
         f"(trim {cfg.consensus.trim:g}), {int((a > clip_share * np.maximum(d, 1)).sum())} have more than "
-        f"{100 * clip_share:.0f} % of their neighbours attacking (so under equal weights the clipped rule's "
-        f"radius, the {q:g} quantile of neighbour distances, can be an attacker's distance), and "
+        f"{100 * clip_share:.0f} % of their neighbours attacking (so under equal weights an attacker can be "
+        f"among the nearest {q:g} of the weight that sets the clipped rule's radius), and "
         f"{int((2 * a >= d + 1).sum())} have attackers as half or more of their values (where the median can "
         "follow them)."
     )
