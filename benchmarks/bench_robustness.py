@@ -17,7 +17,7 @@ scale, sign-flip, ALIE x the four rules) in ``--out``/ (resumable: a rerun reuse
 ``report.md`` there is the command's own report).
 
     python benchmarks/bench_robustness.py --out runs/bench-robustness --workers 2
-    python benchmarks/bench_robustness.py --rounds 12 --devices 40 --set topology.radius=0.4   # quicker
+    python benchmarks/bench_robustness.py --rounds 12 --devices 40   # quicker
     python benchmarks/bench_robustness.py --only timing --repeats 7
 """
 

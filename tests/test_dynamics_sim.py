@@ -1,5 +1,5 @@
 """End to end through the simulator: link failures, dropout, stragglers, sparse rounds, mobility,
-affinity, the oscillation measure and devices.csv (issue #3, items 2-4).
+affinity, the oscillation measure and devices.csv.
 
 The network dynamics, P2PL's cooperation step and local training are recorded by wrapping the
 real methods (nothing is replaced), so these tests check what the simulator actually did in each

@@ -304,9 +304,9 @@ def test_compare_draws_accuracy_against_seconds_and_joules(
     assert cli(args) == 0
     png = (tmp_path / "cmp" / "cost.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
-    assert "cost.png" in capsys.readouterr().err
+    assert "cost.png" in capsys.readouterr().out  # results on stdout
     assert cli(["run", "--out", str(tmp_path / "run"), "--quiet", *args[4:]]) == 0
-    assert "J per device" in capsys.readouterr().err
+    assert "J per device" in capsys.readouterr().out
 
 
 @pytest.mark.integration

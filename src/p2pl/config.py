@@ -63,7 +63,7 @@ class ModelConfig:
 @dataclass
 class TopologyConfig:
     name: str = "random-geometric"
-    radius: float = 0.25  # random-geometric: link range in the unit square
+    radius: float = 0.0  # random-geometric: link range in the unit square (0: automatic, connected)
     p: float = 0.1  # erdos-renyi: edge probability
     k: int = 4  # small-world: neighbours in the ring lattice; random-regular: degree
     rewire: float = 0.1  # small-world: rewiring probability
@@ -98,6 +98,7 @@ ATTACKS = ("none", "sync-hijack", "scale", "sign-flip", "gaussian", "alie", "lab
 #: Network-level misbehaviour that only a real node can play (p2pl.node.adversary).
 NODE_ATTACKS = ("hello-round", "header-bomb", "flood")
 PLACEMENTS = ("random", "degree")
+DEVICES = ("auto", "cpu", "cuda", "mps")  # resolved by p2pl.core.device
 
 
 @dataclass
@@ -241,6 +242,9 @@ class EvalConfig:
     every: int = 1  # evaluate every k rounds (and always the last)
     after_local: bool = False  # also evaluate after local training (oscillation)
     test_batch: int = 4096  # test samples per evaluation chunk
+    # devices evaluated on rounds before the last (a subset drawn from seed and round; the last
+    # round evaluates every device); 0 = all. For very large N, where evaluation dominates.
+    devices: int = 0
 
 
 @dataclass
@@ -258,6 +262,7 @@ class ExperimentConfig:
     seed: int = 0
     engine: str = "vectorized"  # vectorized | reference
     threads: int = 0  # torch CPU threads; 0 = choose from the workload size
+    device: str = "auto"  # where the vectorized engine computes: auto (cuda if present) | cpu | cuda
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -287,6 +292,7 @@ class ExperimentConfig:
             "partition.min_size": self.partition.min_size,
             "partition.samples_per_device": self.partition.samples_per_device,
             "threads": self.threads,
+            "eval.devices": self.eval.devices,
         }
         _require(non_negative, lambda v: v >= 0, ">= 0", "0")
         positive_floats = {
@@ -299,6 +305,7 @@ class ExperimentConfig:
         self.adversary.validate()
         self.system.validate()
         choose("sync.mode", self.sync.mode, SYNC_MODES)
+        choose("device", self.device, DEVICES)
         if not 0 < self.data.test_fraction < 1:
             raise P2PLError(f"data.test_fraction must be in (0, 1), got {self.data.test_fraction}")
         if self.partition.samples_per_device > 0 and self.data.device_assignment:

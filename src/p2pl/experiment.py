@@ -76,7 +76,8 @@ class Experiment:
 
     def dynamics(self) -> NetworkDynamics:
         topo = self.cfg.topology
-        radius = topo.range_m if topo.area_m > 0 else topo.radius
+        # the topology's radius: an automatic one (topology.radius = 0) is resolved there
+        radius = topo.range_m if topo.area_m > 0 else (self.topology.radius or topo.radius)
         area = topo.area_m if topo.area_m > 0 else None
         return NetworkDynamics(self.topology, self.cfg.links, self.cfg.consensus.every, self.cfg.seed, radius, area)
 

@@ -8,8 +8,6 @@ import signal
 import sys
 from types import FrameType
 
-from p2pl.node.config import load_node_config
-
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,unused-ignore]
     parser = sub.add_parser("node", help="run one P2PL device over the network (see p2pl launch for many)")
@@ -28,6 +26,8 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from p2pl.node.config import load_node_config
+
     cfg = load_node_config(args.config, args.overrides)
     from p2pl.node.adversary import build_runtime  # imports torch: only once the config is valid
 

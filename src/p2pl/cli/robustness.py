@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from p2pl.errors import P2PLError
-    from p2pl.report import console
+    from p2pl.report import console, progress_console
     from p2pl.robustness import grid_settings, run_grid, write_report
 
     if args.workers < 1:
@@ -59,19 +59,19 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if not args.quiet:
         c = settings.base
-        console.print(f"robustness: {len(settings.scenarios)} attack rows x {len(settings.rules)} rules = "
+        progress_console.print(f"robustness: {len(settings.scenarios)} attack rows x {len(settings.rules)} rules = "
                       f"{len(specs)} runs ({c.devices} devices, {c.rounds} rounds, {args.workers} worker(s)), "
                       f"results in {out}/")  # fmt: skip
 
     def log(line: str) -> None:
-        console.print(line, markup=False, highlight=False, soft_wrap=True)  # error texts may hold [brackets]
+        progress_console.print(line, markup=False, highlight=False)  # error texts may hold [brackets]
 
     _preflight(settings)
     result = run_grid(out, settings, workers=args.workers, fresh=args.fresh, log=None if args.quiet else log)
     path = write_report(result)
     console.print(f"report: {path} ({time.perf_counter() - t0:.0f} s)")
     if result.failures:
-        console.print(f"{len(result.failures)} run(s) failed; see the report's list of runs")
+        progress_console.print(f"{len(result.failures)} run(s) failed; see the report's list of runs")
         return 1
     return 0
 

@@ -1,4 +1,4 @@
-"""Consensus (mixing) weights of DESIGN.md §2: ``θ_n ← Σ_{m ∈ N_n ∪ {n}} W_nm θ_m``.
+"""Consensus (mixing) weights (docs/design.md): ``θ_n ← Σ_{m ∈ N_n ∪ {n}} W_nm θ_m``.
 
 | rule         | W_nm (m a neighbour)             | W_nn                         |
 |--------------|----------------------------------|------------------------------|

@@ -137,7 +137,9 @@ def _read(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise P2PLError(f"{what} not found at {path}; create it with 'p2pl certs' first") from None
+        raise P2PLError(
+            f"{what} not found at {path}; create it with 'p2pl certs init' and 'p2pl certs issue DEVICE' first"
+        ) from None
     except OSError as exc:
         raise P2PLError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
@@ -155,7 +157,7 @@ def _load_key(path: Path, what: str) -> ec.EllipticCurvePrivateKey:
     except (ValueError, TypeError):
         raise P2PLError(f"{what} {path} is not an unencrypted PEM private key; regenerate it") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise P2PLError(f"{what} {path} is not an EC key; regenerate it with p2pl")
+        raise P2PLError(f"{what} {path} is not an EC key; regenerate it with 'p2pl certs'")
     return key
 
 
@@ -199,7 +201,10 @@ def init_ca(directory: Path, name: str = "p2pl-ca", days: int = DEFAULT_CA_DAYS,
         raise P2PLError(f"bad CA name {name!r}: use 1-64 characters")
     key_path, cert_path = directory / CA_KEY_NAME, directory / CA_CERT_NAME
     if not force and (key_path.exists() or cert_path.exists()):
-        raise P2PLError(f"a CA already exists in {directory}; pass force=True (--force) to replace it")
+        raise P2PLError(
+            f"a CA already exists in {directory}; add --force to 'p2pl certs init' to replace it "
+            "(certificates it issued stop working)"
+        )
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = _now()
@@ -251,7 +256,10 @@ def _issued(ca_dir: Path) -> list[str]:
 def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     ca_dir = Path(ca_dir)
     if not (ca_dir / CA_KEY_NAME).exists() or not (ca_dir / CA_CERT_NAME).exists():
-        raise P2PLError(f"no CA in {ca_dir} (need {CA_KEY_NAME} and {CA_CERT_NAME}); run init_ca first")
+        raise P2PLError(
+            f"no CA in {ca_dir} (need {CA_KEY_NAME} and {CA_CERT_NAME}); create one with "
+            f"'p2pl certs init --dir {ca_dir}' or point --ca at an existing one"
+        )
     cert = _load_cert(ca_dir / CA_CERT_NAME, "CA certificate")
     key = _load_key(ca_dir / CA_KEY_NAME, "CA key")
     if _spki(cert.public_key()) != _spki(key.public_key()):

@@ -41,6 +41,7 @@ from typing import Any
 
 import tomli_w
 
+from p2pl import config as experiment_config
 from p2pl.config import (
     ATTACKS,
     NODE_ATTACKS,
@@ -147,6 +148,7 @@ class NodeConfig:
     rounds: int = 10
     seed: int = 0
     threads: int = 1  # torch CPU threads of this process
+    device: str = "auto"  # where this node trains and evaluates: auto (cuda if present) | cpu | cuda
     listen: str = "127.0.0.1:0"
     dir: str = "."  # output directory of this node
     checkpoint_every: int = 1  # rounds between checkpoints (0: never; resuming needs them)
@@ -200,6 +202,7 @@ class NodeConfig:
         }.items():
             if not sec > 0:
                 raise P2PLError(f"node config: {key} must be > 0, got {sec}")
+        choose("device", self.device, experiment_config.DEVICES)
         self.training.validate()
         self.consensus.validate()
         self.adversary.validate(ATTACKS + NODE_ATTACKS)

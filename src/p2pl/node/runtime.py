@@ -71,6 +71,7 @@ import torch
 from p2pl import atomic
 from p2pl.algorithms.base import gossip_stages
 from p2pl.core.cooperate import Cooperation, Gossip, finish, gossip, one_row, unsound_rows
+from p2pl.core.device import resolve_device
 from p2pl.core.evaluate import evaluate
 from p2pl.core.params import ParamSpec, init_device_params
 from p2pl.core.schedule import Partition
@@ -247,6 +248,11 @@ class NodeRuntime:
         self.trainer = VectorizedTrainer(
             self.model, self.spec, self.data.x_train, self.data.y_train, partition, cfg.training, cfg.seed
         )
+        # Training and evaluation run on ``device``; the row stays on the CPU for the network.
+        self.device = resolve_device(cfg.device)
+        self.x_test, self.y_test = self.data.x_test.to(self.device), self.data.y_test.to(self.device)
+        if self.device.type != "cpu":
+            self.trainer.to(self.device)
         self.peers: dict[str, str] = {p.id: p.address for p in cfg.peers}
         self.peer_index: dict[str, int] = {p.id: p.index for p in cfg.peers}
         self.data_size = len(self.data.y_train)
@@ -655,7 +661,9 @@ class NodeRuntime:
         (and the optimizer state to its pre-train value, or zeros if that is not finite either)."""
         before = self.params.clone()
         opt_before = {name: t.clone() for name, t in self.trainer.state_tensors().items()}
-        stats = self.trainer.train(self.params, k)
+        row = self.params.to(self.device)  # train on the configured device; rows live on the CPU
+        stats = self.trainer.train(row, k)
+        self.params = row.cpu()
         if self._sane(self.params[0], before[0]):
             return float(stats.mean_loss[0])
         log.warning("%s round %d: local training gave non-finite or exploding parameters; rolled back",
@@ -846,7 +854,7 @@ class NodeRuntime:
 
     def _evaluate(self) -> tuple[float, float]:
         acc, loss = evaluate(
-            self.model, self.spec, self.params, self.data.x_test, self.data.y_test,
+            self.model, self.spec, self.params.to(self.device), self.x_test, self.y_test,
             sample_chunk=self.cfg.eval.test_batch,
         )  # fmt: skip
         return float(acc[0]), float(loss[0])

@@ -158,7 +158,7 @@ def _setup_lines(settings: SuiteSettings) -> list[str]:
         f"- **Model:** {base.model.name} {base.model.hidden}; **optimizer:** {t.optimizer} lr {t.lr}"
         + (f" momentum {t.momentum}" if t.optimizer == "momentum" else "")
         + f", batch {t.batch_size}, {t.local_epochs} local epochs per round",
-        f"- **Default graph:** {base.topology.name} (radius {base.topology.radius}), "
+        f"- **Default graph:** {base.topology.name} (radius {base.topology.radius or 'automatic: 0.25 at 100'}), "
         f"{base.consensus.weights} weights, {base.consensus.steps} consensus step(s) per round, "
         f"max norm sync {'on' if base.sync.enabled else 'off'}",
         f'- **Rules:** accuracy is the final round\'s test accuracy of each device; "reaches X" means '

@@ -16,9 +16,8 @@ from p2pl.errors import P2PLError, choose
 
 #: Share of attackers when the config names none (``adversary.fraction`` and ``count`` both 0).
 DEFAULT_FRACTION = 0.1
-#: ``--quick``: fewer devices and rounds, a wider radio range so 40 devices stay connected
-#: (about as many neighbours per device as 100 devices at the default radius 0.25).
-QUICK_OVERRIDES = ("devices=40", "rounds=12", "topology.radius=0.4")
+#: ``--quick``: fewer devices and rounds (the automatic radio range keeps 40 devices connected).
+QUICK_OVERRIDES = ("devices=40", "rounds=12")
 NO_ATTACK = "none"
 
 

@@ -181,7 +181,7 @@ def _setup_lines(s: GridSettings) -> list[str]:
         f"- **Attackers:** {who}, placed by {adv.placement}"
         + (f", scale {adv.scale:g} for every attack" if adv.scale else " (each attack at its default scale)"),
         f"- **Graph:** {c.topology.name}"
-        + (f" (radius {c.topology.radius})" if c.topology.name == "random-geometric" else "")
+        + (f" (radius {c.topology.radius or 'automatic'})" if c.topology.name == "random-geometric" else "")
         + f"; {c.consensus.weights} weights, {c.consensus.steps} consensus step(s) per round; max norm sync "
         f"{'on' if c.sync.enabled else 'off'}",
         f"- **Rules:** trimmed-mean trim {c.consensus.trim}, clipped clip_quantile {c.consensus.clip_quantile}",

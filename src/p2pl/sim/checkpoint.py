@@ -26,6 +26,7 @@ _AFRESH = "delete it to start the run afresh"
 _PER_EVAL = ("accuracy", "loss", "local_accuracy", "local_loss")
 _PER_ROUND_ARRAYS = ("bytes_sent", "train_loss")
 _PER_ROUND_SCALARS = ("consensus_distance", "live_links", "active_devices", "round_time_s")
+_PHASE_TIMES = ("train_time_s", "exchange_time_s", "evaluate_time_s")
 
 
 @dataclass
@@ -52,7 +53,7 @@ def save(directory: Path, ckpt: Checkpoint) -> None:
     tensors["hist.bytes_sent"] = _stack(h.bytes_sent, n, np.int64)
     tensors["hist.train_loss"] = _stack(h.train_loss, n)
     tensors["hist.eval_rounds"] = torch.tensor(h.eval_rounds, dtype=torch.int64)
-    for name in _PER_ROUND_SCALARS:
+    for name in (*_PER_ROUND_SCALARS, *_PHASE_TIMES):
         tensors[f"hist.{name}"] = torch.tensor(getattr(h, name), dtype=torch.float64)
     if h.system_energy_j:  # the system model's per-round costs (only when it is enabled)
         tensors["hist.system_round_s"] = torch.tensor(h.system_round_s, dtype=torch.float64)
@@ -86,6 +87,9 @@ def load(directory: Path) -> Checkpoint | None:
     h.live_links = [int(v) for v in tensors["hist.live_links"]]
     h.active_devices = [int(v) for v in tensors["hist.active_devices"]]
     h.round_time_s = [float(v) for v in tensors["hist.round_time_s"]]
+    for name in _PHASE_TIMES:  # absent from checkpoints written before phases were recorded
+        times = tensors.get(f"hist.{name}", torch.full((len(h.round_time_s),), float("nan")))
+        setattr(h, name, [float(v) for v in times])
     if "hist.system_energy_j" in tensors:
         h.system_round_s = [float(v) for v in tensors["hist.system_round_s"]]
         h.system_finish_s_mean = [float(v) for v in tensors["hist.system_finish_s_mean"]]

@@ -27,7 +27,6 @@ workers; parameters travel as plain numpy arrays.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import resource
 import socket
@@ -54,6 +53,7 @@ from p2pl.errors import P2PLError
 from p2pl.experiment import Experiment
 from p2pl.models import build_model
 from p2pl.sim.backend import Started
+from p2pl.sim.ray_start import ACTOR_ARGS_NOTICE, start_ray, without_stderr_line
 from p2pl.sim.sharding import Sharding, shard_devices
 
 T = TypeVar("T")
@@ -142,6 +142,7 @@ class ShardWorker:
         strategy: str,
         threads: int,
         attackers: np.ndarray | None = None,
+        device: str = "cpu",
     ) -> None:
         torch.set_num_threads(max(1, threads))
         if isinstance(data, list):  # [object ref] from the Ray driver (see RayBackend.__init__)
@@ -159,6 +160,12 @@ class ShardWorker:
             self.model, self.spec, _tensor(data["x_train"]), _tensor(data["y_train"]), partition,
             cfg.training, cfg.seed, strategy,
         )  # fmt: skip
+        # Training and evaluation run on ``device`` (a GPU Ray gave this actor); the rows stay on
+        # the CPU between them, where the consensus plans and Ray's object store work.
+        self.device = torch.device(device)
+        if self.device.type != "cpu":
+            self.trainer.to(self.device)
+            self.x_test, self.y_test = self.x_test.to(self.device), self.y_test.to(self.device)
         self.params = torch.zeros(len(self.device_ids), self.spec.total)
         self.adversary = Adversary.of(cfg.adversary, np.zeros(0) if attackers is None else attackers, cfg.seed)
         self._plan: tuple[str, ShardPlan] | None = None
@@ -195,13 +202,17 @@ class ShardWorker:
             self.params *= torch.from_numpy(np.asarray(scale, dtype=np.float32)).unsqueeze(1)
 
     def train(self, round_index: int, work: np.ndarray | None) -> np.ndarray:
+        rows = self.params.to(self.device)
         guard, ratio = self.adversary.active, self.cfg.consensus.max_norm_ratio
-        stats, _ = train_with_rollback(self.trainer, self.params, round_index, work, guard, ratio)
+        stats, _ = train_with_rollback(self.trainer, rows, round_index, work, guard, ratio)
+        self.params = rows.cpu()
         return stats.mean_loss.double().numpy()
 
-    def evaluate(self) -> tuple[np.ndarray, np.ndarray]:
+    def evaluate(self, local_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        params = self.params if local_rows is None else self.params[torch.from_numpy(local_rows)]
+        params = params.to(self.device)
         acc, loss = evaluate(
-            self.model, self.spec, self.params, self.x_test, self.y_test, sample_chunk=self.cfg.eval.test_batch
+            self.model, self.spec, params, self.x_test, self.y_test, sample_chunk=self.cfg.eval.test_batch
         )
         return acc.numpy(), loss.numpy()
 
@@ -277,7 +288,7 @@ class ShardWorker:
 
     def get_state(self) -> tuple[tuple[np.ndarray, dict[str, np.ndarray]], bool]:
         """(rows, optimizer state) copies, and a small 'done' flag (a second Ray object)."""
-        opt = {k: v.clone().numpy() for k, v in self.trainer.state_tensors().items()}
+        opt = {k: v.cpu().clone().numpy() for k, v in self.trainer.state_tensors().items()}
         return (self.params.clone().numpy(), opt), True
 
     def set_state(self, state: tuple[np.ndarray, dict[str, np.ndarray]]) -> None:
@@ -321,6 +332,21 @@ def _check_reachable(address: str) -> None:
         ) from None
 
 
+def _shard_device(requested: str, gpus: float, shards: int) -> str:
+    """Where each shard actor computes: one GPU per actor when the cluster has a GPU for every
+    shard (``device`` = auto or cuda), else the CPU; an explicit cuda without them is an error."""
+    if requested in ("auto", "cuda") and gpus >= shards:
+        return "cuda"
+    if requested == "auto" or requested == "cpu":
+        return "cpu"
+    if requested == "cuda":
+        raise P2PLError(
+            f"device = 'cuda' gives each Ray shard one GPU, but the cluster has {gpus:g} GPU(s) for {shards} "
+            "shards; pass --shards with at most that many, or --set device=cpu"
+        )
+    raise P2PLError(f"--backend ray computes on cuda or cpu, not {requested!r}; use --set device=cpu")
+
+
 class RayBackend:
     """The devices of an experiment on ``num_shards`` Ray actors (see the module doc)."""
 
@@ -342,12 +368,7 @@ class RayBackend:
         if not ray.is_initialized():
             if address is not None:
                 _check_reachable(address)
-            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            try:
-                ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
-            except (ConnectionError, RuntimeError, ValueError) as err:
-                where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
-                raise P2PLError(f"could not start or join {where} ({err}); check --address") from None
+            start_ray(ray, address)  # retried if the raylet is slow to start; quiet on a normal run
             self._owns_ray = True
         cpus = float(ray.cluster_resources().get("CPU", 1.0))
         n = exp.num_devices
@@ -362,25 +383,29 @@ class RayBackend:
             "input_shape": tuple(exp.dataset.input_shape), "num_classes": exp.dataset.num_classes,
         }  # fmt: skip
         self._data_ref = ray.put(data)  # the training set goes to each node once, not per device
+        device = _shard_device(cfg.device, float(ray.cluster_resources().get("GPU", 0.0)), k)
         actor_cls = ray.remote(
-            num_cpus=share, max_restarts=MAX_RESTARTS, max_task_retries=0, scheduling_strategy="SPREAD"
-        )(ShardWorker)
+            num_cpus=share, num_gpus=1 if device == "cuda" else 0, max_restarts=MAX_RESTARTS, max_task_retries=0,
+            scheduling_strategy="SPREAD",
+        )(ShardWorker)  # fmt: skip
         threads = cfg.threads if cfg.threads > 0 else 1
         tag = uuid.uuid4().hex[:8]  # names let operators (and tests) find a run's actors
         # The data ref goes in a list so the actor fetches it itself: Ray keeps it alive through
         # our reference, and a restarted actor fetches it again.
-        self.actors = [
-            actor_cls.options(name=f"{ACTOR_PREFIX}{tag}-{s}").remote(
-                cfg,
-                ids,
-                [exp.parts[d] for d in ids],
-                [self._data_ref],
-                self.strategy,
-                threads,
-                exp.setting.adversary.ids,
-            )
-            for s, ids in enumerate(self.sharding.shards)
-        ]
+        with without_stderr_line(ACTOR_ARGS_NOTICE):  # intended here: see p2pl.sim.ray_start
+            self.actors = [
+                actor_cls.options(name=f"{ACTOR_PREFIX}{tag}-{s}").remote(
+                    cfg,
+                    ids,
+                    [exp.parts[d] for d in ids],
+                    [self._data_ref],
+                    self.strategy,
+                    threads,
+                    exp.setting.adversary.ids,
+                    device,
+                )
+                for s, ids in enumerate(self.sharding.shards)
+            ]
         self._errors: tuple[type[BaseException], ...] = (
             ray.exceptions.RayActorError,
             ray.exceptions.ObjectLostError,
@@ -490,9 +515,19 @@ class RayBackend:
         ]
         return self._scatter(self._get(refs))
 
-    def evaluate(self) -> tuple[np.ndarray, np.ndarray]:
-        parts = self._get([a.evaluate.remote() for a in self.actors])
-        return self._scatter([p[0] for p in parts]), self._scatter([p[1] for p in parts])
+    def evaluate(self, devices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        if devices is None:
+            parts = self._get([a.evaluate.remote() for a in self.actors])
+            return self._scatter([p[0] for p in parts]), self._scatter([p[1] for p in parts])
+        chosen = np.zeros(self.sharding.num_devices, dtype=bool)
+        chosen[devices] = True
+        picks = [ids[chosen[ids]] for ids in self.sharding.shards]  # each shard's chosen devices
+        local = [self.sharding.local_index[p] for p in picks]
+        parts = self._get([a.evaluate.remote(rows) for a, rows in zip(self.actors, local, strict=True)])
+        acc, loss = np.full(len(chosen), np.nan), np.full(len(chosen), np.nan)
+        for ids, (a, lo) in zip(picks, parts, strict=True):
+            acc[ids], loss[ids] = a, lo
+        return acc, loss
 
     def exchange(self, links: RoundLinks, round_index: int) -> np.ndarray:
         """The algorithm's cooperation stages, shard by shard (see core.cooperate)."""

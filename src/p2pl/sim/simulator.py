@@ -27,15 +27,17 @@ from p2pl import atomic
 from p2pl.algorithms.base import RoundLinks
 from p2pl.config import ExperimentConfig, dumps_config
 from p2pl.core.consensus import consensus_distance
+from p2pl.core.device import resolve_device
 from p2pl.core.evaluate import evaluate
+from p2pl.core.rng import numpy_generator
 from p2pl.core.rounds import NetworkCooperation, train_with_rollback
-from p2pl.core.train import choose_strategy
+from p2pl.core.train import VectorizedTrainer, choose_strategy
 from p2pl.errors import P2PLError, choose
 from p2pl.experiment import Experiment, build_experiment, config_fingerprint
 from p2pl.graph.links import RoundNetwork
 from p2pl.metrics import History
+from p2pl.results import ResultFiles, write_results
 from p2pl.results import summary as make_summary
-from p2pl.results import write_results
 from p2pl.sim import checkpoint
 from p2pl.sim.backend import Backend, Started
 from p2pl.system.model import SystemModel, record_round_cost
@@ -57,21 +59,32 @@ class RunResult:
 
 
 class LocalBackend:
-    """All devices in this process, as one batch (the single-process engine)."""
+    """All devices in this process, as one batch (the single-process engine).
+
+    Parameters, optimizer state and the data live on the run's ``device`` (moved there once);
+    the cooperation step runs on the CPU copy where it is not the CPU (see ``exchange``).
+    """
 
     def __init__(self, exp: Experiment, strategy: str = "auto") -> None:
         self.exp = exp
         self.trainer = exp.trainer(strategy)
         self.strategy = getattr(self.trainer, "strategy", "reference")
         self.cooperation = NetworkCooperation(exp.algorithm.cooperation(exp.setting), exp.setting.facts(), exp.cfg.seed)
+        self.device = _engine_device(exp.cfg)
+        self.x_test, self.y_test = exp.dataset.x_test, exp.dataset.y_test
+        if self.device.type != "cpu":
+            assert isinstance(self.trainer, VectorizedTrainer)  # _engine_device refused the reference one
+            self.trainer.to(self.device)
+            self.x_test, self.y_test = self.x_test.to(self.device), self.y_test.to(self.device)
         self._params = torch.empty(0)
 
     def start(self) -> Started:
-        self._params, start = self.exp.start_params()
+        params, start = self.exp.start_params()
+        self._params = params.to(self.device)
         return Started(start.steps, float(np.mean(start.bytes_sent)))
 
     def restore(self, params: torch.Tensor, optimizer: dict[str, torch.Tensor]) -> None:
-        self._params = params
+        self._params = params.to(self.device)
         self.trainer.load_state_tensors(optimizer)
 
     def train(self, round_index: int, work: np.ndarray | None) -> np.ndarray:
@@ -81,28 +94,33 @@ class LocalBackend:
         stats, _ = train_with_rollback(self.trainer, self._params, round_index, work, guard, ratio)
         return stats.mean_loss.double().numpy()
 
-    def evaluate(self) -> tuple[np.ndarray, np.ndarray]:
+    def evaluate(self, devices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         exp = self.exp
+        params = self._params if devices is None else self._params[torch.from_numpy(devices).to(self.device)]
         acc, loss = evaluate(
-            exp.model, exp.spec, self._params, exp.dataset.x_test, exp.dataset.y_test,
-            sample_chunk=exp.cfg.eval.test_batch,
+            exp.model, exp.spec, params, self.x_test, self.y_test,
+            sample_chunk=exp.cfg.eval.test_batch, strategy=self.strategy if self.strategy != "reference" else "auto",
         )  # fmt: skip
-        return acc.numpy(), loss.numpy()
+        return _scatter_evaluated(devices, self.exp.num_devices, acc.numpy(), loss.numpy())
 
     def exchange(self, links: RoundLinks, round_index: int) -> np.ndarray:
         if not links.cooperate:
             return np.zeros(self._params.shape[0], dtype=np.int64)
-        self._params, sent = self.cooperation.run(self._params, links.live_edges, links.active, round_index)
+        # The cooperation runs on the CPU (scipy CSR products, numpy sorts): on an accelerator it
+        # takes a CPU copy of the rows, which then moves back.
+        params = self._params if self.device.type == "cpu" else self._params.cpu()
+        mixed, sent = self.cooperation.run(params, links.live_edges, links.active, round_index)
+        self._params = mixed.to(self.device)
         return sent
 
     def consensus_distance(self) -> float:
         return consensus_distance(self._params)
 
     def params(self) -> torch.Tensor:
-        return self._params
+        return self._params.cpu()
 
     def optimizer_state(self) -> dict[str, torch.Tensor]:
-        return self.trainer.state_tensors()
+        return {k: v.cpu() for k, v in self.trainer.state_tensors().items()}
 
     def guarded(self, step: Callable[[], T]) -> T:
         return step()
@@ -112,6 +130,37 @@ class LocalBackend:
 
     def close(self) -> None:
         pass
+
+
+def _engine_device(cfg: ExperimentConfig) -> torch.device:
+    """The run's torch device; the reference engine (one torch.optim per device) stays on the CPU."""
+    if cfg.engine == "reference":
+        if cfg.device not in ("auto", "cpu"):
+            raise P2PLError("the reference engine runs on the CPU; set device = 'cpu' or engine = 'vectorized'")
+        return torch.device("cpu")
+    return resolve_device(cfg.device)
+
+
+def _scatter_evaluated(
+    devices: np.ndarray | None, num_devices: int, acc: np.ndarray, loss: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """[N] arrays from the evaluated devices' results; NaN marks a device not evaluated."""
+    if devices is None:
+        return acc, loss
+    full_acc, full_loss = np.full(num_devices, np.nan), np.full(num_devices, np.nan)
+    full_acc[devices], full_loss[devices] = acc, loss
+    return full_acc, full_loss
+
+
+def eval_devices(cfg: ExperimentConfig, round_index: int, num_devices: int) -> np.ndarray | None:
+    """The devices evaluated in this round: all (None) on the last round or when ``eval.devices``
+    is 0 or covers every device; otherwise ``eval.devices`` of them, drawn from (seed, round)
+    like every other random choice, in increasing order."""
+    k = cfg.eval.devices
+    if k <= 0 or k >= num_devices or round_index >= cfg.rounds:
+        return None
+    rng = numpy_generator(cfg.seed, "eval-devices", round_index)
+    return np.sort(rng.choice(num_devices, size=k, replace=False))
 
 
 @dataclass
@@ -133,16 +182,17 @@ def _round(backend: Backend, cfg: ExperimentConfig, k: int, net: RoundNetwork) -
     clock["train"] += time.perf_counter() - t
     evaluate_now = _should_eval(cfg, k)
     local_eval = None
+    devices = eval_devices(cfg, k, len(train_loss)) if evaluate_now else None
     if cfg.eval.after_local and evaluate_now:
         t = time.perf_counter()
-        local_eval = backend.evaluate()
+        local_eval = backend.evaluate(devices)
         clock["evaluate"] += time.perf_counter() - t
     t = time.perf_counter()
     sent = backend.exchange(RoundLinks(net.live_edges, net.active, net.cooperate), k)
     clock["exchange"] += time.perf_counter() - t
     distance = backend.consensus_distance()
     t = time.perf_counter()
-    after = backend.evaluate() if evaluate_now else None
+    after = backend.evaluate(devices) if evaluate_now else None
     clock["evaluate"] += time.perf_counter() - t
     return RoundOutput(train_loss, sent, distance, local_eval, after, clock)
 
@@ -240,7 +290,7 @@ def _run(
     else:
 
         def begin() -> tuple[Started, tuple[np.ndarray, np.ndarray]]:
-            return backend.start(), backend.evaluate()
+            return backend.start(), backend.evaluate(eval_devices(cfg, 0, exp.num_devices))
 
         started, (acc, loss) = backend.guarded(begin)
         sync_steps, sync_bytes = started.sync_steps, started.sync_bytes_per_device
@@ -252,6 +302,9 @@ def _run(
 
     system = SystemModel.for_experiment(exp) if cfg.system.enabled else None
     phase_time = {p: 0.0 for p in PHASES}
+    files = ResultFiles(directory, exp.honest()) if directory is not None else None
+    if files is not None:
+        files.update(history)  # round 0 (and, on resume, the rounds already run) before round 1
     last_round = cfg.rounds if stop_after is None else min(cfg.rounds, stop_after)
     for k in range(start_round, last_round + 1):
         t0 = time.perf_counter()
@@ -274,6 +327,8 @@ def _run(
         if system is not None:  # seconds and joules on the configured devices and radios
             record_round_cost(history, system.cost(net, out.bytes_sent))
         history.round_time_s.append(time.perf_counter() - t0)
+        for phase, seconds in out.phase_time_s.items():
+            getattr(history, f"{phase}_time_s").append(seconds)
         if (
             directory is not None
             and cfg.output.checkpoint_every
@@ -282,9 +337,11 @@ def _run(
             meta = {"fingerprint": fingerprint, "sync_steps": sync_steps, "sync_bytes_per_device": sync_bytes}
             state = checkpoint.Checkpoint(k, backend.params(), backend.optimizer_state(), history, meta)
             checkpoint.save(directory, state)
+        if files is not None:
+            files.update(history)  # metrics.csv / rounds.csv as each round ends
         if progress is not None:
             last = history.accuracy[-1][exp.honest()] if exp.setting.adversary.active else history.accuracy[-1]
-            progress(k, cfg.rounds, {"acc_mean": float(last.mean()), "acc_min": float(last.min())})
+            progress(k, cfg.rounds, {"acc_mean": float(np.nanmean(last)), "acc_min": float(np.nanmin(last))})
 
     facts = {
         "algorithm": cfg.algorithm,
@@ -311,7 +368,9 @@ def _run(
     facts |= backend.facts()
     summary: dict[str, Any]
     if directory is not None:
-        summary = write_results(directory, history, facts, exp.setting.data_sizes, exp.label_histograms(), exp.honest())
+        summary = write_results(
+            directory, history, facts, exp.setting.data_sizes, exp.label_histograms(), exp.honest(), files=files
+        )
     else:
         summary = make_summary(history, facts, exp.honest())
     return RunResult(summary, backend.params(), history, exp, phase_time)
