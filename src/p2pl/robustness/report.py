@@ -150,12 +150,11 @@ def exposure_line(result: GridResult) -> str | None:
     return (
         f"**Exposure** (base graph): {int((a > 0).sum())} of {len(d)} honest devices hear an attacker; "
         f"the most exposed (by share) hears {a[worst]} among its {d[worst] + 1} values (own included). "
-        f"{int((a > trim_cut).sum())} honest devices hear more attackers than trimmed-mean cuts at each end "
-        f"(trim {cfg.consensus.trim:g}), {int((a > clip_share * np.maximum(d, 1)).sum())} have more than "
-        f"{100 * clip_share:.0f} % of their neighbours attacking (so under equal weights an attacker can be "
-        f"among the nearest {q:g} of the weight that sets the clipped rule's radius), and "
-        f"{int((2 * a >= d + 1).sum())} have attackers as half or more of their values (where the median can "
-        "follow them)."
+        f"Honest devices hearing more attackers than trimmed-mean cuts at each end: {int((a > trim_cut).sum())} "
+        f"(trim {cfg.consensus.trim:g}); with more than {100 * clip_share:.0f} % of their neighbours attacking "
+        f"(so under equal weights an attacker can be among the nearest {q:g} of the weight that sets the "
+        f"clipped rule's radius): {int((a > clip_share * np.maximum(d, 1)).sum())}; with attackers as half or "
+        f"more of their values (where the median can follow them): {int((2 * a >= d + 1).sum())}."
     )
 
 
