@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "compare": "run p2pl, fedavg, centralized and local side by side",
     "topology": "describe the device graph of a config (and draw it)",
     "reproduce": "test the paper's claims (C1-C6) and write a report with tables and figures",
+    "robustness": "Byzantine attacks x aggregation rules: honest accuracy, report and figure",
     "node": "run one P2PL device over the network (see p2pl launch for many)",
     "launch": "run an experiment as N real p2pl node processes on this machine (loopback, mTLS)",
     "certs": "create the CA and device certificates for p2pl node",
