@@ -203,6 +203,63 @@ EXAMPLES: dict[str, tuple[list[Step] | Elsewhere, Check | None, str]] = {
     ),
     "p2pl run > results.txt": ([Shell("p2pl run --quiet " + " ".join(SMALL) + " > results.txt")], _table_in_file, ""),
     "p2pl topology | head -1": ([Shell("p2pl topology | head -1")], _first_line_only, ""),
+    "p2pl run --set adversary.attack=sign-flip --set adversary.fraction=0.1 --set consensus.aggregation=median "
+    "--out runs/attacked": (
+        [
+            [
+                "run",
+                "--set",
+                "adversary.attack=sign-flip",
+                "--set",
+                "adversary.fraction=0.1",
+                "--set",
+                "consensus.aggregation=median",
+                "--out",
+                "runs/attacked",
+                *SMALL,
+            ]
+        ],  # fmt: skip
+        _has("runs/attacked/devices.csv"),
+        "",
+    ),
+    "p2pl robustness --quick --out runs/robustness": (
+        [
+            [
+                "robustness",
+                "--quick",
+                "--out",
+                "runs/robustness",
+                "--attacks",
+                "scale",
+                "--rules",
+                "mean",
+                "--set",
+                "rounds=2",
+                "--quiet",
+            ]
+        ],  # fmt: skip
+        _has("runs/robustness/report.md"),
+        "",
+    ),
+    "p2pl robustness [--quick] --out DIR": (
+        [
+            [
+                "robustness",
+                "--quick",
+                "--out",
+                "runs/rob",
+                "--attacks",
+                "scale",
+                "--rules",
+                "median",
+                "--set",
+                "rounds=2",
+                "--quiet",
+            ]
+        ],  # fmt: skip
+        _has("runs/rob/robustness.png"),
+        "",
+    ),
 }
 
 
