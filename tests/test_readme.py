@@ -218,7 +218,7 @@ EXAMPLES: dict[str, tuple[list[Step] | Elsewhere, Check | None, str]] = {
                 "runs/attacked",
                 *SMALL,
             ]
-        ],  # fmt: skip
+        ],
         _has("runs/attacked/devices.csv"),
         "",
     ),
@@ -237,7 +237,7 @@ EXAMPLES: dict[str, tuple[list[Step] | Elsewhere, Check | None, str]] = {
                 "rounds=2",
                 "--quiet",
             ]
-        ],  # fmt: skip
+        ],
         _has("runs/robustness/report.md"),
         "",
     ),
@@ -256,7 +256,7 @@ EXAMPLES: dict[str, tuple[list[Step] | Elsewhere, Check | None, str]] = {
                 "rounds=2",
                 "--quiet",
             ]
-        ],  # fmt: skip
+        ],
         _has("runs/rob/robustness.png"),
         "",
     ),
