@@ -13,7 +13,7 @@ from p2pl import __version__
 from p2pl.errors import P2PLError
 
 # Sub-command modules, each with ``register(subparsers)`` setting ``func(args) -> int``.
-COMMANDS = ("run", "compare", "topology", "reproduce", "node", "launch", "certs")
+COMMANDS = ("run", "compare", "sweep", "topology", "reproduce", "node", "launch", "certs")
 
 EXIT_BAD_INPUT = 2
 

@@ -37,6 +37,7 @@ from p2pl.results import summary as make_summary
 from p2pl.results import write_results
 from p2pl.sim import checkpoint
 from p2pl.sim.backend import Backend, Started
+from p2pl.tracking import check_tracking, open_tracking
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
 T = TypeVar("T")
@@ -193,6 +194,7 @@ def run_experiment(
     ``backend`` = ``local`` (this process) or ``ray`` (``shards`` Ray actors, 0 = one per CPU
     of the cluster; ``address`` of an existing cluster, or None to start/join a local one).
     """
+    check_tracking(cfg)  # a missing tracking package fails before any work
     exp = build_experiment(cfg)
     chosen = "reference" if cfg.engine == "reference" else choose_strategy(exp.model, strategy, exp.dataset.input_shape)
     threads = configure_threads(cfg.threads, exp.num_devices, exp.spec.total, chosen)
@@ -245,6 +247,7 @@ def _run(
         start_round = 1
 
     phase_time = {p: 0.0 for p in PHASES}
+    tracking = open_tracking(cfg, directory)  # per-round observer: TensorBoard / MLflow if asked for
     last_round = cfg.rounds if stop_after is None else min(cfg.rounds, stop_after)
     for k in range(start_round, last_round + 1):
         t0 = time.perf_counter()
@@ -273,9 +276,11 @@ def _run(
             meta = {"fingerprint": fingerprint, "sync_steps": sync_steps, "sync_bytes_per_device": sync_bytes}
             state = checkpoint.Checkpoint(k, engine.params(), engine.optimizer_state(), history, meta)
             checkpoint.save(directory, state)
+        tracking.on_round(k, history)
         if progress is not None:
             last = history.accuracy[-1]
             progress(k, cfg.rounds, {"acc_mean": float(last.mean()), "acc_min": float(last.min())})
+    tracking.close()
 
     facts = {
         "algorithm": cfg.algorithm,
