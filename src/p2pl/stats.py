@@ -78,7 +78,9 @@ def mean_ci(values: Iterable[float], confidence: float = CONFIDENCE) -> Interval
     return Interval(mean, mean - half, mean + half, n, std, confidence)
 
 
-def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
+def paired_difference(
+    a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, confidence: float = CONFIDENCE
+) -> Interval:
     """Interval of the mean of ``a[i] - b[i]`` (the same seed ``i`` on both sides)."""
     if len(a) != len(b):
         raise ValueError(f"paired values need the same seeds on both sides, got {len(a)} and {len(b)}")

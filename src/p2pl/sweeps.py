@@ -55,7 +55,9 @@ class Axis:
 
 def _split_values(raw: str) -> list[str]:
     """Split ``V1,V2`` on the commas that are not inside brackets or quotes (``[8,8]`` is one value)."""
-    parts, depth, quote, current = [], 0, "", []
+    parts: list[str] = []
+    current: list[str] = []
+    depth, quote = 0, ""
     for ch in raw:
         if quote:
             quote = "" if ch == quote else quote
@@ -97,10 +99,11 @@ class Job:
     config: ExperimentConfig
     setting: dict[str, Any] = field(default_factory=dict)  # swept key -> value of this point
     seed: int = 0
+    label: str = ""  # how progress lines name it (default: <setting>/seed-<s>)
 
     @property
     def name(self) -> str:
-        return self.directory.name if not self.setting else f"{self.directory.parent.name}/{self.directory.name}"
+        return self.label or f"{self.directory.parent.name}/{self.directory.name}"
 
 
 def _slug(setting: Mapping[str, Any]) -> str:
@@ -219,16 +222,16 @@ def execute(job: Job, fresh: bool = False) -> JobOutcome:
 
 
 # Jobs cross process boundaries as plain data (our own worker processes, never a network peer).
-Payload = tuple[str, dict[str, Any], dict[str, Any], int, bool]
+Payload = tuple[str, dict[str, Any], bool]
 
 
 def _payload(job: Job, fresh: bool) -> Payload:
-    return (str(job.directory), config_to_dict(job.config), job.setting, job.seed, fresh)
+    return (str(job.directory), config_to_dict(job.config), fresh)
 
 
 def _execute_payload(payload: Payload) -> tuple[str, str, float, str | None, dict[str, Any] | None]:
-    directory, cfg, setting, seed, fresh = payload
-    outcome = execute(Job(Path(directory), config_from_dict(cfg), setting, seed), fresh)
+    directory, cfg, fresh = payload
+    outcome = execute(Job(Path(directory), config_from_dict(cfg)), fresh)
     return directory, outcome.status, outcome.seconds, outcome.error, outcome.summary
 
 
