@@ -46,7 +46,7 @@ def test_expand_is_every_setting_times_every_seed(tmp_path: Path) -> None:
     assert (job.config.topology.name, job.config.model.hidden, job.config.seed) == ("complete", [8, 8], 6)
     assert job.directory == tmp_path / "topology.name=complete__model.hidden=8-8" / "seed-6"
     # every point is validated before anything runs
-    with pytest.raises(P2PLError, match="training.lr must be > 0"):
+    with pytest.raises(P2PLError, match=r"training\.lr must be > 0"):
         expand(None, TINY, parse_grid(["training.lr=0.1,-1"]), 1, tmp_path)
     with pytest.raises(P2PLError, match="unknown config key"):
         expand(None, TINY, parse_grid(["training.lrr=0.1"]), 1, tmp_path)
