@@ -288,22 +288,40 @@ def run_jobs(
         for job in jobs:
             finish(execute(job, fresh))
     else:
-        import multiprocessing
-
-        count = min(workers, len(jobs))
-        threads = max(1, (os.cpu_count() or 1) // count)
-        # spawn: a fresh interpreter per worker (forking a process that may hold torch threads is unsafe)
-        pool = multiprocessing.get_context("spawn").Pool(count, initializer=_init_worker, initargs=(threads,))
-        try:
-            for result in pool.imap_unordered(_execute_payload, [_payload(j, fresh) for j in jobs]):
-                finish(from_payload(result))
-            pool.close()
-        except BaseException:
-            pool.terminate()  # Ctrl-C: stop the runs in flight (their checkpoints resume them)
-            raise
-        finally:
-            pool.join()
+        _run_in_processes(jobs, min(workers, len(jobs)), fresh, finish, from_payload)
     return [done[str(j.directory)] for j in jobs]
+
+
+def _run_in_processes(
+    jobs: Sequence[Job],
+    count: int,
+    fresh: bool,
+    finish: Callable[[JobOutcome], None],
+    from_payload: Callable[[Any], JobOutcome],
+) -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    threads = max(1, (os.cpu_count() or 1) // count)
+    # spawn: a fresh interpreter per worker (forking a process that may hold torch threads is unsafe)
+    executor = ProcessPoolExecutor(count, multiprocessing.get_context("spawn"), _init_worker, (threads,))
+    futures = {executor.submit(_execute_payload, _payload(j, fresh)): j for j in jobs}
+    try:
+        for future in as_completed(futures):
+            try:
+                finish(from_payload(future.result()))
+            except BrokenProcessPool:  # a worker was killed (e.g. out of memory): its jobs fail, not hang
+                died = "its worker process died (killed, or out of memory?); rerun the same command to retry"
+                finish(JobOutcome(futures[future], FAILED, 0.0, died))
+        executor.shutdown()
+    except BaseException:
+        # Ctrl-C: stop the runs in flight now (their checkpoints resume them). The executor has no
+        # public way to stop running workers, so terminate its processes directly.
+        for process in list(getattr(executor, "_processes", {}).values()):
+            process.terminate()
+        executor.shutdown(wait=False, cancel_futures=True)
+        raise
 
 
 def _run_on_ray(jobs: Sequence[Job], fresh: bool, address: str | None, finish: Callable[[Any], None]) -> None:
