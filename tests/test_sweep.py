@@ -139,8 +139,8 @@ def test_cli_bad_grid_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[
 def test_ctrl_c_then_rerun_continues_without_rerunning_finished_runs(tmp_path: Path) -> None:
     """2 settings x 3 seeds in 2 worker processes; SIGINT after the first run finishes; rerun."""
     out = tmp_path / "sweep"
-    # ~1-2 s of training per run, so the sweep is still going when the first run finishes
-    sets = ["devices=6", "rounds=40", "model.hidden=[8]", "training.local_epochs=1", "topology.name=ring"]
+    # ~1 s of training per run: SIGINT follows the first finished run within 50 ms, with 4+ runs to go
+    sets = ["devices=6", "rounds=20", "model.hidden=[8]", "training.local_epochs=1", "topology.name=ring"]
     cmd = [sys.executable, "-m", "p2pl", "sweep", "--grid", "consensus.weights=uniform,metropolis", "--seeds", "3",
            "--workers", "2", "--out", str(out), *(a for s in sets for a in ("--set", s))]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
@@ -167,4 +167,4 @@ def test_ctrl_c_then_rerun_continues_without_rerunning_finished_runs(tmp_path: P
         assert status[directory] == REUSED  # never rerun ...
         assert (directory / "summary.json").stat().st_mtime_ns == stamp  # ... nor rewritten
     assert sum(s == RAN for s in status.values()) == 6 - len(finished)
-    assert all(int(r["rounds_done"]) == 40 for r in table)
+    assert all(int(r["rounds_done"]) == 20 for r in table)
