@@ -211,10 +211,11 @@ def _setup_lines(settings: SuiteSettings) -> list[str]:
 
 
 def _claim_section(claim: Claim, finding: Finding, result: SuiteResult, figures: list[str]) -> str:
-    own = [result.outcomes[r.key] for r in claim.runs if r.key in result.outcomes]
+    ran = {o.spec.key for o in result.outcomes.values()}
+    own = [r for r in claim.runs if r.key in ran]
     shared = [k for k in claim.uses if k not in {r.key for r in claim.runs}]
-    runs = "\n".join(f"  - `{o.spec.key}`: {label_of(o.spec.key)} - `{' '.join(o.spec.overrides) or '(base)'}`"
-                     for o in own)  # fmt: skip
+    runs = "\n".join(f"  - `{r.key}`: {label_of(r.key)} - `{' '.join(r.overrides) or '(base)'}`"
+                     for r in own)  # fmt: skip
     if shared:
         runs += "\n  - reused from other claims: " + ", ".join(f"`{k}` ({label_of(k)})" for k in shared)
     parts = [
@@ -230,9 +231,9 @@ def _claim_section(claim: Claim, finding: Finding, result: SuiteResult, figures:
         mark = {HOLDS: "holds", FAILS: "fails"}
         parts.append("\n".join(f"- {mark.get(c.outcome, 'undecided')}: {c.what} ({c.value})"
                                for c in finding.checks))  # fmt: skip
-    failed = [result.outcomes[k] for k in claim.uses if k in result.outcomes and result.outcomes[k].status == FAILED]
+    failed = [o for o in result.outcomes.values() if o.spec.key in claim.uses and o.status == FAILED]
     if failed:
-        parts.append("**Failed runs:**\n\n" + "\n".join(f"- `{o.spec.key}`: {o.error}" for o in failed))
+        parts.append("**Failed runs:**\n\n" + "\n".join(f"- `{o.name}`: {o.error}" for o in failed))
     parts += [f"![{claim.id}: {name}](figures/{name})" for name in figures]
     return "\n\n".join(parts)
 
