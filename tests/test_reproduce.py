@@ -325,3 +325,16 @@ def test_c6_rule_needs_more_oscillation_damping_and_no_accuracy_cost() -> None:
     data["C1/p2pl"] = one(0.9, 0.8, curve, 0.40)
     data["C6/affinity-0.5"] = one(0.8, 0.7, curve, 0.35, "consensus.affinity=0.5")
     assert c6.judge_runs(data, s).verdict == C.NOT_REPRODUCED
+
+
+def test_verdict_rule_over_checks() -> None:
+    def checks(*outcomes: str) -> list[C.Check]:
+        return [C.Check(f"check {i}", o, "") for i, o in enumerate(outcomes)]
+
+    holds, fails, undecided = "holds", "fails", "undecided"
+    assert C.verdict_of(checks(holds, holds)) == C.REPRODUCED
+    assert C.verdict_of(checks(holds, fails, undecided)) == C.PARTLY
+    assert C.verdict_of(checks(fails, undecided)) == C.NOT_REPRODUCED  # a decided failure and nothing holds
+    assert C.verdict_of(checks(fails, fails)) == C.NOT_REPRODUCED
+    assert C.verdict_of(checks(holds, undecided)) == C.INCONCLUSIVE  # nothing failed, not everything held
+    assert C.verdict_of(checks(undecided)) == C.INCONCLUSIVE

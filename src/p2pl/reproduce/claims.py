@@ -32,9 +32,9 @@ CLAIMS = ("C1", "C2", "C3", "C4", "C5", "C6")
 REPRODUCED, PARTLY, NOT_REPRODUCED, NOT_MEASURED = "reproduced", "partly reproduced", "not reproduced", "not measured"
 INCONCLUSIVE = "inconclusive"
 VERDICT_RULE = (
-    "every check holds: reproduced; every check fails: not reproduced; some hold and some fail, none "
-    "undecided: partly reproduced; any check undecided (its interval straddles the threshold): "
-    "inconclusive, more seeds may decide it"
+    "reproduced when every check holds; partly reproduced when some hold and some fail; not reproduced "
+    "when some fail and none holds; inconclusive when none fails but some are undecided (their intervals "
+    "straddle the threshold: more seeds may decide them)"
 )
 
 
@@ -271,13 +271,11 @@ class Check:
 def verdict_of(checks: list[Check]) -> str:
     """The one rule for every claim (VERDICT_RULE)."""
     outcomes = {c.outcome for c in checks}
-    if not checks or UNDECIDED in outcomes:
-        return INCONCLUSIVE
     if outcomes == {HOLDS}:
         return REPRODUCED
-    if outcomes == {FAILS}:
-        return NOT_REPRODUCED
-    return PARTLY
+    if FAILS in outcomes:
+        return PARTLY if HOLDS in outcomes else NOT_REPRODUCED
+    return INCONCLUSIVE  # nothing failed, something undecided (or nothing to check)
 
 
 Judge = Callable[["Claim", Data, SuiteSettings], Finding]

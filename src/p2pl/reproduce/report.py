@@ -206,7 +206,7 @@ def _setup_lines(settings: SuiteSettings) -> list[str]:
         f"device accuracy is >= {pct(settings.target)} (the worst device's is shown too)",
         "- **Verdicts:** each claim is a list of checks, each judged on the 95 % CI of the quantity it is "
         "about: it *holds* when the whole interval satisfies it, *fails* when the whole interval violates "
-        f"it, and is *undecided* otherwise. Then {VERDICT_RULE}.",
+        f"it, and is *undecided* otherwise. A claim is {VERDICT_RULE}.",
     ] + ([f"- **Extra overrides on every run:** `{' '.join(settings.extra)}`"] if settings.extra else [])
 
 
