@@ -714,7 +714,7 @@ def _claims() -> tuple[Claim, ...]:
         topologies,
         (*c3_uses, "C1/fedavg"),
         (Panel("dense to sparse (complete graph = FedAvg by construction)", (*c3_uses, "C1/fedavg"),
-               band=("C3/ring",), emphasize=("C3/complete",)),),
+               band=("C3/ring",), emphasize=("C3/complete",), zoom=True),),
         judge_c3,
     )  # fmt: skip
     bernoulli = 'links.model="bernoulli"'

@@ -120,7 +120,10 @@ def claim_figure(claim: Claim, data: dict[str, Runs | None], path: Path, seeds: 
         legend = "mean device (solid), worst device (dashed); shaded: min-max over devices"
     if seeds > 1:
         legend += f"; every curve averaged over {seeds} seeds"
-    fig.suptitle(f"{claim.id}: {claim.title}\n{legend}", fontsize=10)
+    import textwrap
+
+    width = 90 if len(claim.panels) == 1 else 140  # characters that fit the figure's width
+    fig.suptitle(f"{claim.id}: {claim.title}\n" + textwrap.fill(legend, width), fontsize=10)
     fig.tight_layout()
     atomic.write_bytes(path, _png(fig))
 
