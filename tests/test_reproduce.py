@@ -129,7 +129,7 @@ def test_a_failing_experiment_is_reported_not_fatal(tmp_path: Path, monkeypatch:
     assert "**Verdict: not measured.**" in c1
     assert "RuntimeError: simulated crash" in c1 and "| failed |" in c1
     assert "- `C1/centralized/seed-0`: RuntimeError: simulated crash" in c1  # the failed runs, by folder
-    assert "  - `C1/centralized`: centralized - `algorithm=\"centralized\"`" in c1  # the claim's runs
+    assert '  - `C1/centralized`: centralized - `algorithm="centralized"`' in c1  # the claim's runs
     assert (tmp_path / "figures" / "c1.png").read_bytes().startswith(PNG)
 
     monkeypatch.setattr(simulator, "run_experiment", real)  # the next invocation retries only the failed run
