@@ -238,9 +238,25 @@ def _execute_payload(payload: Payload) -> tuple[str, str, float, str | None, dic
 def _init_worker(threads: int) -> None:
     """Worker processes: Ctrl-C is the parent's to handle, and they share the cores evenly."""
     import signal
+    import sys
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # read by torch at import and by the simulator
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the simulator keeps torch's count when this is set
+    if "torch" in sys.modules:  # preloaded by the fork server: set it directly
+        sys.modules["torch"].set_num_threads(threads)
+
+
+def _pool_context() -> Any:
+    """A fork server that has imported the simulator once, so each worker starts in milliseconds
+    instead of importing torch again (spawn where there is no fork server). Forking this process
+    instead could deadlock a child if torch had already started threads here."""
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["p2pl.sweeps", "p2pl.sim.simulator"])
+    return ctx
 
 
 def describe(outcome: JobOutcome) -> str:
@@ -299,13 +315,11 @@ def _run_in_processes(
     finish: Callable[[JobOutcome], None],
     from_payload: Callable[[Any], JobOutcome],
 ) -> None:
-    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
 
     threads = max(1, (os.cpu_count() or 1) // count)
-    # spawn: a fresh interpreter per worker (forking a process that may hold torch threads is unsafe)
-    executor = ProcessPoolExecutor(count, multiprocessing.get_context("spawn"), _init_worker, (threads,))
+    executor = ProcessPoolExecutor(count, _pool_context(), _init_worker, (threads,))
     futures = {executor.submit(_execute_payload, _payload(j, fresh)): j for j in jobs}
     try:
         for future in as_completed(futures):
