@@ -1,4 +1,4 @@
-"""The acceptance numbers of issues #2 and #4, through the real ``p2pl`` command.
+"""The acceptance numbers (BENCHMARKS.md), through the real ``p2pl`` command.
 
 1. ``p2pl run`` (the default experiment: 100 devices, digits, IID, random geometric graph,
    uniform weights, sync on): wall time (target < 60 s) and every device's final accuracy
@@ -7,6 +7,11 @@
    3 points of FedAvg's min, local-only clearly lower.
 3. Sync off vs sync on: rounds to 80% mean accuracy (target: more rounds without sync), for
    ``--seeds`` seeds (one seed can be lucky).
+5. The default experiment's round, evaluation included, against ONE centralized epoch (one
+   model, one torch.optim, one epoch over the union of the data, batch 8: what a user would
+   write; ``bench_engines.py``'s ``c.loop``); target <= 0.3x. Interleaved: each repeat runs
+   ``--round-rounds`` rounds of the default experiment in-process (the steady rounds after the
+   first, timed at each round's end) and as many centralized epochs; wall and CPU medians.
 4. ``p2pl compare`` on MNIST-format data: no real MNIST can be had offline, so this writes the
    four IDX files (the real format, read by the real reader) holding synthetic, learnable
    28x28 digits-like images: a smooth random prototype per class, randomly shifted and scaled,
@@ -21,6 +26,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import subprocess
@@ -33,7 +39,7 @@ from typing import Any
 import numpy as np
 
 ALGORITHMS = ("p2pl", "fedavg", "centralized", "local")
-PARTS = ("run", "compare", "sync", "mnist")
+PARTS = ("run", "compare", "sync", "mnist", "round")
 
 
 def p2pl_cli(*argv: str) -> float:
@@ -112,6 +118,54 @@ def part_sync(out: Path, seeds: list[int], common: list[str]) -> None:
         )
 
 
+def part_round(repeats: int, rounds: int, overrides: list[str]) -> None:
+    import statistics
+
+    from bench_engines import round_timer  # the same centralized epoch as bench_engines.py
+
+    from p2pl.config import load_config
+    from p2pl.sim.simulator import run_experiment
+
+    print(f"5. default experiment round (evaluation included) vs one centralized epoch, {repeats} repeats")
+    cfg = load_config(None, [f"rounds={rounds}", "output.progress=false", *overrides])
+    central = load_config(None, ['algorithm="centralized"', "training.local_epochs=1", 'engine="reference"',
+                                 "output.progress=false", *overrides])  # fmt: skip
+    epoch, _ = round_timer(central)
+    epoch(0)  # warm-up
+    rounds_wall: list[float] = []
+    rounds_cpu: list[float] = []
+    epoch_wall: list[float] = []
+    epoch_cpu: list[float] = []
+    phases: dict[str, list[float]] = {}
+    marks: list[tuple[float, float]] = []
+
+    def mark(k: int, total: int, metrics: dict[str, float]) -> None:
+        marks.append((time.perf_counter(), time.process_time()))
+
+    for r in range(repeats):
+        marks.clear()
+        result = run_experiment(cfg, progress=mark)
+        for (w0, c0), (w1, c1) in itertools.pairwise(marks):
+            rounds_wall.append(w1 - w0)
+            rounds_cpu.append(c1 - c0)
+        for phase, seconds in result.phase_time_s.items():
+            phases.setdefault(phase, []).append(seconds / rounds)
+        for i in range(rounds - 1):
+            w0, c0 = time.perf_counter(), time.process_time()
+            epoch(r * rounds + i + 1)
+            epoch_cpu.append(time.process_time() - c0)
+            epoch_wall.append(time.perf_counter() - w0)
+    rw, rc = statistics.median(rounds_wall), statistics.median(rounds_cpu)
+    ew, ec = statistics.median(epoch_wall), statistics.median(epoch_cpu)
+    split = " / ".join(f"{k} {1e3 * statistics.median(v):.1f}" for k, v in phases.items())
+    print(
+        f"  round {1e3 * rw:.1f} ms (CPU {1e3 * rc:.1f}); centralized epoch {1e3 * ew:.1f} ms (CPU {1e3 * ec:.1f}); "
+        f"round / epoch = {rw / ew:.2f}x wall, {rc / ec:.2f}x CPU (target <= 0.3x)\n"
+        f"  mean phase ms per round (incl. round 1): {split}; strategy {result.summary['training_strategy']}, "
+        f"{result.summary['threads']} thread(s)"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # synthetic MNIST-format data
 
@@ -183,6 +237,8 @@ def main() -> int:
     parser.add_argument("--mnist-train", type=int, default=6000)
     parser.add_argument("--mnist-test", type=int, default=1000)
     parser.add_argument("--mnist-rounds", type=int, default=10)
+    parser.add_argument("--round-repeats", type=int, default=5, help="repeats of part 5")
+    parser.add_argument("--round-rounds", type=int, default=6, help="rounds per repeat of part 5")
     parser.add_argument("--out", default=None, help="keep the runs here (default: a temp dir)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override for every run")  # fmt: skip
@@ -200,6 +256,8 @@ def main() -> int:
             part_sync(out, args.seeds, common)
         if "mnist" in parts:
             part_mnist(out, args, common)
+        if "round" in parts:
+            part_round(args.round_repeats, args.round_rounds, args.overrides)
     return 0
 
 

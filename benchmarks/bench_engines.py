@@ -71,7 +71,7 @@ def round_timer(cfg: ExperimentConfig, strategy: str = "auto") -> tuple[Callable
     """A function running one round of local training for ``cfg``'s devices, and its strategy."""
     exp = build_experiment(cfg)
     trainer = exp.trainer(strategy)
-    params = exp.algorithm.start(exp.device_inits(), exp.setting).params.clone()
+    params = exp.start_params()[0]
 
     def run(round_index: int) -> object:
         return trainer.train(params, round_index + 1)

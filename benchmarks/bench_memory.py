@@ -98,14 +98,13 @@ def child(args: argparse.Namespace) -> dict[str, object]:
     if args.child == "load":
         return out | {"peak_mb": _peak_mb()}
 
-    from p2pl.algorithms.base import RoundLinks
+    from p2pl.core.rounds import NetworkCooperation
     from p2pl.experiment import build_experiment
 
     exp = build_experiment(cfg)
     assert exp.dataset.x_train.data_ptr() == ds.x_train.data_ptr(), "the dataset must be loaded once"
     trainer = exp.trainer()
-    start = exp.algorithm.start(exp.device_inits(), exp.setting)
-    params = start.params
+    params, _ = exp.start_params()
     index_mb = sum(p.nbytes for p in exp.parts) / MB
     out |= {"strategy": trainer.strategy, "params": exp.spec.total, "index_arrays_mb": index_mb}
     out |= {"rss_built_mb": _rss_mb(), "peak_built_mb": _peak_mb()}
@@ -113,7 +112,8 @@ def child(args: argparse.Namespace) -> dict[str, object]:
     stats = trainer.train(params, 1, work)
     out |= {"rss_trained_mb": _rss_mb(), "peak_trained_mb": _peak_mb(), "steps": int(stats.steps.max())}
     net = exp.dynamics().next_round()
-    params = exp.algorithm.exchange(params, RoundLinks(net.live_edges, net.active, net.cooperate), exp.setting).params
+    coop = NetworkCooperation(exp.algorithm.cooperation(exp.setting), exp.setting.facts(), cfg.seed)
+    params, _ = coop.run(params, net.live_edges, net.active, 1)
     out |= {"rss_consensus_mb": _rss_mb()}
     k = args.eval_samples
     acc, _ = evaluate(exp.model, exp.spec, params, ds.x_test[:k], ds.y_test[:k], sample_chunk=cfg.eval.test_batch)

@@ -1,18 +1,22 @@
-"""Scale benchmark (issue #6): seconds per round, peak memory and the consensus share of a round,
+"""Scale benchmark: seconds per round, peak memory and the consensus share of a round,
 for the single-process engine and the Ray backend with 2 actors, at 1,000 and 10,000 devices.
 
 Each (backend, devices) point runs in a fresh child process so its peak RSS is its own.
 Workload: digits, MLP 64 hidden, each device draws ``--samples`` samples (overlapping,
 ``partition.samples_per_device``), random geometric graph with ~20 neighbours per device,
-max-norm sync, uniform weights, ``--epochs`` local epochs of batch 8, ``--rounds`` rounds,
-evaluation only after sync and after the last round.
+max-norm sync, uniform weights, ``--epochs`` local epochs of batch 8, ``--rounds`` rounds.
+Evaluation every round: ``--eval-devices`` devices (``eval.devices``: a subset drawn from seed and
+round) on the rounds before the last, every device on the last (and after sync: round 0 is
+evaluated like the others). ``--eval-devices 0`` evaluates every device every round.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_scale.py --devices 1000 10000 --out benchmarks/scale.json
+    python benchmarks/bench_scale.py --devices 10000 --backends local --rounds 4 --eval-devices 1000
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -23,12 +27,12 @@ import time
 from pathlib import Path
 
 
-def overrides(devices: int, rounds: int, epochs: int, samples: int) -> list[str]:
+def overrides(devices: int, rounds: int, epochs: int, samples: int, eval_devices: int) -> list[str]:
     radius = math.sqrt(20.0 / (math.pi * devices))  # ~20 neighbours on average at any N
     return [
         f"devices={devices}", f"rounds={rounds}", f"training.local_epochs={epochs}",
         f"partition.samples_per_device={samples}", f"topology.radius={radius:.4f}",
-        "eval.every=100000", "output.checkpoint_every=0",
+        "eval.every=1", f"eval.devices={eval_devices}", "output.checkpoint_every=0",
     ]  # fmt: skip
 
 
@@ -40,9 +44,14 @@ def child(args: argparse.Namespace) -> None:
         import ray
 
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    cfg = load_config(None, overrides(args.devices, args.rounds, args.epochs, args.samples))
+    cfg = load_config(None, overrides(args.devices, args.rounds, args.epochs, args.samples, args.eval_devices))
+    cpu_marks = [time.process_time()]  # this process's CPU time (the local backend's, not Ray actors')
     t0 = time.perf_counter()
-    result = run_experiment(cfg, backend=args.backend, shards=2)
+    result = run_experiment(
+        cfg, backend=args.backend, shards=2, progress=lambda k, t, m: cpu_marks.append(time.process_time())
+    )
+    times = result.history.round_time_s
+    cpu = [b - a for a, b in itertools.pairwise(cpu_marks)][1:]  # round 1 also pays start-up
     total = time.perf_counter() - t0
     s = result.summary
     rounds = s["rounds_done"]
@@ -54,6 +63,7 @@ def child(args: argparse.Namespace) -> None:
         "backend": args.backend, "devices": s["devices"], "parameters": s["parameters"], "edges": s["edges"],
         "threads": s["threads"], "rounds": rounds, "total_s": total,
         "round_s": s["round_time_s_mean"], "phase_s_per_round": phases,
+        "round_s_each": times, "round_cpu_s_each": cpu, "eval_devices": args.eval_devices,
         "consensus_share": phases["exchange"] / s["round_time_s_mean"],
         "peak_rss_mb": driver_mb + sum(actors_mb), "driver_peak_rss_mb": driver_mb, "actor_peak_rss_mb": actors_mb,
         "params_mb": params_mb, "acc_mean": s["final"]["accuracy"]["mean"], "ray": s.get("ray"),
@@ -68,6 +78,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--eval-devices", type=int, default=1000, help="eval.devices (0 = all, every round)")
     parser.add_argument("--out", default=None, help="write all results as JSON here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--backend", default="local", help=argparse.SUPPRESS)
@@ -82,7 +93,7 @@ def main() -> None:
         for backend in args.backends:
             cmd = [sys.executable, __file__, "--child", "--backend", backend, "--devices", str(n),
                    "--rounds", str(args.rounds), "--epochs", str(args.epochs),
-                   "--samples", str(args.samples)]  # fmt: skip
+                   "--samples", str(args.samples), "--eval-devices", str(args.eval_devices)]  # fmt: skip
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if not lines:
@@ -90,9 +101,13 @@ def main() -> None:
                 raise SystemExit(f"{backend} x{n} failed")
             r = json.loads(lines[-1][7:])
             results.append(r)
-            print(f"{backend:5s} N={n:6d}  {r['round_s']:8.2f} s/round  consensus {100 * r['consensus_share']:5.1f}%  "
-                  f"peak {r['peak_rss_mb']:8.0f} MB (params {r['params_mb']:.0f} MB)  acc {r['acc_mean']:.3f}",
-                  flush=True)  # fmt: skip
+            each = " ".join(f"{t:.2f}" for t in r["round_s_each"])
+            each += "; CPU of rounds 2..: " + " ".join(f"{t:.2f}" for t in r["round_cpu_s_each"])
+            ph = r["phase_s_per_round"]
+            print(f"{backend:5s} N={n:6d}  {r['round_s']:8.2f} s/round (rounds: {each}; last = all devices "
+                  f"evaluated)  train {ph['train']:.2f} / exchange {ph['exchange']:.2f} / evaluate "
+                  f"{ph['evaluate']:.2f} s  peak {r['peak_rss_mb']:8.0f} MB (params {r['params_mb']:.0f} MB)  "
+                  f"acc {r['acc_mean']:.3f}", flush=True)  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 

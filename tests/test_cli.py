@@ -44,7 +44,7 @@ def test_run_writes_the_result_files(
     assert (cfg.seed, cfg.training.lr, cfg.devices) == (3, 0.1, 10)  # --seed and --set applied
     summary = json.loads((out / "summary.json").read_text())
     assert summary["devices"] == 10 and summary["rounds"] == 2
-    assert "results in" in capsys.readouterr().err
+    assert "results in" in capsys.readouterr().out  # results on stdout
 
 
 def test_run_from_a_config_file_with_overrides_and_fresh(
@@ -74,7 +74,7 @@ def test_compare_writes_four_runs_and_a_plot(
         summary = json.loads((out / name / "summary.json").read_text())
         assert summary["algorithm"] == name and summary["rounds"] == 3
     assert (out / "accuracy.png").read_bytes().startswith(PNG_MAGIC)
-    assert "P2PL vs FedAvg" in capsys.readouterr().err
+    assert "P2PL vs FedAvg" in capsys.readouterr().out
 
 
 def test_topology_prints_stats_and_draws(

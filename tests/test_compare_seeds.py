@@ -26,14 +26,15 @@ def test_compare_over_seeds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
             assert (summary["algorithm"], summary["seed"]) == (name, seed)
             finals[name, seed] = summary["final"]["accuracy"]
     assert (out / "accuracy.png").read_bytes().startswith(b"\x89PNG")
-    err = capsys.readouterr().err
+    err = capsys.readouterr().out  # results go to stdout, progress to stderr
     assert "mean ± 95% CI over 2 seeds" in err
     gap = sum(finals["p2pl", s]["mean"] - finals["fedavg", s]["mean"] for s in (4, 5)) / 2
     assert f"P2PL vs FedAvg (mean ± 95% CI over 2 seeds): mean {100 * gap:+.1f} ±" in " ".join(err.split())
 
 
 def test_the_figure_says_what_was_run_and_what_the_bands_are() -> None:
-    cfg = load_config(None, ["devices=50", "consensus.weights=metropolis", 'partition.scheme="dirichlet"'])
+    cfg = load_config(None, ["devices=50", "consensus.weights=metropolis", 'partition.scheme="dirichlet"',
+                             "topology.radius=0.25"])  # fmt: skip
     title = figure_title(cfg, 3)
     for text in ("50 devices", "digits (dirichlet a=0.5)", "random-geometric r=0.25", "metropolis weights",
                  "sync on", "seeds 0-2"):  # fmt: skip

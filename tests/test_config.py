@@ -23,7 +23,8 @@ def test_defaults_are_the_default_experiment(tmp_path: Path) -> None:
     cfg = load_config()
     assert (cfg.algorithm, cfg.devices, cfg.rounds, cfg.engine) == ("p2pl", 100, 50, "vectorized")
     assert (cfg.data.name, cfg.partition.scheme, cfg.model.name, cfg.model.hidden) == ("digits", "iid", "mlp", [64])
-    assert (cfg.topology.name, cfg.topology.radius, cfg.consensus.weights) == ("random-geometric", 0.25, "uniform")
+    # radius 0: automatic (exactly 0.25 at the default 100 devices)
+    assert (cfg.topology.name, cfg.topology.radius, cfg.consensus.weights) == ("random-geometric", 0.0, "uniform")
     assert cfg.sync.enabled and cfg.training.optimizer == "momentum" and cfg.training.lr == 0.05
     assert (cfg.training.batch_size, cfg.training.local_epochs) == (8, 5)
     empty = tmp_path / "empty.toml"

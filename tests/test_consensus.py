@@ -1,4 +1,5 @@
-"""Consensus (p2pl.core.consensus) and the weight rules it mixes with (p2pl.graph.weights)."""
+"""Consensus by the mean gossip step (p2pl.core.cooperate) and the weight rules it mixes with
+(p2pl.graph.weights)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from p2pl.core.consensus import MixingOperator, consensus, consensus_distance, weighted_average
-from p2pl.errors import P2PLError
+from p2pl.core import cooperate
+from p2pl.core.consensus import consensus_distance
+from p2pl.core.cooperate import Cooperation, Gossip, Neighbourhoods, finish, gossip, weighted_average
 from p2pl.graph.topology import graph_edges
-from p2pl.graph.weights import WEIGHT_RULES, mixing_weights
+from p2pl.graph.weights import WEIGHT_RULES, MixingWeights, mixing_weights
 
 N = 12
 
@@ -48,53 +50,51 @@ def test_weight_rows_sum_to_one_and_doubly_stochastic_rules_are_symmetric(rule: 
         assert np.allclose(w.sum(0), 1.0)
 
 
+def _hoods(weights: MixingWeights) -> Neighbourhoods:
+    return Neighbourhoods.from_edges(weights.num_devices, weights.dst, weights.src, weights.weight, weights.self_weight)
+
+
+def consensus(params: torch.Tensor, weights: MixingWeights, steps: int, affinity: float = 1.0) -> torch.Tensor:
+    """``steps`` mean-gossip steps and the affinity blend, as the cooperation pipeline runs them."""
+    hoods, mixed = _hoods(weights), params
+    for _ in range(steps):
+        mixed = gossip(mixed, mixed, hoods, Gossip("mean"))
+    return finish(Cooperation((Gossip(),) * steps, affinity), mixed, params, None)
+
+
 @pytest.mark.parametrize("rule", WEIGHT_RULES)
 @pytest.mark.parametrize("kind", ["geometric", "star", "with-isolated"])
-def test_dense_and_edge_list_strategies_agree(rule: str, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dense_and_csr_products_agree(rule: str, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     weights = mixing_weights(N, _graph_edges(kind), rule, SIZES)
-    dense = MixingOperator.of(weights, "dense")
-    edges = MixingOperator.of(weights, "edges")
-    assert dense.dense is not None and edges.dense is None
     params = _params()
     expected = torch.from_numpy(weights.dense() @ params.double().numpy()).float()
-    assert torch.allclose(dense.apply(params), expected, atol=1e-6)
-    assert torch.allclose(edges.apply(params), expected, atol=1e-6)
-    assert torch.allclose(edges.apply(params), expected, atol=1e-6)
-    for strategy in (dense, edges):
-        assert torch.allclose(consensus(params, strategy, 3, 0.7), consensus(params, dense, 3, 0.7), atol=1e-6)
-
-
-def test_auto_strategy_is_dense_for_small_graphs_and_edges_for_large_sparse_ones() -> None:
-    small = mixing_weights(N, _graph_edges("ring"), "uniform")
-    assert MixingOperator.of(small).dense is not None
-    big = mixing_weights(1000, graph_edges(nx.cycle_graph(1000)), "uniform")
-    assert MixingOperator.of(big).dense is None
-    with pytest.raises(P2PLError, match="unknown mixing strategy 'sparse'"):
-        MixingOperator.of(small, "sparse")
+    dense = consensus(params, weights, 1)
+    monkeypatch.setattr(cooperate, "DENSE_MAX_CELLS", 0)  # force the CSR product
+    csr = consensus(params, weights, 1)
+    assert torch.allclose(dense, expected, atol=1e-6)
+    assert torch.allclose(csr, expected, atol=1e-6)
 
 
 def test_steps_and_affinity() -> None:
     weights = mixing_weights(N, _graph_edges("geometric"), "metropolis")
-    op = MixingOperator.of(weights, "dense")
     w = torch.from_numpy(weights.dense())
     params = _params(1)
     p64 = params.double()
-    assert torch.allclose(consensus(params, op, 1).double(), w @ p64, atol=1e-6)
-    assert torch.allclose(consensus(params, op, 3).double(), w @ w @ w @ p64, atol=1e-5)
-    blended = consensus(params, op, 2, affinity=0.3).double()
+    assert torch.allclose(consensus(params, weights, 1).double(), w @ p64, atol=1e-6)
+    assert torch.allclose(consensus(params, weights, 3).double(), w @ w @ w @ p64, atol=1e-5)
+    blended = consensus(params, weights, 2, affinity=0.3).double()
     assert torch.allclose(blended, 0.7 * p64 + 0.3 * (w @ w @ p64), atol=1e-6)
     assert torch.equal(params, _params(1))  # the input is not modified
 
 
 def test_doubly_stochastic_consensus_keeps_the_average_and_converges_to_it() -> None:
     weights = mixing_weights(N, _graph_edges("geometric"), "metropolis")
-    op = MixingOperator.of(weights, "edges")
     params = _params(2)
     mean = params.double().mean(0)
     distances = [consensus_distance(params)]
     mixed = params
     for _ in range(60):
-        mixed = consensus(mixed, op, 1)
+        mixed = consensus(mixed, weights, 1)
         distances.append(consensus_distance(mixed))
         assert torch.allclose(mixed.double().mean(0), mean, atol=1e-5)
     assert all(b <= a + 1e-9 for a, b in itertools.pairwise(distances))
@@ -102,15 +102,15 @@ def test_doubly_stochastic_consensus_keeps_the_average_and_converges_to_it() -> 
 
 
 def test_uniform_on_a_complete_graph_is_the_average_in_one_step() -> None:
-    op = MixingOperator.of(mixing_weights(N, _graph_edges("complete"), "uniform"))
+    weights = mixing_weights(N, _graph_edges("complete"), "uniform")
     params = _params(3)
-    assert torch.allclose(consensus(params, op, 1), params.mean(0).expand(N, -1), atol=1e-6)
+    assert torch.allclose(consensus(params, weights, 1), params.mean(0).expand(N, -1), atol=1e-6)
 
 
 def test_an_isolated_device_keeps_its_parameters() -> None:
-    op = MixingOperator.of(mixing_weights(N, _graph_edges("with-isolated"), "uniform"), "edges")
+    weights = mixing_weights(N, _graph_edges("with-isolated"), "uniform")
     params = _params(4)
-    mixed = consensus(params, op, 2)
+    mixed = consensus(params, weights, 2)
     assert torch.equal(mixed[N - 1], params[N - 1])
     assert not torch.allclose(mixed[0], params[0])
 

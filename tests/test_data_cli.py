@@ -1,4 +1,4 @@
-"""Broken dataset files reach the user as one line and exit code 2 from the CLI (issue #4)."""
+"""Broken dataset files reach the user as one line and exit code 2 from the CLI."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """End to end through the simulator: link failures, dropout, stragglers, sparse rounds, mobility,
-affinity, the oscillation measure and devices.csv (issue #3, items 2-4).
+affinity, the oscillation measure and devices.csv.
 
 The network dynamics, P2PL's cooperation step and local training are recorded by wrapping the
 real methods (nothing is replaced), so these tests check what the simulator actually did in each
@@ -18,11 +18,10 @@ import pytest
 import torch
 
 from p2pl.algorithms.base import RoundLinks
-from p2pl.algorithms.p2pl import P2PL
 from p2pl.config import ExperimentConfig, load_config
 from p2pl.core.train import VectorizedTrainer
 from p2pl.graph.links import NetworkDynamics, RoundNetwork
-from p2pl.sim.simulator import run_experiment
+from p2pl.sim.simulator import LocalBackend, run_experiment
 
 BASE = [
     "devices=12",
@@ -58,22 +57,25 @@ class Trace:
 def trace(monkeypatch: pytest.MonkeyPatch) -> Trace:
     """Record every round's network, P2PL exchange and local training of the next run."""
     t = Trace()
-    next_round, exchange, train = NetworkDynamics.next_round, P2PL.exchange, VectorizedTrainer.train
+    next_round, exchange, train = NetworkDynamics.next_round, LocalBackend.exchange, VectorizedTrainer.train
 
     def recording_next_round(self: NetworkDynamics) -> RoundNetwork:
         net = next_round(self)
         t.nets.append(net)
         return net
 
-    def recording_exchange(self: P2PL, params: torch.Tensor, links: RoundLinks, setting):  # type: ignore[no-untyped-def]
-        before = params.clone()
-        out = exchange(self, params, links, setting)
+    def recording_exchange(self: LocalBackend, links: RoundLinks, round_index: int) -> np.ndarray:
+        before = self.params().clone()
+        sent = exchange(self, links, round_index)
         w = None
-        if links.cooperate:  # the operator is cached per live edge set: this is the one just used
-            w = self.operator(links.live_edges, params.shape[0], setting).dense
-            w = None if w is None else w.double().numpy().copy()
-        t.exchanges.append(Exchanged(links, before, out.params.clone(), out.bytes_sent.copy(), w))
-        return out
+        if links.cooperate:  # W is cached per live edge set: this is the one just used
+            n = before.shape[0]
+            hoods = self.cooperation.neighbourhoods(n, links.live_edges)
+            w = np.zeros((n, n))
+            w[hoods.dst, hoods.src] = hoods.weight
+            w[np.arange(n), np.arange(n)] = hoods.self_weight
+        t.exchanges.append(Exchanged(links, before, self.params().clone(), sent.copy(), w))
+        return sent
 
     def recording_train(self: VectorizedTrainer, params, round_index, work=None):  # type: ignore[no-untyped-def]
         stats = train(self, params, round_index, work)
@@ -81,7 +83,7 @@ def trace(monkeypatch: pytest.MonkeyPatch) -> Trace:
         return stats
 
     monkeypatch.setattr(NetworkDynamics, "next_round", recording_next_round)
-    monkeypatch.setattr(P2PL, "exchange", recording_exchange)
+    monkeypatch.setattr(LocalBackend, "exchange", recording_exchange)
     monkeypatch.setattr(VectorizedTrainer, "train", recording_train)
     return t
 

@@ -49,7 +49,7 @@ def test_vectorized_equals_reference_after_two_rounds(
     diff = float((vec.params - ref.params).abs().max())
     assert diff <= TOL, f"{optimizer}: engines differ by {diff}"
     # and training actually moved the parameters (the comparison is not vacuous)
-    start = vec.experiment.algorithm.start(vec.experiment.device_inits(), vec.experiment.setting).params
+    start = vec.experiment.start_params()[0]
     assert float((vec.params - start).abs().max()) > 1e-2
     assert np.allclose(vec.history.accuracy[-1], ref.history.accuracy[-1], atol=1e-6)
 

@@ -18,18 +18,26 @@ OVERRIDES = [
 ]  # fmt: skip
 
 
+ROBUST_UNDER_ATTACK = [
+    ["consensus.aggregation='trimmed-mean'", "consensus.trim=0.25", "adversary.attack='gaussian'", "adversary.count=1"],
+    ["consensus.aggregation='clipped'", "adversary.attack='sign-flip'", "adversary.count=1"],
+]
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(300)
-def test_launched_nodes_equal_the_simulator(tmp_path: Path) -> None:
-    """No faults, same seeds: every node's parameters after K rounds equal the simulator's."""
+@pytest.mark.parametrize("extra", [[], *ROBUST_UNDER_ATTACK], ids=["mean", "trimmed-gaussian", "clipped-signflip"])
+def test_launched_nodes_equal_the_simulator(tmp_path: Path, extra: list[str]) -> None:
+    """No faults, same seeds: every node's parameters after K rounds equal the simulator's, for
+    each aggregation rule, with and without an attacking node (one cooperation pipeline)."""
     from p2pl.sim.simulator import run_experiment
 
     out = tmp_path / "run"
     args = ["launch", "--out", str(out), "--quiet", "--timeout", "240"]
-    for o in OVERRIDES:
+    for o in [*OVERRIDES, *extra]:
         args += ["--set", o]
     assert cli(args) == 0
-    cfg = load_config(None, OVERRIDES)
+    cfg = load_config(None, [*OVERRIDES, *extra])
     sim = run_experiment(cfg)
     ids = json.loads((out / "launch.json").read_text())["devices"]
     assert len(ids) == 5
@@ -47,6 +55,7 @@ def test_launched_nodes_equal_the_simulator(tmp_path: Path) -> None:
     assert summary["sync_steps"] == sim.summary["sync_steps"]
     for stat in ("mean", "min", "max"):
         assert summary["final"]["accuracy"][stat] == pytest.approx(sim.summary["final"]["accuracy"][stat], abs=1e-3)
+    assert summary["attackers"] == sim.summary["attackers"] == (1 if extra else 0)
     with open(out / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == ["round", "device", "accuracy", "loss"]
@@ -60,6 +69,7 @@ def test_launched_nodes_equal_the_simulator(tmp_path: Path) -> None:
         ("algorithm='fedavg'", "runs P2PL nodes"),
         ("links.model='bernoulli'", "real links"),
         ("links.dropout=0.1", "real links"),
+        ("adversary.attack='alie'", "simulator only"),
     ],
 )
 def test_launch_refuses_what_nodes_do_not_do(tmp_path: Path, capsys: pytest.CaptureFixture[str], override: str,
@@ -90,3 +100,132 @@ def test_node_cli_reports_bad_config_in_one_line(tmp_path: Path, capsys: pytest.
     err = capsys.readouterr().err
     assert "rounds must be a positive integer" in err and err.count("\n") == 1
     assert cli(["node", "--config", str(tmp_path / "missing.toml")]) == 2
+
+
+def test_collect_reports_every_device_whatever_became_of_it(tmp_path: Path) -> None:
+    """dev-000 finished, dev-001 died for good after round 1, dev-002 never started, dev-003's
+    checkpoint is corrupt: results are written for all four, each with its status, and the
+    run-level rounds go as far as any device got."""
+    import numpy as np
+    import torch
+
+    from p2pl.node.checkpoint import NodeCheckpoint, NodeHistory
+    from p2pl.node.launch import collect_results, prepare_launch
+
+    cfg = load_config(None, [*OVERRIDES[:-1], "devices=4", "rounds=3", "output.progress=false"])
+    plan = prepare_launch(cfg, tmp_path)
+
+    def save(i: int, rounds: int) -> None:
+        h = NodeHistory(list(range(rounds + 1)), [0.5 + 0.1 * r for r in range(rounds + 1)], [1.0] * (rounds + 1),
+                        [0.7] * rounds, [100] * rounds, [0.1] * rounds, [["x"]] * rounds)  # fmt: skip
+        ck = NodeCheckpoint(rounds, torch.full((plan.num_params,), float(i)), {}, None, torch.get_rng_state(), h,
+                            {"sync": {"owner": "dev-000", "owner_index": 0, "norm": 1.0, "steps": 1}})  # fmt: skip
+        checkpoint.save(plan.node_dirs[i], ck)
+
+    save(0, 3)
+    save(1, 1)
+    save(3, 3)
+    path = plan.node_dirs[3] / checkpoint.CHECKPOINT
+    path.write_bytes(path.read_bytes()[:-7] + b"garbage")
+    summary = collect_results(plan, 1.0, {0: 0, 1: -9, 2: 1, 3: 0})
+    assert summary["rounds_done"] == 3
+    assert summary["devices_missing"] == {"dev-001": "failed", "dev-002": "missing", "dev-003": "corrupt"}
+    with open(tmp_path / "devices.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["status"] for r in rows] == ["done", "failed", "missing", "corrupt"]
+    with open(tmp_path / "metrics.csv") as fh:
+        metrics = list(csv.DictReader(fh))
+    last = {int(r["device"]): r["accuracy"] for r in metrics if r["round"] == "3"}
+    assert last == {0: "0.8"}  # a device that never got there has no row (devices.csv says why)
+    assert summary["final"]["accuracy"]["mean"] == pytest.approx(0.8)  # over the devices that got there
+    with open(tmp_path / "rounds.csv") as fh:
+        per_round = list(csv.DictReader(fh))
+    assert [r["active_devices"] for r in per_round[1:]] == ["2", "1", "1"]
+    assert np.isclose(float(per_round[1]["accuracy_mean"]), 0.6)
+    # Damaged status files are progress hints only: the launcher's progress does not break.
+    from p2pl.node.launch import Launcher
+
+    statuses = ['{"round": 2, "accuracy": 0.7}', '{"round": "x", "accuracy": null}', "[1, 2]", '{"round": 3}']
+    for d, text in zip(plan.node_dirs, statuses, strict=True):
+        (d / "status.json").write_text(text)
+    assert Launcher(plan)._progress() == (0, {})  # one status is not an object: as if missing
+    (plan.node_dirs[2] / "status.json").write_text('{"round": 1, "accuracy": 0.5}')
+    assert Launcher(plan)._progress() == (0, {"acc_mean": 0.6, "acc_min": 0.5})
+
+
+ATTACKERS = {1: "sync-hijack", 2: "silent", 3: "data-size", 4: "hello-round", 5: "header-bomb", 6: "flood"}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_launched_network_survives_one_insider_of_each_kind(tmp_path: Path) -> None:
+    """8 real node processes on digits, six of them playing one network-level attack each
+    (sync hijack, silent, data-size lie, far hello round, header bomb, flood): no honest node
+    fails, the honest ones reach 0.9 accuracy, sync on an honest init, and results list every device."""
+    from p2pl.node.launch import Launcher, prepare_launch
+
+    overrides = ["devices=8", "rounds=4", "topology.name='complete'", "model.hidden=[32]",
+                 "training.local_epochs=2", "consensus.weights='data-size'", "output.progress=false"]  # fmt: skip
+    cfg = load_config(None, overrides)
+    extra: dict[int, dict[str, object]] = {i: {"sync": {"step_timeout": 4.0}} for i in range(8)}
+    for i, attack in ATTACKERS.items():
+        extra[i]["adversary"] = {"attack": attack}
+    plan = prepare_launch(cfg, tmp_path, network={"round_timeout": 4.0, "start_timeout": 60.0}, node_extra=extra)
+    launcher = Launcher(plan)
+    try:
+        launcher.start()
+        launcher.wait(timeout=480)
+    finally:
+        launcher.stop()
+    summary = launcher.collect()
+    honest = [i for i in range(8) if i not in ATTACKERS]
+    assert all(launcher.exit_codes[i] == 0 for i in honest), launcher.exit_codes
+    ckpts = {i: checkpoint.load(plan.node_dirs[i]) for i in range(8)}
+    for i in honest:
+        ck = ckpts[i]
+        assert ck is not None and ck.round == cfg.rounds
+        assert ck.meta["sync"]["owner_index"] != 1, "the sync hijacker won"
+        assert ck.history.accuracy[-1] >= 0.9, (i, ck.history.accuracy)
+        assert all("dev-002" not in row for row in ck.history.mixed)  # the silent one never spoke
+    with open(tmp_path / "devices.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 8
+    assert summary["devices"] == 8
+    logs = {i: (plan.node_dirs[i] / "node.log").read_text() for i in honest}
+    assert any("false sync claim from dev-001" in text for text in logs.values())
+    assert any("rejected send from dev-005" in text for text in logs.values())  # the bombs
+
+
+def test_launch_places_the_experiments_network_attackers_on_their_nodes(tmp_path: Path) -> None:
+    from p2pl.errors import P2PLError
+    from p2pl.node.config import load_node_config
+    from p2pl.node.launch import check_launchable, prepare_launch
+
+    base = [*OVERRIDES[:-1], "devices=4", "output.progress=false", "adversary.count=1"]
+    plan = prepare_launch(load_config(None, [*base, "adversary.attack='silent'"]), tmp_path)
+    attackers = [i for i in range(4) if not plan.honest[i]]
+    assert len(attackers) == 1
+    for i, path in enumerate(plan.configs):
+        assert (load_node_config(path).adversary.attack == "silent") == (i in attackers)
+    with pytest.raises(P2PLError, match="simulator only"):
+        check_launchable(load_config(None, [*base, "adversary.attack='alie'"]))
+    check_launchable(load_config(None, [*base, "adversary.attack='scale'"]))  # the simulator's transform
+    check_launchable(load_config(None, [*base, "adversary.attack='label-flip'"]))  # poisoned data files
+
+
+def test_node_cli_reports_a_tampered_checkpoint_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from p2pl.node.config import dumps_node_config
+    from test_node_runtime import node_config, tiny_data
+
+    tiny_data(tmp_path, 2)
+    cfg = node_config(tmp_path, 0, 0, {})
+    path = tmp_path / "node.toml"
+    path.write_text(dumps_node_config(cfg))
+    node_dir = Path(cfg.dir)
+    node_dir.mkdir(parents=True, exist_ok=True)
+    (node_dir / checkpoint.CHECKPOINT).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}" + b" " * 14)
+    assert cli(["node", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "WITHOUT TLS" not in line]  # this test runs insecure
+    assert len(lines) == 1 and "integrity hash" in lines[0] and "--fresh" in lines[0], err
+    status = json.loads((node_dir / "status.json").read_text())
+    assert status["state"] == "failed" and "integrity hash" in status["error"]

@@ -88,7 +88,9 @@ def test_node_refuses_and_logs_bad_peers_and_messages(tmp_path: Path) -> None:
     theta = {k: torch.randn(1, pspec.total, generator=g)[0] for k in (1, 2)}  # dev-1's honest params
 
     def message(round_index: int, flat: torch.Tensor, sender: str = "dev-1") -> bytes:
-        header = wire.MessageHeader("params", sender, round_index, 0, spec.fingerprint, extras={"degree": 1})
+        header = wire.MessageHeader(
+            "params", sender, round_index, 0, spec.fingerprint, extras={"degree": 1, "data_size": 24}
+        )
         return wire.encode(header, runtime._tensors(flat))
 
     def header(payload: bytes, **kw: object) -> dict:
@@ -164,6 +166,6 @@ def test_node_refuses_and_logs_bad_peers_and_messages(tmp_path: Path) -> None:
     assert stats.get("send.rejected.mailbox.stale", 0) >= 1
     assert stats.get("send.duplicate", 0) >= 1
     log = (Path(cfg.dir) / "node.log").read_text()
-    for reason in ("header is not valid UTF-8 JSON", "exceeds the limit", "has shape", "NaN", "does not match",
-                   "unknown-sender", "stale"):  # fmt: skip
+    for reason in ("header is not valid UTF-8 JSON", "exceeds the limit", "does not fit this model", "NaN",
+                   "does not match", "unknown-sender", "stale"):  # fmt: skip
         assert reason in log, reason

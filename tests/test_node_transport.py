@@ -8,6 +8,7 @@ import socket
 import struct
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
@@ -23,14 +24,17 @@ from p2pl.errors import P2PLError
 from p2pl.node import certs, wire
 from p2pl.node.mailbox import (
     ACCEPTED,
+    BAD_STEP,
     DUPLICATE,
+    QUOTA,
     STALE,
     TOO_FAR_AHEAD,
+    UNEXPECTED_KIND,
     UNKNOWN_SENDER,
     Mailbox,
 )
 from p2pl.node.transport import SEND_METHOD, PeerClient, PeerServer
-from p2pl.node.wire import MessageHeader, ModelSpec
+from p2pl.node.wire import SYNC_DONE_STEP, MessageHeader, ModelSpec
 
 pytestmark = pytest.mark.integration
 
@@ -95,7 +99,8 @@ class Net:
         self.clients: list[PeerClient] = []
 
     def server(self, dev: str, *, addr: str = "127.0.0.1:0", **kw) -> tuple[PeerServer, Mailbox]:
-        mailbox = kw.pop("mailbox", None) or Mailbox()
+        mailbox = kw.pop("mailbox", None)
+        mailbox = Mailbox() if mailbox is None else mailbox  # (an empty Mailbox is falsy)
         tls = kw.pop("tls", self.pki.get(dev))
         srv = PeerServer(dev, addr, tls, mailbox, SPEC, kw.pop("max_message_bytes", MAX), **kw)
         srv.start()
@@ -271,8 +276,9 @@ def _other_model() -> bytes:
 BAD_MESSAGES = {
     "malformed header": (lambda: struct.pack("<4sI", b"P2PL", 7) + b"{broken", "not valid UTF-8 JSON"),
     "oversized": (lambda: _msg("dev-a") + b"\x00" * MAX, "exceeds the limit"),
-    "wrong shape": (lambda: _crafted(**{"fc.bias": torch.zeros(5)}), "has shape (5,), expected (4,)"),
-    "wrong dtype": (lambda: _crafted(**{"fc.bias": torch.zeros(4, dtype=torch.float64)}), "dtype float64"),
+    "wrong size": (lambda: _crafted(**{"fc.bias": torch.zeros(5)}), "does not fit this model"),
+    "wrong shape": (lambda: _crafted(**{"fc.weight": torch.zeros(3, 4)}), "has shape [3, 4], expected (4, 3)"),
+    "wrong dtype": (lambda: _crafted(**{"fc.bias": torch.zeros(4, dtype=torch.int32)}), "dtype I32"),
     "wrong fingerprint": (_other_model, "different model architecture"),
     "nan values": (_nan_message, "NaN or infinite"),
 }
@@ -408,26 +414,93 @@ def test_mailbox_wait_for_wakes_on_arrival():
 
 def test_mailbox_rules_and_counters():
     state = {"round": 2}
-    box = Mailbox(lambda: state["round"], max_rounds_ahead=2)
+    box = Mailbox(lambda: state["round"], max_rounds_ahead=2, consensus_steps=2)
     assert box.put(_m("a", round=2)) == ACCEPTED
     assert box.put(_m("a", round=2)) == DUPLICATE
     assert box.put(_m("a", round=1)) == STALE
     assert box.put(_m("a", round=5)) == TOO_FAR_AHEAD
     assert box.put(_m("a", round=4, step=1)) == ACCEPTED
-    assert box.put(_m("a", round=2, kind="sync-norm")) == ACCEPTED  # other kind, other key
+    assert box.put(_m("a", round=4, step=2)) == BAD_STEP  # only consensus.steps steps are read
+    assert box.put(_m("a", round=2, kind="sync-norm")) == BAD_STEP  # sync claims live in round 0
+    assert box.put(_m("a", round=2, kind="hello")) == UNEXPECTED_KIND  # answered, never stored
     box.set_allowed_senders({"a"})
     assert box.put(_m("z", round=2)) == UNKNOWN_SENDER
-    assert box.accepted == 3
-    assert box.rejected == {DUPLICATE: 1, STALE: 1, TOO_FAR_AHEAD: 1, UNKNOWN_SENDER: 1}
-    assert box.stats()["pending"] == 3
+    assert box.accepted == 2
+    assert box.rejected == {
+        DUPLICATE: 1, STALE: 1, TOO_FAR_AHEAD: 1, UNKNOWN_SENDER: 1, BAD_STEP: 2, UNEXPECTED_KIND: 1,
+    }  # fmt: skip
+    assert box.stats()["pending"] == 2
     assert box.get("params", 4, 1, "a") is not None and box.get("params", 4, 0, "a") is None
     state["round"] = 4
-    assert box.prune(4) == 2 and len(box) == 1
+    assert box.prune(4) == 1 and len(box) == 1
     assert box.put(_m("a", round=2)) == STALE
 
 
-def test_mailbox_is_bounded():
-    box = Mailbox(max_pending=2)
-    assert box.put(_m("a", step=0)) == ACCEPTED
-    assert box.put(_m("a", step=1)) == ACCEPTED
-    assert box.put(_m("a", step=2)) == "full"
+def test_mailbox_sync_claims_follow_the_sync_step():
+    box = Mailbox(max_rounds_ahead=2, sync_steps_ahead=2)
+    assert box.put(_m("a", step=0, kind="sync-norm")) == ACCEPTED
+    assert box.put(_m("a", step=2, kind="sync-norm")) == ACCEPTED
+    assert box.put(_m("a", step=3, kind="sync-norm")) == BAD_STEP  # beyond the sync window
+    assert box.put(_m("a", step=SYNC_DONE_STEP, kind="sync-norm")) == ACCEPTED
+    box.set_sync_step(2)  # older claims are dropped, newer ones fit
+    assert box.get("sync-norm", 0, 0, "a") is None and len(box) == 2
+    assert box.put(_m("a", step=4, kind="sync-norm")) == ACCEPTED
+    box.set_round(1)  # training started: sync claims are gone
+    assert len(box) == 0 and box.stored_bytes() == 0
+
+
+def test_one_flooding_sender_stays_under_the_bound_and_cannot_crowd_out_others():
+    """A sender that tries every key it could: the mailbox keeps at most its quota, under the
+    documented bound, and an honest neighbour's message is still accepted."""
+    size = len(_msg("a"))
+    box = Mailbox(max_rounds_ahead=3, consensus_steps=2, sync_steps_ahead=4, params_message_bytes=size + 4096)
+    verdicts = Counter()
+    for r in range(0, 12):
+        for step in range(4):
+            verdicts[box.put(_m("evil", round=r, step=step))] += 1
+    for step in [*range(12), SYNC_DONE_STEP]:
+        verdicts[box.put(_m("evil", step=step, kind="sync-norm"))] += 1
+    limits = box.limits
+    assert verdicts[ACCEPTED] == (3 + 1) * 2 + (4 + 1) + 1  # every key in the windows, nothing else
+    assert box.stored_bytes("evil") <= limits.bytes_per_sender <= limits.bound(1)
+    assert len(box) <= limits.keys_per_sender
+    assert box.put(_m("honest", round=0, step=0)) == ACCEPTED
+    assert box.stored_bytes() <= limits.bound(2)
+
+
+def test_mailbox_quota_in_bytes_per_sender():
+    """A sender whose messages are larger than the mailbox was sized for hits its byte quota."""
+    box = Mailbox(max_rounds_ahead=8, sync_steps_ahead=0, params_message_bytes=1)
+    got = [box.put(_m("evil", round=r)) for r in range(9)]
+    assert QUOTA in got and got.count(ACCEPTED) < 9
+    assert box.stored_bytes("evil") <= box.limits.bytes_per_sender
+    assert box.put(_m("honest", round=0)) in (ACCEPTED, QUOTA)  # its own quota, untouched by evil's
+    assert box.stored_bytes("honest") <= box.limits.bytes_per_sender
+
+
+def test_server_refuses_before_decoding_what_the_mailbox_would_not_keep(net, caplog):
+    """Stale and unknown-sender messages are refused from the header: the payload is never decoded."""
+    srv_b, box = net.server("dev-b", mailbox=Mailbox(allowed_senders={"dev-a"}))
+    box.set_round(5)
+    cl = net.client("dev-a")
+    assert not cl.send("dev-b", srv_b.address, _msg("dev-a", round=1), timeout=TIMEOUT)
+    cl_c = net.client("dev-c")
+    assert not cl_c.send("dev-b", srv_b.address, _msg("dev-c", round=5), timeout=TIMEOUT)
+    stats = srv_b.stats()
+    assert stats["send.rejected.mailbox.stale"] == 1 and stats["send.rejected.mailbox.unknown-sender"] == 1
+    assert cl.send("dev-b", srv_b.address, _msg("dev-a", round=5), timeout=TIMEOUT)
+    assert cl.send("dev-b", srv_b.address, _msg("dev-a", round=5), timeout=TIMEOUT)  # a retry: ok, duplicate
+    assert srv_b.stats()["send.duplicate"] == 1 and len(box) == 1
+
+
+def test_rejections_are_logged_a_bounded_number_of_times(net, caplog):
+    """60 stale messages from one neighbour: all counted, only the first 20 logged."""
+    srv_b, box = net.server("dev-b")
+    box.set_round(10)
+    cl = net.client("dev-a")
+    with caplog.at_level(logging.INFO, logger="p2pl.node"):
+        for step in range(60):
+            assert not cl.send("dev-b", srv_b.address, _msg("dev-a", round=1, step=step), TIMEOUT)
+    lines = [r for r in caplog.records if r.name == "p2pl.node.transport" and "dev-b rejected send" in r.getMessage()]
+    assert srv_b.stats()["send.rejected.mailbox.stale"] == 60
+    assert len(lines) == 20 and lines[-1].getMessage().endswith("(#20)")

@@ -112,6 +112,31 @@ def _good_payload() -> bytes:
     return st_save(_params())
 
 
+def _st_header(payload: bytes) -> tuple[int, dict]:
+    n = struct.unpack_from("<Q", payload, 0)[0]
+    return n, json.loads(payload[8 : 8 + n])
+
+
+def _with_st_header(payload: bytes, header: bytes) -> bytes:
+    """``payload`` with its safetensors header replaced by ``header`` padded to the same length."""
+    n, _ = _st_header(payload)
+    assert len(header) <= n
+    return payload[:8] + header.ljust(n) + payload[8 + n :]
+
+
+def _garbled(payload: bytes) -> bytes:
+    return _with_st_header(payload, b"{not json")
+
+
+def _overlapping(payload: bytes) -> bytes:
+    _, head = _st_header(payload)
+    first = min((k for k in head if k != "__metadata__"), key=lambda k: head[k]["data_offsets"][0])
+    other = next(k for k in head if k not in (first, "__metadata__"))
+    size = head[other]["data_offsets"][1] - head[other]["data_offsets"][0]
+    head[other]["data_offsets"] = [0, size]  # starts where the first tensor starts
+    return _with_st_header(payload, json.dumps(head, separators=(",", ":")).encode())
+
+
 # Each case: (bytes, expected substring of the reason).
 def _cases() -> list[tuple[str, bytes, str]]:
     p = _good_payload()
@@ -148,7 +173,10 @@ def _cases() -> list[tuple[str, bytes, str]]:
         ("nan extra", _raw({**good, "extras": {"norm": float("nan")}}, p), "NaN"),
         ("str degree", _raw({**good, "extras": {"degree": "4"}}, p), "degree must be an integer"),
         ("payload on sync-norm", _raw({**good, "kind": "sync-norm"}, p), "must not carry"),
-        ("garbage payload", _raw(_good_header_dict(b"\x00" * 40), b"\x00" * 40), "not valid safetensors"),
+        ("payload of the wrong size", _raw(_good_header_dict(b"\x00" * 40), b"\x00" * 40), "does not fit this model"),
+        ("payload header too large", _raw(_good_header_dict(q := struct.pack("<Q", 10**6) + p[8:]), q), "exceeds the"),
+        ("payload header not json", _raw(_good_header_dict(q := _garbled(p)), q), "payload header is not valid"),
+        ("payload offsets overlap", _raw(_good_header_dict(q := _overlapping(p)), q), "do not tile"),
     ]
     return cases
 
@@ -182,26 +210,80 @@ def test_wrong_fingerprint_refused():
 
 def test_wrong_shape_refused():
     t = _params()
-    t["layer.bias"] = torch.zeros(6)
-    with pytest.raises(WireError, match=r"'layer.bias' has shape \(6,\), expected \(5,\)"):
+    t["layer.weight"] = t["layer.weight"].T.contiguous()  # same bytes, other shape
+    with pytest.raises(WireError, match=r"'layer.weight' has shape \[3, 5\], expected \(5, 3\)"):
+        wire.decode(_crafted(t), SPEC)
+    t = _params()
+    t["layer.bias"] = torch.zeros(6)  # other size: refused before the payload is read
+    with pytest.raises(WireError, match="does not fit this model"):
         wire.decode(_crafted(t), SPEC)
 
 
 def test_wrong_dtype_refused():
     t = _params()
+    t["out.weight"] = t["out.weight"].to(torch.int32)  # same size, other dtype
+    with pytest.raises(WireError, match="has dtype I32, expected float32"):
+        wire.decode(_crafted(t), SPEC)
     t["out.weight"] = t["out.weight"].double()
-    with pytest.raises(WireError, match="has dtype float64, expected float32"):
+    with pytest.raises(WireError, match="does not fit this model"):
         wire.decode(_crafted(t), SPEC)
 
 
 def test_missing_and_extra_tensors_refused():
     t = _params()
     del t["out.weight"]
-    with pytest.raises(WireError, match=r"missing \['out.weight'\]"):
+    with pytest.raises(WireError, match="does not fit this model"):
         wire.decode(_crafted(t), SPEC)
-    t = {**_params(), "evil": torch.zeros(1)}
+    t = {**_params(), "evil": torch.zeros(0)}  # a zero-size extra keeps the data size
     with pytest.raises(WireError, match=r"unexpected \['evil'\]"):
         wire.decode(_crafted(t), SPEC)
+
+
+def _header_bomb(tensors: int) -> bytes:
+    """A params message whose safetensors header lists ``tensors`` zero-size tensors."""
+    entry = '"t{:07d}":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}'
+    head = ("{" + ",".join(entry.format(i) for i in range(tensors)) + "}").encode()
+    payload = struct.pack("<Q", len(head)) + head
+    return _raw(_good_header_dict(payload), payload)
+
+
+def test_header_bomb_refused_before_decoding_with_little_memory():
+    """1M zero-size tensors in a payload header (tens of MB): refused from the first 8 payload
+    bytes, allocating almost nothing (safetensors itself would build a million tensors)."""
+    import tracemalloc
+
+    bomb = _header_bomb(1_000_000)
+    assert len(bomb) > 50_000_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(WireError, match="larger than any payload of this model"):
+            wire.decode(bomb, SPEC, max_bytes=len(bomb))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * 2**20, f"decoding a refused header bomb allocated {peak} bytes"
+
+
+def test_many_tensor_header_that_fits_the_size_is_refused_by_layout():
+    """A header bomb cut to this model's payload size: a wrong header, not a decode."""
+    payload = st_save(_params())
+    n, _ = _st_header(payload)
+    head = b"{" + b",".join(b'"t%d":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}' % i for i in range(20)) + b"}"
+    assert len(head) > SPEC.max_safetensors_header()
+    bomb = struct.pack("<Q", len(head)) + head + payload[8 + n :]
+    with pytest.raises(WireError, match=r"larger than any payload|exceeds the"):
+        wire.decode(_raw(_good_header_dict(bomb), bomb), SPEC)
+    entries = [b'"t%d":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}' % i for i in range(3)]
+    small = _with_st_header(payload, b"{" + b",".join(entries) + b"}")
+    with pytest.raises(WireError, match="tensor names differ"):
+        wire.decode(_raw(_good_header_dict(small), small), SPEC)
+
+
+def test_payload_sizes_follow_the_model():
+    payload = st_save(_params())
+    assert SPEC.data_bytes() == 4 * (15 + 5 + 10)
+    assert len(payload) <= SPEC.max_payload_bytes()
+    assert len(wire.encode(_header(), _params())) <= SPEC.max_message_bytes()
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])

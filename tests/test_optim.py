@@ -44,7 +44,7 @@ def test_matches_torch_optim(name: str) -> None:
     params = start.clone()
     state = optim.init_state(cfg, 4, 37)
     for g in grads:
-        optim.step(cfg, params, g, state)
+        optim.step(cfg, params, g.clone(), state)  # step may overwrite its gradient (scratch)
     expected = _torch_run(cfg, start, grads)
     assert torch.allclose(params, expected, atol=1e-6, rtol=1e-5), (params - expected).abs().max()
     assert not torch.allclose(params, start)
@@ -64,7 +64,7 @@ def test_only_active_rows_step_and_idle_state_is_untouched(name: str) -> None:
         rows = torch.tensor([0, 1, 2]) if t == 0 else torch.tensor([0, 1]) if t == 2 else torch.tensor([0])
         before = {k: v.clone() for k, v in state.tensors.items()}
         params_before = params.clone()
-        optim.step(cfg, params, g[rows], state, rows)
+        optim.step(cfg, params, g[rows], state, rows)  # g[rows] is a copy: scratch for step
         idle = sorted(set(range(3)) - set(rows.tolist()))
         assert torch.equal(params[idle], params_before[idle])
         for key, value in state.tensors.items():

@@ -14,7 +14,7 @@ from p2pl.data.partition import (
     partition_from_assignment,
     partition_indices,
 )
-from p2pl.data.user import load_device_assignment, read_device_ids
+from p2pl.data.user import read_device_ids
 from p2pl.errors import P2PLError
 
 
@@ -157,7 +157,7 @@ def test_label_histograms() -> None:
 def test_assignment_file(tmp_path: Path) -> None:
     plain = tmp_path / "a.txt"
     plain.write_text("0\n1\n1\n\n2\n0\n")  # blank lines are skipped
-    parts = load_device_assignment(plain, num_train=5, num_devices=3)
+    parts = partition_from_assignment(read_device_ids(plain, 5), 3)
     assert [p.tolist() for p in parts] == [[0, 4], [1, 2], [3]]
     with_header = tmp_path / "b.csv"
     with_header.write_text("sample,device\n10,1\n11,0\n")
@@ -166,9 +166,9 @@ def test_assignment_file(tmp_path: Path) -> None:
     single_header.write_text("device\n1\n0\n")
     assert read_device_ids(single_header, 2).tolist() == [1, 0]
     with pytest.raises(P2PLError, match="has 5 device ids but the data has 6 rows"):
-        load_device_assignment(plain, 6, 3)
+        read_device_ids(plain, 6)
     with pytest.raises(P2PLError, match="out of range for 2 devices"):
-        load_device_assignment(plain, 5, 2)
+        partition_from_assignment(read_device_ids(plain, 5), 2)
     bad = tmp_path / "bad.txt"
     bad.write_text("0\nx1\n")
     with pytest.raises(P2PLError, match="line 2: expected one non-negative integer device id, got 'x1'"):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from p2pl.config import PartitionConfig, load_config
+from p2pl.core import cooperate
 from p2pl.data.partition import label_histograms, partition_indices
 from p2pl.errors import P2PLError
 from p2pl.experiment import build_experiment
@@ -80,10 +81,12 @@ def test_ten_thousand_devices_hold_the_data_once() -> None:
     assert trainer.x_train.data_ptr() == exp.dataset.x_train.data_ptr()  # one shared tensor
     state = trainer.state_tensors()
     assert sum(t.numel() * t.element_size() for t in state.values()) == n * p * 4  # momentum only
-    # consensus on this sparse graph is an edge list, never a dense N x N matrix
-    op = exp.algorithm.operator(exp.topology.edges, n, exp.setting)  # type: ignore[attr-defined]
-    assert op.dense is None
-    assert len(op.dst) == 2 * len(exp.topology.edges) < 0.01 * n * n
+    # consensus on this sparse graph is a CSR neighbour list, never a dense N x N matrix
+    from p2pl.core.rounds import network_neighbourhoods
+
+    hoods = network_neighbourhoods(n, exp.topology.edges, exp.setting.facts())
+    assert n * n > cooperate.DENSE_MAX_CELLS  # so the mean is a CSR product
+    assert len(hoods.src) == 2 * len(exp.topology.edges) < 0.01 * n * n
 
 
 _CHILD = textwrap.dedent(

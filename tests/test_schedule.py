@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pytest
 import torch
 
-from p2pl.core.schedule import Partition, epoch_plan, steps_per_round
+from p2pl.core.schedule import Partition, epoch_plan
 
 
 def _parts(sizes: list[int], seed: int = 0) -> list[np.ndarray]:
@@ -84,9 +83,3 @@ def test_a_device_batches_depend_only_on_its_own_data() -> None:
     reference = _device_batches(Partition.full(parts), 3, 9, 1, 0, 5)
     assert _device_batches(alone, 3, 9, 1, 0, 5) == reference
     assert _device_batches(others_changed, 3, 9, 1, 0, 5) == reference
-
-
-@pytest.mark.parametrize("epochs", [1, 3])
-def test_steps_per_round(epochs: int) -> None:
-    sizes = np.array(SIZES)
-    assert steps_per_round(sizes, 4, epochs).tolist() == [epochs * math.ceil(s / 4) for s in SIZES]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from p2pl.config import TopologyConfig
-from p2pl.core.consensus import MixingOperator, consensus
+from p2pl.core.cooperate import Gossip, Neighbourhoods, aggregate
 from p2pl.errors import P2PLError
 from p2pl.graph.topology import build_topology
 from p2pl.graph.weights import mixing_weights
@@ -70,11 +70,12 @@ def test_halo_plans_reproduce_the_global_consensus_step(rule: str, k: int) -> No
     n, p = 120, 7
     edges = geometric_edges(n, 0.2, seed=1)
     sizes = np.random.default_rng(0).integers(1, 20, n)
-    op = MixingOperator.of(mixing_weights(n, edges, rule, sizes), "edges")
+    w = mixing_weights(n, edges, rule, sizes)
+    hoods = Neighbourhoods.from_edges(n, w.dst, w.src, w.weight, w.self_weight)
     params = torch.randn(n, p, generator=torch.Generator().manual_seed(0))
-    want = consensus(params, op, 1)
+    want = aggregate(params, params, hoods, Gossip())
     sh = shard_devices(n, edges, k)
-    plans = consensus_plans(op, sh)
+    plans = consensus_plans(hoods, sh)
     # each shard's published blocks, as the driver routes them: (sender, receiver) -> rows
     sent = {}
     for t, plan in enumerate(plans):
@@ -86,7 +87,7 @@ def test_halo_plans_reproduce_the_global_consensus_step(rule: str, k: int) -> No
         own = params[torch.from_numpy(sh.shards[s])]
         halos = [sent[(t, s)] for t in plan.sources]
         moved += sum(len(h) for h in halos)
-        got = consensus(torch.cat([own, *halos]), plan.operator(), 1)[: len(own)]
+        got = aggregate(own, torch.cat([own, *halos]), plan.hoods, Gossip())
         torch.testing.assert_close(got, want[torch.from_numpy(sh.shards[s])], rtol=0, atol=1e-6)
     # only boundary devices travel: never more rows than cut edges (each counted once per side)
     assert 0 < moved <= 2 * sh.cut_edges

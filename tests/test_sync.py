@@ -15,8 +15,9 @@ import torch
 
 from p2pl.algorithms import P2PL
 from p2pl.algorithms.base import Setting
-from p2pl.config import ConsensusConfig, SyncConfig
-from p2pl.core.sync import max_norm_owner, sync_bytes_per_device
+from p2pl.config import AdversaryConfig, ConsensusConfig, SyncConfig
+from p2pl.core.adversary import Adversary
+from p2pl.core.sync import CLAIM_BYTES, max_norm_owner, sync_bytes_per_device
 from p2pl.graph.topology import graph_edges
 
 GRAPHS = {
@@ -79,23 +80,42 @@ def test_no_edges_means_no_steps() -> None:
     assert result.owner.tolist() == [0, 1] and result.steps == 0
 
 
-def _setting(edges: np.ndarray, n: int, sync: SyncConfig) -> Setting:
-    return Setting(np.full(n, 10), edges, "uniform", ConsensusConfig(), sync, model_bytes=400)
+def _setting(edges: np.ndarray, n: int, sync: SyncConfig, adversary: Adversary | None = None) -> Setting:
+    return Setting(np.full(n, 10), edges, "uniform", ConsensusConfig(), sync, 400, adversary or Adversary())
 
 
-def test_p2pl_start_syncs_and_counts_the_bytes() -> None:
+@pytest.mark.parametrize("mode", ["verified", "flood"])
+def test_p2pl_start_syncs_and_counts_the_bytes(mode: str) -> None:
     g = _relabelled(GRAPHS["grid"])
     n, edges = g.number_of_nodes(), graph_edges(g)
-    inits = torch.randn(n, 100, generator=torch.Generator().manual_seed(7))
-    start = P2PL().start(inits, _setting(edges, n, SyncConfig()))
-    best = int(inits.double().norm(dim=1).argmax())
-    assert torch.equal(start.params, inits[best].expand(n, -1))
-    assert start.sync_steps == nx.eccentricity(g, v=best)
+    norms = torch.randn(n, 100, generator=torch.Generator().manual_seed(7)).double().norm(dim=1)
+    start = P2PL().start(norms, _setting(edges, n, SyncConfig(mode=mode)))
+    best = int(norms.argmax())
+    assert start.owner.tolist() == [best] * n and np.all(start.scale == 1.0)
+    assert start.steps == nx.eccentricity(g, v=best)
     degree = np.array([g.degree(v) for v in range(n)])
-    assert start.bytes_sent.tolist() == (degree * start.sync_steps * 400).tolist()
+    # verified sync sends (norm, owner) claims; the paper's flood sends the whole model each step
+    message = 400 if mode == "flood" else CLAIM_BYTES
+    assert start.bytes_sent.tolist() == (degree * start.steps * message).tolist()
     assert sync_bytes_per_device(edges, n, 3, 10).tolist() == (degree * 30).tolist()
 
-    off = P2PL().start(inits, _setting(edges, n, dataclasses.replace(SyncConfig(), enabled=False)))
-    assert torch.equal(off.params, inits) and off.sync_steps == 0 and not off.bytes_sent.any()
-    capped = P2PL().start(inits, _setting(edges, n, SyncConfig(steps=1)))
-    assert capped.sync_steps <= 1
+    off = P2PL().start(norms, _setting(edges, n, dataclasses.replace(SyncConfig(), enabled=False)))
+    assert off.owner.tolist() == list(range(n)) and off.steps == 0 and not off.bytes_sent.any()
+    capped = P2PL().start(norms, _setting(edges, n, SyncConfig(steps=1)))
+    assert capped.steps <= 1
+
+
+def test_verified_sync_ignores_a_hijacker_and_the_flood_adopts_it() -> None:
+    g = _relabelled(GRAPHS["grid"])
+    n, edges = g.number_of_nodes(), graph_edges(g)
+    norms = torch.randn(n, 100, generator=torch.Generator().manual_seed(3)).double().norm(dim=1)
+    honest_best = int(norms.argmax())
+    liar = (honest_best + 5) % n
+    hijack = Adversary.of(AdversaryConfig(attack="sync-hijack"), np.array([liar]), seed=0)
+    verified = P2PL().start(norms, _setting(edges, n, SyncConfig(mode="verified"), hijack))
+    others = np.arange(n) != liar
+    assert set(verified.owner[others].tolist()) == {honest_best}  # the lie changed nothing
+    assert np.all(verified.scale == 1.0) and verified.owner[liar] == liar
+    flood = P2PL().start(norms, _setting(edges, n, SyncConfig(mode="flood"), hijack))
+    assert flood.owner.tolist() == [liar] * n  # the paper's sync hands the network to the liar
+    assert np.all(flood.scale[others] == hijack.scale) and flood.scale[liar] == 1.0

@@ -8,7 +8,16 @@ import pytest
 
 from p2pl.config import TopologyConfig
 from p2pl.errors import P2PLError
-from p2pl.graph.topology import TOPOLOGIES, Topology, build_topology, geometric_graph, read_edge_list
+from p2pl.graph.topology import (
+    TOPOLOGIES,
+    Topology,
+    auto_radius,
+    build_topology,
+    connected_radius,
+    geometric_graph,
+    longest_mst_edge,
+    read_edge_list,
+)
 
 
 def build(name: str, n: int, seed: int = 0, **kw: object) -> Topology:
@@ -156,8 +165,7 @@ def test_disconnected_is_refused_unless_allowed() -> None:
     ("kw", "match"),
     [
         ({"name": "mesh"}, "unknown topology 'mesh'; choose one of: .*ring"),
-        ({"name": "random-geometric", "radius": 0.0}, "topology.radius must be > 0"),
-        ({"name": "random-geometric", "radius": -1.0}, "topology.radius must be > 0"),
+        ({"name": "random-geometric", "radius": -1.0}, r"topology.radius must be >= 0 .*\(0: automatic\)"),
         ({"name": "random-geometric", "area_m": 100.0}, "topology.range_m must be > 0"),
         ({"name": "random-geometric", "range_m": 10.0}, "needs topology.area_m > 0"),
         ({"name": "erdos-renyi", "p": 0.0}, r"topology.p must be in \(0, 1\]"),
@@ -236,3 +244,67 @@ def test_edge_list_missing_file(tmp_path: Path) -> None:
         read_edge_list(tmp_path / "nope.txt", 5)
     with pytest.raises(P2PLError, match="not found"):
         build("edge-list", 5, path=str(tmp_path / "nope.txt"))
+
+
+# ---------------------------------------------------------------------------------------------
+# automatic radius (topology.radius = 0, the default): connected for any number of devices
+
+
+def test_auto_radius_is_exactly_the_old_default_at_100_devices() -> None:
+    assert auto_radius(100) == 0.25
+    assert TopologyConfig().radius == 0  # the default is automatic
+    auto, explicit = build("random-geometric", 100), build("random-geometric", 100, radius=0.25)
+    assert auto.radius == 0.25
+    np.testing.assert_array_equal(auto.edges, explicit.edges)  # the default experiment is unchanged
+    # shrinks like sqrt(ln N / N), the connectivity threshold's shape
+    assert auto_radius(10) > auto_radius(100) > auto_radius(1000) > auto_radius(10_000)
+    assert auto_radius(1000) == pytest.approx(0.25 * np.sqrt((np.log(1000) / 1000) / (np.log(100) / 100)))
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 10, 16, 30, 64])
+def test_default_random_geometric_graph_is_connected_for_few_devices(n: int) -> None:
+    for seed in range(25):
+        topo = build("random-geometric", n, seed)
+        assert nx.is_connected(topo.graph), (n, seed)
+        assert topo.radius is not None and topo.radius >= auto_radius(n)
+
+
+def test_auto_radius_is_raised_just_enough_when_the_formula_leaves_the_graph_disconnected() -> None:
+    # 10 devices from seed 85: the formula's radius leaves a device alone (found by search)
+    topo = build("random-geometric", 10, 85)
+    assert topo.positions is not None and topo.radius is not None
+    formula = auto_radius(10)
+    assert nx.number_connected_components(geometric_graph(topo.positions, formula)) > 1
+    assert topo.radius > formula and nx.is_connected(topo.graph)
+    # just above the longest edge of the Euclidean MST: any shorter radius disconnects the graph
+    longest = longest_mst_edge(topo.positions)
+    assert longest < topo.radius <= longest * (1 + 1e-6)
+    assert nx.number_connected_components(geometric_graph(topo.positions, longest * (1 - 1e-9))) > 1
+    # and reproducible: the positions come from the seed
+    np.testing.assert_array_equal(build("random-geometric", 10, 85).edges, topo.edges)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_longest_mst_edge_matches_a_dense_minimum_spanning_tree(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    pos = rng.random((int(rng.integers(2, 300)), 2))
+    full = nx.Graph()  # every pair, weighed by distance: the textbook MST, no triangulation
+    for u in range(len(pos)):
+        for v in range(u + 1, len(pos)):
+            full.add_edge(u, v, weight=float(np.linalg.norm(pos[u] - pos[v])))
+    expected = max(data["weight"] for *_, data in nx.minimum_spanning_edges(full, data=True))
+    assert longest_mst_edge(pos) == pytest.approx(expected, rel=1e-12)
+    assert connected_radius(pos, 1e-3) >= expected
+
+
+def test_collinear_and_coincident_devices_still_get_a_connected_radius() -> None:
+    line = np.stack([np.linspace(0, 1, 7) ** 2, np.zeros(7)], axis=1)  # no triangulation exists
+    assert longest_mst_edge(line) == pytest.approx(1 - (5 / 6) ** 2)
+    assert nx.is_connected(geometric_graph(line, connected_radius(line, 0.01)))
+    same = np.zeros((5, 2))
+    assert connected_radius(same, 0.01) == 0.01
+
+
+def test_an_explicit_radius_keeps_refusing_a_disconnected_graph() -> None:
+    with pytest.raises(P2PLError, match=r"radius 0\.2 is disconnected"):
+        build("random-geometric", 10, 85, radius=0.2)

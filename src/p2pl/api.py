@@ -206,10 +206,11 @@ def run(
     else:
         result = run_experiment(cfg, out, resume=not fresh, backend=backend)
     exp = result.experiment
+    honest = exp.honest()  # the run's own tables leave attackers out of the spreads
     tables = {
-        "rounds": rounds_csv(result.history),
+        "rounds": rounds_csv(result.history, honest),
         "metrics": metrics_csv(result.history),
-        "devices": devices_csv(exp.setting.data_sizes, exp.label_histograms()),
+        "devices": devices_csv(exp.setting.data_sizes, exp.label_histograms(), honest),
     }
     return Result(result.summary, cfg, None if out is None else Path(out), tables)
 

@@ -63,7 +63,7 @@ class ModelConfig:
 @dataclass
 class TopologyConfig:
     name: str = "random-geometric"
-    radius: float = 0.25  # random-geometric: link range in the unit square
+    radius: float = 0.0  # random-geometric: link range in the unit square (0: automatic, connected)
     p: float = 0.1  # erdos-renyi: edge probability
     k: int = 4  # small-world: neighbours in the ring lattice; random-regular: degree
     rewire: float = 0.1  # small-world: rewiring probability
@@ -95,7 +95,10 @@ class LinksConfig:
 SYNC_MODES = ("verified", "flood")
 AGGREGATIONS = ("mean", "trimmed-mean", "median", "clipped")
 ATTACKS = ("none", "sync-hijack", "scale", "sign-flip", "gaussian", "alie", "label-flip", "silent", "data-size")
+#: Network-level misbehaviour that only a real node can play (p2pl.node.adversary).
+NODE_ATTACKS = ("hello-round", "header-bomb", "flood")
 PLACEMENTS = ("random", "degree")
+DEVICES = ("auto", "cpu", "cuda", "mps")  # resolved by p2pl.core.device
 
 
 @dataclass
@@ -141,6 +144,9 @@ class ConsensusConfig:
     # A neighbour's claimed data size counts within [own / r, own * r] (data-size weights), so no
     # one neighbour can steer a device's row of W by lying about its data.
     max_size_ratio: float = 10.0
+    # A row whose norm grows past this multiple of its own (or of 1) in one mix or one round of
+    # training is rolled back; in a mix, first retried without the out-of-bounds neighbours.
+    max_norm_ratio: float = 1000.0
 
     def validate(self) -> None:
         _require({"consensus.steps": self.steps, "consensus.every": self.every}, lambda v: v > 0,
@@ -149,6 +155,8 @@ class ConsensusConfig:
         _require({"consensus.trim": self.trim}, lambda v: 0 <= v < 0.5, "in [0, 0.5)", "0.2")
         _require({"consensus.clip_quantile": self.clip_quantile}, lambda v: 0 < v <= 1, "in (0, 1]", "0.8")
         _require({"consensus.max_size_ratio": self.max_size_ratio}, lambda v: v >= 1, ">= 1", "10")
+        _require({"consensus.max_norm_ratio": self.max_norm_ratio}, lambda v: 1 < v < float("inf"), "> 1 and finite",
+                 "1000")  # fmt: skip
         choose("consensus.aggregation", self.aggregation, AGGREGATIONS)
 
 
@@ -162,12 +170,71 @@ class AdversaryConfig:
     placement: str = "random"  # random | degree (the highest-degree devices)
     scale: float = 0.0  # the attack's strength; 0 = the attack's documented default
 
-    def validate(self) -> None:
-        choose("adversary.attack", self.attack, ATTACKS)
+    def validate(self, attacks: tuple[str, ...] = ATTACKS) -> None:
+        choose("adversary.attack", self.attack, attacks)
         choose("adversary.placement", self.placement, PLACEMENTS)
         _require({"adversary.fraction": self.fraction}, lambda v: 0 <= v < 1, "in [0, 1)", "0.1")
         _require({"adversary.count": self.count}, lambda v: v >= 0, ">= 0", "10")
         _require({"adversary.scale": self.scale}, lambda v: v == v and abs(v) < 1e30, "a finite number", "0")
+
+
+SYSTEM_LINK_MODELS = ("fixed", "shannon")
+
+
+@dataclass
+class SystemConfig:
+    """What rounds cost in seconds and joules on real devices and radios (docs/system-model.md).
+
+    Off by default; when off nothing is computed and the result files are unchanged.
+    """
+
+    enabled: bool = False
+    # a preset (mcu | rpi4 | phone | jetson-nano) or a .toml / .csv file with the profile fields
+    device_profile: str = "rpi4"
+    heterogeneity: float = 0.0  # sigma of a log-normal per-device spread of FLOP/s (0: identical)
+    link_model: str = "fixed"  # fixed: link_rate_mbps on every link | shannon: from metre distances
+    link_rate_mbps: float = 10.0  # fixed: device-to-device rate per link
+    link_latency_ms: float = 0.0  # per device-to-device message
+    shared_medium: bool = False  # neighbours contend for airtime (one channel per neighbourhood)
+    bandwidth_mhz: float = 20.0  # shannon: channel bandwidth
+    tx_power_dbm: float = 20.0  # shannon: radiated transmit power
+    noise_dbm_hz: float = -174.0  # shannon: thermal noise density at room temperature
+    noise_figure_db: float = 7.0  # shannon: receiver noise figure
+    path_loss_exponent: float = 3.0  # shannon: log-distance exponent (2 free space, 2.7-3.5 urban)
+    reference_loss_db: float = 40.05  # shannon: path loss at 1 m (free space at 2.4 GHz)
+    max_rate_mbps: float = 0.0  # shannon: cap at the radio's fastest rate (0: no cap)
+    edge_uplink_mbps: float = 10.0  # FedAvg: the edge server's uplink capacity, shared by uploaders
+    edge_downlink_mbps: float = 50.0  # FedAvg: the server's broadcast of the averaged model
+    edge_latency_ms: float = 20.0  # FedAvg: one-way latency device <-> server
+    server_gflops: float = 100.0  # FedAvg: the server's throughput for averaging
+
+    def validate(self) -> None:
+        choose("system.link_model", self.link_model, SYSTEM_LINK_MODELS)
+        positive = {
+            "system.link_rate_mbps": self.link_rate_mbps,
+            "system.bandwidth_mhz": self.bandwidth_mhz,
+            "system.edge_uplink_mbps": self.edge_uplink_mbps,
+            "system.edge_downlink_mbps": self.edge_downlink_mbps,
+            "system.server_gflops": self.server_gflops,
+            "system.path_loss_exponent": self.path_loss_exponent,
+        }
+        _require(positive, lambda v: 0 < v < float("inf"), "a positive finite number", "10")
+        non_negative = {
+            "system.heterogeneity": self.heterogeneity,
+            "system.link_latency_ms": self.link_latency_ms,
+            "system.edge_latency_ms": self.edge_latency_ms,
+            "system.max_rate_mbps": self.max_rate_mbps,
+        }
+        _require(non_negative, lambda v: 0 <= v < float("inf"), ">= 0", "0")
+        finite = {
+            "system.tx_power_dbm": self.tx_power_dbm,
+            "system.noise_dbm_hz": self.noise_dbm_hz,
+            "system.noise_figure_db": self.noise_figure_db,
+            "system.reference_loss_db": self.reference_loss_db,
+        }
+        _require(finite, lambda v: abs(v) < float("inf"), "a finite number", "20")
+        if not self.device_profile:
+            raise P2PLError("system.device_profile is empty; name a preset (e.g. rpi4) or a .toml / .csv file")
 
 
 @dataclass
@@ -175,6 +242,9 @@ class EvalConfig:
     every: int = 1  # evaluate every k rounds (and always the last)
     after_local: bool = False  # also evaluate after local training (oscillation)
     test_batch: int = 4096  # test samples per evaluation chunk
+    # devices evaluated on rounds before the last (a subset drawn from seed and round; the last
+    # round evaluates every device); 0 = all. For very large N, where evaluation dominates.
+    devices: int = 0
 
 
 @dataclass
@@ -194,6 +264,7 @@ class ExperimentConfig:
     seed: int = 0
     engine: str = "vectorized"  # vectorized | reference
     threads: int = 0  # torch CPU threads; 0 = choose from the workload size
+    device: str = "auto"  # where the vectorized engine computes: auto (cuda if present) | cpu | cuda
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -203,6 +274,7 @@ class ExperimentConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     consensus: ConsensusConfig = field(default_factory=ConsensusConfig)
     adversary: AdversaryConfig = field(default_factory=AdversaryConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -222,6 +294,7 @@ class ExperimentConfig:
             "partition.min_size": self.partition.min_size,
             "partition.samples_per_device": self.partition.samples_per_device,
             "threads": self.threads,
+            "eval.devices": self.eval.devices,
         }
         _require(non_negative, lambda v: v >= 0, ">= 0", "0")
         positive_floats = {
@@ -232,7 +305,9 @@ class ExperimentConfig:
         self.training.validate()
         self.consensus.validate()
         self.adversary.validate()
+        self.system.validate()
         choose("sync.mode", self.sync.mode, SYNC_MODES)
+        choose("device", self.device, DEVICES)
         if not 0 < self.data.test_fraction < 1:
             raise P2PLError(f"data.test_fraction must be in (0, 1), got {self.data.test_fraction}")
         if self.partition.samples_per_device > 0 and self.data.device_assignment:

@@ -13,10 +13,12 @@ from torch import nn
 from p2pl.algorithms import Algorithm, make_algorithm
 from p2pl.algorithms.base import Setting
 from p2pl.config import ExperimentConfig, config_to_dict, dumps_config
+from p2pl.core.adversary import Adversary, flip_labels, place_attackers
 from p2pl.core.optim import OPTIMIZERS
 from p2pl.core.params import ParamSpec, init_device_params
 from p2pl.core.reference import ReferenceTrainer
 from p2pl.core.schedule import Partition
+from p2pl.core.sync import SyncOutcome
 from p2pl.core.train import VectorizedTrainer
 from p2pl.data.base import Dataset
 from p2pl.data.partition import label_histograms, partition_from_assignment, partition_indices
@@ -55,6 +57,16 @@ class Experiment:
         """Every device's own initialization, drawn from its own seed ([cfg.devices, P])."""
         return init_device_params(self.model, self.spec, self.cfg.seed, range(self.cfg.devices))
 
+    def start_params(self) -> tuple[torch.Tensor, SyncOutcome]:
+        """The algorithm's start over every device's own init: rows ``[num_devices, P]``."""
+        inits = self.device_inits()
+        start = self.algorithm.start(inits.double().norm(dim=1), self.setting)
+        return adopt(inits, start), start
+
+    def honest(self) -> np.ndarray:
+        """bool [num_devices]: devices that are not attackers."""
+        return ~self.setting.adversary.mask(np.arange(self.num_devices))
+
     def trainer(self, strategy: str = "auto") -> VectorizedTrainer | ReferenceTrainer:
         partition = Partition.full(self.parts)
         x, y = self.dataset.x_train, self.dataset.y_train
@@ -64,9 +76,18 @@ class Experiment:
 
     def dynamics(self) -> NetworkDynamics:
         topo = self.cfg.topology
-        radius = topo.range_m if topo.area_m > 0 else topo.radius
+        # the topology's radius: an automatic one (topology.radius = 0) is resolved there
+        radius = topo.range_m if topo.area_m > 0 else (self.topology.radius or topo.radius)
         area = topo.area_m if topo.area_m > 0 else None
         return NetworkDynamics(self.topology, self.cfg.links, self.cfg.consensus.every, self.cfg.seed, radius, area)
+
+
+def adopt(inits: torch.Tensor, start: SyncOutcome) -> torch.Tensor:
+    """Rows after the start: row i is ``inits[owner[i]] * scale[i]``."""
+    rows = inits[torch.from_numpy(start.owner)].clone()
+    if not np.all(start.scale == 1.0):
+        rows *= torch.from_numpy(start.scale).to(rows.dtype).unsqueeze(1)
+    return rows
 
 
 def config_fingerprint(cfg: ExperimentConfig) -> str:
@@ -79,6 +100,24 @@ def _partition(cfg: ExperimentConfig, dataset: Dataset, assignment: np.ndarray |
     if assignment is not None:
         return partition_from_assignment(assignment, cfg.devices)
     return partition_indices(dataset.y_train.numpy(), cfg.devices, cfg.partition, cfg.seed)
+
+
+def _poison_labels(
+    dataset: Dataset, parts: list[np.ndarray], attackers: np.ndarray
+) -> tuple[Dataset, list[np.ndarray]]:
+    """Label-flipping attackers train on flipped copies of their own samples (appended to the
+    training set, so honest devices and the shuffle keys are untouched)."""
+    x, y = dataset.x_train, dataset.y_train
+    extra_x, extra_y, parts = [], [], list(parts)
+    at = len(y)
+    for device in attackers.tolist():
+        own = torch.from_numpy(parts[device])
+        extra_x.append(x[own])
+        extra_y.append(flip_labels(y[own], dataset.num_classes))
+        parts[device] = np.arange(at, at + len(own), dtype=np.int64)
+        at += len(own)
+    poisoned = replace(dataset, x_train=torch.cat([x, *extra_x]), y_train=torch.cat([y, *extra_y]))
+    return poisoned, parts
 
 
 def build_experiment(cfg: ExperimentConfig) -> Experiment:
@@ -104,6 +143,10 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         graph = nx.empty_graph(n)
         topology = Topology(name="none", graph=graph, positions=None)
     sizes = np.array([len(p) for p in parts], dtype=np.int64)
+    attackers = place_attackers(n, topology.edges, cfg.adversary, cfg.seed)
+    adversary = Adversary.of(cfg.adversary, attackers, cfg.seed)
+    if adversary.is_("label-flip"):
+        dataset, parts = _poison_labels(dataset, parts, attackers)
     setting = Setting(
         data_sizes=sizes,
         base_edges=topology.edges,
@@ -111,8 +154,9 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         consensus=cfg.consensus,
         sync=cfg.sync,
         model_bytes=spec.nbytes,
+        adversary=adversary,
     )
-    if n > 1 and algorithm.name != "p2pl" and cfg.links.mobility_speed > 0:
+    if n > 1 and not algorithm.uses_graph and cfg.links.mobility_speed > 0:
         raise P2PLError(f"links.mobility_speed applies to P2PL's device graph, not to {algorithm.name!r}")
     return Experiment(cfg, algorithm, dataset, parts, model, spec, topology, setting)
 

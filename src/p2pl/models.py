@@ -16,8 +16,6 @@ from torch import nn
 from p2pl.config import ModelConfig
 from p2pl.errors import P2PLError, choose
 
-MODELS = ("mlp", "cnn", "lenet", "resnet")
-
 
 def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: list[int]) -> nn.Module:
     layers: list[nn.Module] = [nn.Flatten()]
@@ -118,6 +116,15 @@ def _load_factory(spec: str) -> Callable[..., nn.Module]:
     return factory
 
 
+#: model.name -> builder(input_shape, num_classes, config).
+MODELS: dict[str, Callable[[tuple[int, ...], int, ModelConfig], nn.Module]] = {
+    "mlp": lambda shape, classes, cfg: mlp(shape, classes, cfg.hidden),
+    "cnn": lambda shape, classes, cfg: cnn(shape, classes),
+    "lenet": lambda shape, classes, cfg: lenet(shape, classes),
+    "resnet": lambda shape, classes, cfg: resnet(shape, classes),
+}
+
+
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Build the configured model; a user factory is called as ``factory(input_shape, num_classes)``."""
     if cfg.factory:
@@ -125,15 +132,7 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
         if not isinstance(model, nn.Module):
             raise P2PLError(f"model.factory {cfg.factory!r} returned {type(model).__name__}, not a torch nn.Module")
     else:
-        name = choose("model", cfg.name, MODELS)
-        if name == "mlp":
-            model = mlp(input_shape, num_classes, cfg.hidden)
-        elif name == "cnn":
-            model = cnn(input_shape, num_classes)
-        elif name == "lenet":
-            model = lenet(input_shape, num_classes)
-        else:
-            model = resnet(input_shape, num_classes)
+        model = MODELS[choose("model", cfg.name, tuple(MODELS))](tuple(input_shape), num_classes, cfg)
     if any(True for _ in model.buffers()):
         raise P2PLError(
             "models with buffers (e.g. BatchNorm running statistics) are not supported: "

@@ -1,9 +1,14 @@
-"""What a person reads: progress bars, result tables and accuracy plots."""
+"""What a person reads: result tables and plots on stdout / in files, progress on stderr.
+
+Results go to stdout so ``p2pl run > log`` keeps them; progress goes to stderr: a live bar on a
+terminal, plain lines every few rounds otherwise (a log file or a CI job gets readable text).
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +26,41 @@ from rich.table import Table
 
 from p2pl.metrics import History
 
-console = Console(stderr=True)
+ProgressFn = Callable[[int, int, dict[str, float]], None]
+# Plain progress lines: about this many per run, plus the last round.
+PLAIN_PROGRESS_LINES = 10
+
+
+class _Console(Console):
+    """A rich console that lets a closed pipe surface as ``BrokenPipeError`` (rich's default
+    exits with code 1), so the CLI ends quietly the same way whichever writer hit it."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError
+
+
+# soft_wrap: a long line (a path) stays one line in a log or a pipe; tables still fit the width.
+console = _Console(soft_wrap=True)  # results: stdout
+progress_console = _Console(stderr=True, soft_wrap=True)  # progress, warnings and notes: stderr
 
 
 @contextlib.contextmanager
-def round_progress(label: str, total: int, enabled: bool = True) -> Iterator[Any]:
-    """A progress bar with ETA; yields ``update(round, total, metrics)``."""
+def round_progress(label: str, total: int, enabled: bool = True) -> Iterator[ProgressFn | None]:
+    """Progress for a run of ``total`` rounds on stderr; yields ``update(round, total, metrics)``
+    (or None when disabled). A bar with ETA on a terminal, plain text lines otherwise."""
     if not enabled:
         yield None
+        return
+    if not progress_console.is_terminal:
+        yield _plain_progress(label, total)
         return
     columns = (
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rounds"),
         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
     )  # fmt: skip
     # Started on the first finished round, so an error while setting up prints only its one line.
-    progress = Progress(*columns, console=console, transient=False)
+    progress = Progress(*columns, console=progress_console, transient=False)
     task = None
 
     def update(k: int, _total: int, metrics: dict[str, float]) -> None:
@@ -43,14 +68,34 @@ def round_progress(label: str, total: int, enabled: bool = True) -> Iterator[Any
         if task is None:
             progress.start()
             task = progress.add_task(label, total=total, status="")
-        status = f"acc mean {metrics['acc_mean']:.3f} min {metrics['acc_min']:.3f}"
-        progress.update(task, completed=k, status=status)
+        progress.update(task, completed=k, status=_status(metrics))
 
     try:
         yield update
     finally:
         if task is not None:
             progress.stop()
+
+
+def _status(metrics: dict[str, float]) -> str:
+    if "acc_mean" not in metrics:
+        return "not evaluated yet"
+    return f"acc mean {metrics['acc_mean']:.3f} min {metrics['acc_min']:.3f}"
+
+
+def _plain_progress(label: str, total: int) -> ProgressFn:
+    """One line every ``total / PLAIN_PROGRESS_LINES`` rounds and at the last round."""
+    every = max(1, total // PLAIN_PROGRESS_LINES)
+    start = time.perf_counter()
+
+    def update(k: int, _total: int, metrics: dict[str, float]) -> None:
+        if k % every and k != total:
+            return
+        elapsed = time.perf_counter() - start
+        line = f"{label}: round {k}/{total}, {_status(metrics)}, {elapsed:.1f} s"
+        progress_console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    return update
 
 
 def _pct(x: float | None) -> str:
@@ -76,8 +121,9 @@ def summary_table(summaries: dict[str, dict[str, Any]], title: str = "") -> Tabl
 
 
 def accuracy_curves(h: History) -> dict[str, np.ndarray]:
-    acc = np.stack(h.accuracy)
-    return {"round": np.asarray(h.eval_rounds), "mean": acc.mean(1), "min": acc.min(1), "max": acc.max(1)}
+    acc = np.stack(h.accuracy)  # NaN: a device not evaluated that round (eval.devices)
+    return {"round": np.asarray(h.eval_rounds), "mean": np.nanmean(acc, 1), "min": np.nanmin(acc, 1),
+            "max": np.nanmax(acc, 1)}  # fmt: skip
 
 
 def plot_accuracy(

@@ -63,7 +63,7 @@ def t_quantile(confidence: float, dof: int) -> float:
     return float(t.ppf(0.5 + confidence / 2, dof))
 
 
-def mean_ci(values: Iterable[float], confidence: float = CONFIDENCE) -> Interval:
+def mean_ci(values: Iterable[float | None], confidence: float = CONFIDENCE) -> Interval:
     """Mean and ``confidence`` interval of the finite values (nan/None are dropped)."""
     finite = np.array([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
     n = int(finite.size)

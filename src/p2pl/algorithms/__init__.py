@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from p2pl.algorithms.base import Algorithm
 from p2pl.algorithms.centralized import Centralized
 from p2pl.algorithms.fedavg import FedAvg
@@ -9,10 +11,14 @@ from p2pl.algorithms.local import Local
 from p2pl.algorithms.p2pl import P2PL
 from p2pl.errors import choose
 
-ALGORITHMS = ("p2pl", "fedavg", "centralized", "local")
+#: algorithm name -> builder (``algorithm`` in a config).
+ALGORITHMS: dict[str, Callable[[], Algorithm]] = {
+    "p2pl": P2PL,
+    "fedavg": FedAvg,
+    "centralized": Centralized,
+    "local": Local,
+}
 
 
 def make_algorithm(name: str) -> Algorithm:
-    choose("algorithm", name, ALGORITHMS)
-    classes: dict[str, type[Algorithm]] = {"p2pl": P2PL, "fedavg": FedAvg, "centralized": Centralized, "local": Local}
-    return classes[name]()
+    return ALGORITHMS[choose("algorithm", name, tuple(ALGORITHMS))]()

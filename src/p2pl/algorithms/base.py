@@ -1,7 +1,14 @@
-"""What distinguishes P2PL from its baselines: how devices start, and how they communicate.
+"""What distinguishes P2PL from its baselines: how devices start, and how they cooperate.
 
-Local training is the same for all of them (``p2pl.core.train``); an algorithm only chooses the
-initial parameters and the cooperation step after local training.
+Local training is the same for all of them (``p2pl.core.train``). An algorithm only says
+
+* where each device starts: :meth:`Algorithm.start` maps the devices' initial norms to whose
+  init each device adopts (max-norm sync for P2PL, the server's common init for FedAvg), and
+* what it does after local training: :meth:`Algorithm.cooperation`, a
+  :class:`~p2pl.core.cooperate.Cooperation` pipeline that every runtime (simulator, Ray shards,
+  real nodes) executes with the same functions.
+
+Nothing here moves parameters, so no runtime needs to know an algorithm by name.
 """
 
 from __future__ import annotations
@@ -13,6 +20,10 @@ import numpy as np
 import torch
 
 from p2pl.config import ConsensusConfig, SyncConfig
+from p2pl.core.adversary import Adversary
+from p2pl.core.cooperate import Cooperation, Gossip
+from p2pl.core.rounds import NetworkFacts
+from p2pl.core.sync import SyncOutcome
 
 
 @dataclass(frozen=True)
@@ -24,20 +35,7 @@ class RoundLinks:
     cooperate: bool  # False when sparse communication skips this round
 
 
-@dataclass(frozen=True)
-class Start:
-    params: torch.Tensor  # [N, P]
-    sync_steps: int
-    bytes_sent: np.ndarray  # [N] bytes each device sent to get there
-
-
-@dataclass(frozen=True)
-class Exchange:
-    params: torch.Tensor  # [N, P] after cooperation
-    bytes_sent: np.ndarray  # [N] bytes each device sent this round
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Setting:
     """Fixed facts of an experiment an algorithm may use."""
 
@@ -47,12 +45,28 @@ class Setting:
     consensus: ConsensusConfig
     sync: SyncConfig
     model_bytes: int
+    adversary: Adversary
+
+    def facts(self) -> NetworkFacts:
+        return NetworkFacts(
+            self.data_sizes, self.weights, self.consensus.max_size_ratio, self.model_bytes, self.adversary
+        )
 
 
-def max_norm_device(inits: torch.Tensor) -> int:
+def gossip_stages(consensus: ConsensusConfig) -> tuple[Gossip, ...]:
+    """``consensus.steps`` gossip steps by the configured aggregation rule."""
+    stage = Gossip(consensus.aggregation, consensus.trim, consensus.clip_quantile, consensus.max_norm_ratio)
+    return (stage,) * consensus.steps
+
+
+def largest_norm(norms: torch.Tensor) -> int:
     """The device whose initialization has the largest norm (ties: lowest id)."""
-    norms = inits.double().norm(dim=1)
     return int(torch.nonzero(norms == norms.max())[0, 0])
+
+
+def no_sync(owner: np.ndarray | list[int], num_devices: int) -> SyncOutcome:
+    """A start that needs no messages: device i adopts ``owner[i]``'s init."""
+    return SyncOutcome(np.asarray(owner, dtype=np.int64), np.ones(len(owner)), 0, np.zeros(num_devices, dtype=np.int64))
 
 
 class Algorithm(ABC):
@@ -60,16 +74,13 @@ class Algorithm(ABC):
     uses_graph: bool = False
 
     def num_devices(self, devices: int) -> int:
+        """Rows of parameters the algorithm trains for ``devices`` devices."""
         return devices
 
     @abstractmethod
-    def start(self, inits: torch.Tensor, setting: Setting) -> Start:
-        """Initial parameters from each device's own init ``inits [N, P]``."""
+    def start(self, norms: torch.Tensor, setting: Setting) -> SyncOutcome:
+        """Whose init each row starts from, given every device's init norm ``[N]`` (float64)."""
 
     @abstractmethod
-    def exchange(self, params: torch.Tensor, links: RoundLinks, setting: Setting) -> Exchange:
+    def cooperation(self, setting: Setting) -> Cooperation:
         """The cooperation phase after local training."""
-
-
-def no_bytes(n: int) -> np.ndarray:
-    return np.zeros(n, dtype=np.int64)

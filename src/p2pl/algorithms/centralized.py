@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from p2pl.algorithms.base import Algorithm, Exchange, RoundLinks, Setting, Start, max_norm_device
+from p2pl.algorithms.base import Algorithm, Setting, largest_norm, no_sync
+from p2pl.core.cooperate import Cooperation
+from p2pl.core.sync import SyncOutcome
 
 
 class Centralized(Algorithm):
@@ -14,9 +15,9 @@ class Centralized(Algorithm):
     def num_devices(self, devices: int) -> int:
         return 1
 
-    def start(self, inits: torch.Tensor, setting: Setting) -> Start:
-        # ``inits`` holds every device's init; start from the same one as FedAvg / synced P2PL.
-        return Start(inits[max_norm_device(inits)].unsqueeze(0).clone(), 0, np.zeros(1, dtype=np.int64))
+    def start(self, norms: torch.Tensor, setting: Setting) -> SyncOutcome:
+        # Start from the same init as FedAvg / synced P2PL.
+        return no_sync([largest_norm(norms)], 1)
 
-    def exchange(self, params: torch.Tensor, links: RoundLinks, setting: Setting) -> Exchange:
-        return Exchange(params, np.zeros(1, dtype=np.int64))
+    def cooperation(self, setting: Setting) -> Cooperation:
+        return Cooperation()

@@ -5,14 +5,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from p2pl.algorithms.base import Algorithm, Exchange, RoundLinks, Setting, Start
+from p2pl.algorithms.base import Algorithm, Setting, no_sync
+from p2pl.core.cooperate import Cooperation
+from p2pl.core.sync import SyncOutcome
 
 
 class Local(Algorithm):
     name = "local"
 
-    def start(self, inits: torch.Tensor, setting: Setting) -> Start:
-        return Start(inits.clone(), 0, np.zeros(inits.shape[0], dtype=np.int64))
+    def start(self, norms: torch.Tensor, setting: Setting) -> SyncOutcome:
+        return no_sync(np.arange(norms.shape[0]), norms.shape[0])
 
-    def exchange(self, params: torch.Tensor, links: RoundLinks, setting: Setting) -> Exchange:
-        return Exchange(params, np.zeros(params.shape[0], dtype=np.int64))
+    def cooperation(self, setting: Setting) -> Cooperation:
+        return Cooperation()

@@ -40,5 +40,8 @@ def main_issue(args: argparse.Namespace) -> int:
     out = args.out or Path("certs") / args.device
     hosts = args.host or ["127.0.0.1", "localhost"]
     paths = certs.issue_device_cert(args.ca, args.device, out, hosts=hosts, days=args.days)
-    print(f"issued {paths.cert} and {paths.key} (with {paths.ca_cert}); copy {out}/ to the device")
+    print(
+        f"issued {paths.cert} and {paths.key} (with {paths.ca_cert}); copy {out}/ to the device and "
+        f'set tls.cert_dir = "{out}" in its node.toml (or to wherever the folder was copied)'
+    )
     return 0

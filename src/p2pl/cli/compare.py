@@ -12,7 +12,7 @@ import numpy as np
 from p2pl.algorithms import ALGORITHMS
 from p2pl.cli.common import add_config_arguments, add_output_arguments, config_from_args, out_dir
 from p2pl.config import ExperimentConfig, OutputConfig
-from p2pl.report import accuracy_curves, console, plot_accuracy, round_progress, summary_table
+from p2pl.report import accuracy_curves, console, plot_accuracy, progress_console, round_progress, summary_table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,6 +47,11 @@ def main(args: argparse.Namespace) -> int:
     min_gap = paired_difference(p2pl["min"], fedavg["mean"]).format(100, sign=True)
     over = f" (mean ± 95% CI over {args.seeds} seeds)" if args.seeds > 1 else ""
     console.print(f"P2PL vs FedAvg{over}: mean {mean_gap} points, min {min_gap} points")
+    if args.seeds == 1:
+        from p2pl.system.plots import plot_compare_costs
+
+        if plot_compare_costs(directory, ALGORITHMS) is not None:  # [system] on: accuracy vs seconds and joules
+            console.print(f"accuracy against simulated seconds and joules: {directory}/cost.png")
     console.print(f"results in {directory}/ (one folder per algorithm, accuracy.png)")
     return 0
 
@@ -85,7 +90,7 @@ def _many_seeds(base: ExperimentConfig, directory: Path, args: argparse.Namespac
             jobs.append(Job(directory / name / f"seed-{seed}", cfg, seed=seed, label=f"{name}/seed-{seed}"))
 
     def log(line: str) -> None:
-        console.print(line, markup=False, highlight=False, soft_wrap=True)
+        progress_console.print(line, markup=False, highlight=False, soft_wrap=True)
 
     outcomes = run_jobs(jobs, args.workers, fresh=args.fresh, log=None if args.quiet else log)
     failed = [o for o in outcomes if o.status == FAILED]
@@ -128,7 +133,8 @@ def _seed_curves(per_seed: list[Any]) -> dict[str, np.ndarray]:
 def figure_title(cfg: ExperimentConfig, seeds: int) -> str:
     """What was run, in one or two lines: algorithms, N, data, graph, weights, rounds, seeds."""
     seed_text = f"seed {cfg.seed}" if seeds == 1 else f"seeds {cfg.seed}-{cfg.seed + seeds - 1}"
-    graph = cfg.topology.name + (f" r={cfg.topology.radius:g}" if cfg.topology.name == "random-geometric" else "")
+    radius = f" r={cfg.topology.radius:g}" if cfg.topology.radius > 0 else " (automatic radius)"
+    graph = cfg.topology.name + (radius if cfg.topology.name == "random-geometric" else "")
     partition = cfg.partition.scheme + (f" a={cfg.partition.alpha:g}" if cfg.partition.scheme == "dirichlet" else "")
     return (f"P2PL vs FedAvg, centralized, local: {cfg.devices} devices, {cfg.data.name} ({partition}), "
             f"{cfg.model.factory or cfg.model.name}\nP2PL on {graph} graph, {cfg.consensus.weights} weights, "

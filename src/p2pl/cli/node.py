@@ -8,8 +8,6 @@ import signal
 import sys
 from types import FrameType
 
-from p2pl.node.config import load_node_config
-
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,unused-ignore]
     parser = sub.add_parser("node", help="run one P2PL device over the network (see p2pl launch for many)")
@@ -28,15 +26,18 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from p2pl.node.config import load_node_config
+
     cfg = load_node_config(args.config, args.overrides)
-    from p2pl.node.runtime import NodeRuntime  # imports torch: only once the config is valid
+    from p2pl.node.adversary import build_runtime  # imports torch: only once the config is valid
 
     signal.signal(signal.SIGTERM, _terminate)
     stderr = logging.StreamHandler(sys.stderr)
     stderr.setLevel(logging.WARNING)
     stderr.setFormatter(logging.Formatter(f"{cfg.id}: %(levelname)s %(message)s"))
+    stderr.addFilter(lambda record: not getattr(record, "reported", False))  # printed once, by the CLI
     logging.getLogger("p2pl").addHandler(stderr)
-    history = NodeRuntime(cfg, fresh=args.fresh).run()
+    history = build_runtime(cfg, fresh=args.fresh).run()
     acc = history.accuracy[-1] if history.accuracy else float("nan")
     print(f"{cfg.id}: finished {cfg.rounds} rounds, test accuracy {acc:.4f}; results in {cfg.dir}")
     return 0

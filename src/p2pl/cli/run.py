@@ -5,11 +5,9 @@ from __future__ import annotations
 import argparse
 
 from p2pl.cli.common import add_config_arguments, add_output_arguments, config_from_args, out_dir
-from p2pl.report import console, round_progress, summary_table
-from p2pl.sim.simulator import run_experiment
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,unused-ignore]
     parser = sub.add_parser("run", help="run one experiment (default: P2PL, 100 devices, digits)")
     add_config_arguments(parser)
     add_output_arguments(parser, "runs/default")
@@ -23,6 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     directory = out_dir(args, cfg)
+    # Imported once the config is known to be good: torch takes seconds to import.
+    from p2pl.report import console, round_progress, summary_table
+    from p2pl.sim.simulator import run_experiment
+    from p2pl.system.summary import cost_line
+
     enabled = cfg.output.progress and not args.quiet
     with round_progress(f"{cfg.algorithm} x{cfg.devices}", cfg.rounds, enabled) as update:
         result = run_experiment(
@@ -30,5 +33,7 @@ def main(args: argparse.Namespace) -> int:
             backend=args.backend, address=args.address, shards=args.shards,
         )  # fmt: skip
     console.print(summary_table({cfg.algorithm: result.summary}))
+    if (cost := cost_line(result.summary)) is not None:  # [system] on
+        console.print(cost)
     console.print(f"results in {directory}/ (metrics.csv, rounds.csv, summary.json, config.toml)")
     return 0

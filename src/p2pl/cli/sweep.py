@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from p2pl.report import console
+    from p2pl.report import console, progress_console
     from p2pl.sweeps import parse_grid, run_sweep
 
     overrides = list(args.overrides)
@@ -42,8 +42,8 @@ def main(args: argparse.Namespace) -> int:
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
 
-    def log(line: str) -> None:
-        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    def log(line: str) -> None:  # progress: stderr; the table and where the results are: stdout
+        progress_console.print(line, markup=False, highlight=False, soft_wrap=True)
 
     result = run_sweep(
         args.out, args.config, overrides, parse_grid(args.grid), args.seeds, args.workers, args.backend,
@@ -53,7 +53,7 @@ def main(args: argparse.Namespace) -> int:
     console.print(f"results in {result.out}/ (results.csv, summary.csv, one folder per setting and seed) "
                   f"in {result.seconds:.0f} s")  # fmt: skip
     if result.failures:
-        console.print(f"{len(result.failures)} run(s) failed; see their error.txt and the status column")
+        progress_console.print(f"{len(result.failures)} run(s) failed; see their error.txt and the status column")
         return 1
     return 0
 

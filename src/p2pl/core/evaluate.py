@@ -1,16 +1,68 @@
-"""Every device's accuracy and loss on the common test set, batched over devices."""
+"""Every device's accuracy and loss on the common test set, batched over devices.
+
+Evaluation is a forward pass of N models over the same test samples, so it is batched the way
+training is (``core.train.choose_strategy``): a plain MLP as batched matmuls, small convnets
+with vmap, large ones one device at a time. Devices holding identical parameters (FedAvg,
+centralized, right after max-norm sync) are evaluated once and the result is copied to all.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
 from p2pl.core.params import ParamSpec
 from p2pl.core.probe import outputs_per_sample
+from p2pl.core.train import choose_strategy
 
-ACTIVATION_BUDGET = 1 << 26  # floats
+# Floats of activations alive at once on a CPU (2M floats = 8 MiB): chunks that stay in cache
+# were 1.4x faster than one 256 MiB chunk for 1,000 MLPs (BENCHMARKS.md), and a chunk this size
+# still makes each matmul large. On an accelerator the budget follows its free memory.
+ACTIVATION_BUDGET = 1 << 21
+
+Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (flat [n, P], x [b, ...]) -> logits [n, C, b]
+
+
+def activation_budget(device: torch.device) -> int:
+    """Activation floats one evaluation chunk may hold on ``device``."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return max(ACTIVATION_BUDGET, free // 16)  # a quarter of free memory, 4-byte floats
+    return ACTIVATION_BUDGET
+
+
+def distinct_rows(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(representatives, inverse): ``params[representatives][inverse]`` equals ``params`` exactly.
+
+    Rows are grouped by an integer hash of the bits of their first 256 columns (exact, so
+    equal rows always share a key), then every row is checked for equality with its group's
+    first row; a row that differs (a hash collision) becomes its own group. So two rows share a
+    result only when they are equal.
+    """
+    n = params.shape[0]
+    every = torch.arange(n, device=params.device)
+    if n <= 1:
+        return every, every
+    if torch.equal(params[1:], params[0].expand(n - 1, -1)):  # stops at the first difference
+        return every[:1], torch.zeros(n, dtype=torch.long, device=params.device)
+    # A block of leading columns: contiguous per row (a strided sample was 40x slower to copy).
+    block = params[:, :256].contiguous().view(torch.int32).long()
+    mixers = torch.arange(1, block.shape[1] + 1, device=params.device) * 0x9E3779B1 | 1  # odd
+    keys = (block * mixers).sum(1)  # integer arithmetic: the same bits give the same key
+    _, group = torch.unique(keys, return_inverse=True)
+    first = torch.full((n,), n, dtype=torch.long, device=params.device)
+    first = first.scatter_reduce(0, group, every, reduce="amin")[group]
+    owner = every.clone()
+    # Only rows that share a key with an earlier row are compared: distinct models cost the hash.
+    candidates = (first != every).nonzero().squeeze(1)
+    if len(candidates):
+        same = (params[candidates] == params[first[candidates]]).all(1)
+        owner[candidates[same]] = first[candidates[same]]
+    representatives, inverse = torch.unique(owner, return_inverse=True)
+    return representatives, inverse
 
 
 @torch.no_grad()
@@ -22,28 +74,102 @@ def evaluate(
     y_test: torch.Tensor,
     sample_chunk: int = 4096,
     device_chunk: int = 0,
+    strategy: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (accuracy [N], mean cross-entropy loss [N]) as float64."""
+    """Returns (accuracy [N], mean cross-entropy loss [N]) as float64 on the CPU.
+
+    ``strategy`` is a training strategy (``core.train.STRATEGIES``); ``device_chunk`` = 0 sizes
+    the device chunks from the model's activations and the memory budget.
+    """
     n_dev, n_test = params.shape[0], x_test.shape[0]
+    if n_dev == 0:
+        empty = torch.zeros(0, dtype=torch.float64)
+        return empty, empty.clone()
+    representatives, inverse = distinct_rows(params)
+    distinct = params[representatives] if len(representatives) < n_dev else params
+    chosen = choose_strategy(model, strategy, tuple(x_test.shape[1:]))
+    per_sample = max(1, outputs_per_sample(model, tuple(x_test.shape[1:])))
+    budget = activation_budget(params.device)
+    sample_chunk = max(1, min(sample_chunk, n_test, budget // per_sample))
     if device_chunk <= 0:
-        # Bound the activations alive at once to ~64M floats (256 MiB): devices x samples x what
-        # the model outputs per sample, measured on this model and input shape.
-        per_sample = max(1, outputs_per_sample(model, tuple(x_test.shape[1:])))
-        sample_chunk = max(1, min(sample_chunk, ACTIVATION_BUDGET // per_sample))
-        device_chunk = max(1, min(n_dev, ACTIVATION_BUDGET // (min(n_test, sample_chunk) * per_sample)))
+        device_chunk = max(1, budget // (sample_chunk * per_sample))
+    forward = _forward(model, spec, chosen)
+    n = distinct.shape[0]
+    correct = torch.zeros(n, dtype=torch.float64, device=params.device)
+    loss = torch.zeros(n, dtype=torch.float64, device=params.device)
+    for s in range(0, n_test, sample_chunk):
+        x, y = x_test[s : s + sample_chunk], y_test[s : s + sample_chunk]
+        for lo in range(0, n, device_chunk):
+            hi = min(n, lo + device_chunk)
+            logits = forward(distinct[lo:hi], x)  # [n, C, b]
+            hits, ce = _scores(logits, y)
+            correct[lo:hi] += hits
+            loss[lo:hi] += ce
+    acc, mean_loss = (correct / n_test).cpu(), (loss / n_test).cpu()
+    if n < n_dev:
+        acc, mean_loss = acc[inverse.cpu()], mean_loss[inverse.cpu()]
+    return acc, mean_loss
+
+
+def _scores(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per device: correct predictions and summed cross-entropy, from logits ``[n, C, b]``.
+
+    Classes lie along dim 1 so every reduction runs over contiguous rows of samples (reducing
+    a short last dim was 2-4x slower on CPU). ``max`` returns the first maximal class, as argmax.
+    """
+    n = logits.shape[0]
+    best, pred = logits.max(1)
+    hits = (pred == y).sum(1, dtype=torch.float64)
+    target = logits.gather(1, y.view(1, 1, -1).expand(n, 1, -1)).squeeze(1)
+    # cross-entropy = logsumexp - the target's logit; float32 per sample, summed in float64.
+    ce = (logits - best.unsqueeze(1)).exp_().sum(1).log_().add_(best).sub_(target)
+    return hits, ce.sum(1, dtype=torch.float64)
+
+
+def _forward(model: nn.Module, spec: ParamSpec, strategy: str) -> Forward:
+    """f(flat [n, P], x [b, ...]) -> logits [n, C, b] for this strategy."""
+    if strategy == "bmm":
+        return _mlp_forward(model, spec)
 
     def logits_of(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return functional_call(model, spec.unflatten(flat), (x,))
 
     batched = vmap(logits_of, in_dims=(0, None))
-    correct = torch.zeros(n_dev, dtype=torch.float64)
-    loss = torch.zeros(n_dev, dtype=torch.float64)
-    for lo in range(0, n_dev, device_chunk):
-        rows = slice(lo, min(n_dev, lo + device_chunk))
-        for s in range(0, n_test, sample_chunk):
-            x, y = x_test[s : s + sample_chunk], y_test[s : s + sample_chunk]
-            logits = batched(params[rows], x)  # [n, b, C]
-            correct[rows] += (logits.argmax(-1) == y).sum(1).double()
-            ce = F.cross_entropy(logits.flatten(0, 1), y.repeat(logits.shape[0]), reduction="none")
-            loss[rows] += ce.view(logits.shape[0], -1).sum(1).double()
-    return correct / n_test, loss / n_test
+
+    def with_vmap(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return batched(flat, x).transpose(1, 2)
+
+    def one_at_a_time(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([logits_of(row, x).t() for row in flat])
+
+    if strategy == "vmap":
+        return with_vmap
+
+    return one_at_a_time
+
+
+def _mlp_forward(model: nn.Module, spec: ParamSpec) -> Forward:
+    """A plain MLP over many devices, feature-major (activations ``[n, features, b]``): the
+    first layer is one matmul of every device's weights stacked with the shared test inputs,
+    the rest batched matmuls, and the logits come out ``[n, C, b]`` with no transposes."""
+    layers = list(model)  # type: ignore[call-overload]
+    first = min(i for i, layer in enumerate(layers) if isinstance(layer, nn.Linear))
+
+    def forward(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        p = spec.unflatten(flat)
+        n = flat.shape[0]
+        h = x.flatten(1).t()  # [in, b], shared by every device
+        for i, layer in enumerate(layers):
+            if isinstance(layer, nn.Linear):
+                w, bias = p[f"{i}.weight"], p[f"{i}.bias"]  # [n, out, in], [n, out]
+                if i == first:
+                    # [n*out, in] @ [in, b]: one large matmul instead of n small ones.
+                    out = w.shape[1]
+                    h = torch.addmm(bias.reshape(-1, 1), w.reshape(n * out, -1), h).view(n, out, -1)
+                else:
+                    h = torch.baddbmm(bias.unsqueeze(2), w, h)
+            elif isinstance(layer, nn.ReLU):
+                h = torch.relu_(h)
+        return h
+
+    return forward

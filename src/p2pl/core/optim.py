@@ -48,7 +48,8 @@ def step(
     rows: torch.Tensor | None = None,
 ) -> None:
     """Update ``params`` (and ``state``) in place; with ``rows``, only those devices step and
-    ``grads`` holds just their rows (an idle device's parameters and state stay untouched)."""
+    ``grads`` holds just their rows (an idle device's parameters and state stay untouched).
+    ``grads`` is scratch: it may be overwritten (no [n, P] temporaries per step)."""
     if rows is None:
         _step_rows(cfg, params, grads, state.tensors)
         return
@@ -61,8 +62,9 @@ def step(
 
 
 def _step_rows(cfg: TrainingConfig, p: torch.Tensor, g: torch.Tensor, st: dict[str, torch.Tensor]) -> None:
+    """In place on ``p`` and ``st``; ``g`` is the trainer's scratch gradient and may be overwritten."""
     if cfg.weight_decay:
-        g = g.add(p, alpha=cfg.weight_decay)
+        g = g.add_(p, alpha=cfg.weight_decay)
     if cfg.optimizer == "sgd":
         p.add_(g, alpha=-cfg.lr)
     elif cfg.optimizer == "momentum":
@@ -79,7 +81,8 @@ def _step_rows(cfg: TrainingConfig, p: torch.Tensor, g: torch.Tensor, st: dict[s
         bias1 = 1 - beta1**steps
         bias2_sqrt = (1 - beta2**steps).sqrt()
         step_size = (cfg.lr / bias1).to(p.dtype).unsqueeze(1)
-        denom = (st["exp_avg_sq"].sqrt() / bias2_sqrt.to(p.dtype).unsqueeze(1)).add_(cfg.eps)
+        # g is no longer needed: reuse it for the denominator (no [n, P] allocation per step)
+        denom = torch.sqrt(st["exp_avg_sq"], out=g).div_(bias2_sqrt.to(p.dtype).unsqueeze(1)).add_(cfg.eps)
         p.addcdiv_(st["exp_avg"] * step_size, denom, value=-1.0)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import zlib
 
 import numpy as np
-import torch
 
 
 def derive_seed(seed: int, purpose: str, *keys: int) -> int:
@@ -18,12 +17,6 @@ def derive_seed(seed: int, purpose: str, *keys: int) -> int:
     entropy = [int(seed) & 0xFFFFFFFF, zlib.crc32(purpose.encode()), *(int(k) & 0xFFFFFFFF for k in keys)]
     high, low = (int(v) for v in np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32))
     return ((high << 32) | low) & 0x7FFF_FFFF_FFFF_FFFF
-
-
-def torch_generator(seed: int, purpose: str, *keys: int) -> torch.Generator:
-    gen = torch.Generator()
-    gen.manual_seed(derive_seed(seed, purpose, *keys))
-    return gen
 
 
 def numpy_generator(seed: int, purpose: str, *keys: int) -> np.random.Generator:

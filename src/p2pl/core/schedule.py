@@ -10,7 +10,6 @@ holding only its own data all walk exactly the same batches.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,7 +99,3 @@ def epoch_plan(partition: Partition, seed: int, round_index: int, epoch: int, ba
     samples = np.concatenate(partition.indices)
     order[torch.from_numpy(segment), torch.from_numpy(within)] = torch.from_numpy(samples[rank])
     return EpochPlan(order, torch.from_numpy(sizes), batch_size)
-
-
-def steps_per_round(sizes: np.ndarray, batch_size: int, epochs: int) -> np.ndarray:
-    return np.asarray([epochs * math.ceil(int(s) / batch_size) for s in sizes], dtype=np.int64)

@@ -3,6 +3,15 @@
 Each step a device replaces its parameters by those with the largest L2 norm among itself and
 its neighbours (ties: lowest device id). On a connected static graph every device holds the
 globally largest-norm initialization after at most diam(G) steps, with no coordinator.
+
+Two forms (``sync.mode``):
+
+* ``verified`` (default): a device's initial parameters are a public function of (seed, device
+  id), so devices flood only (norm, owner) claims; a receiver recomputes the claimed owner's
+  init and ignores a claim whose norm does not match. No parameters travel: each device builds
+  the winner's init itself. A lying device cannot take the network over.
+* ``flood``: the paper's form: parameters travel with every step, and a device that claims a
+  larger norm (with parameters to match) is adopted by everyone.
 """
 
 from __future__ import annotations
@@ -11,6 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from p2pl.core.adversary import Adversary
+
+#: Bytes of one verified-sync claim: the norm (float64) and the owner's device id (int64).
+CLAIM_BYTES = 16
 
 
 @dataclass(frozen=True)
@@ -41,7 +55,47 @@ def max_norm_owner(norms: torch.Tensor, edges: np.ndarray, max_steps: int = 0) -
     return SyncResult(order[held], steps)
 
 
-def sync_bytes_per_device(edges: np.ndarray, num_devices: int, steps: int, model_bytes: int) -> np.ndarray:
-    """Each sync step every device sends its current model to each neighbour."""
+def sync_bytes_per_device(edges: np.ndarray, num_devices: int, steps: int, message_bytes: int) -> np.ndarray:
+    """Each sync step every device sends one message (a model, or a claim) to each neighbour."""
     degree = np.bincount(np.asarray(edges, dtype=np.int64).ravel(), minlength=num_devices)
-    return degree * steps * model_bytes
+    return (degree * steps * message_bytes).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class SyncOutcome:
+    owner: np.ndarray  # int64 [N]: whose initial parameters each device ends with
+    scale: np.ndarray  # float64 [N]: factor on that init (not 1 only where a flood was hijacked)
+    steps: int
+    bytes_sent: np.ndarray  # int64 [N]
+
+
+def synchronize(
+    norms: torch.Tensor, edges: np.ndarray, max_steps: int, mode: str, adversary: Adversary, model_bytes: int
+) -> SyncOutcome:
+    """Max norm sync of ``mode`` over ``edges`` with this run's attackers.
+
+    A ``sync-hijack`` attacker claims its norm x scale: verified sync refuses the claim (and so
+    hears nothing from it), the paper's flood adopts it and hands out its init x scale. Silent
+    attackers send nothing. Attackers themselves keep their own init."""
+    n = norms.shape[0]
+    edges = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
+    claimed = norms.double().clone()
+    liars = adversary.ids[adversary.ids < n] if adversary.is_("sync-hijack") or adversary.is_("silent") else None
+    flood_edges = edges
+    if liars is not None and len(liars):
+        if mode == "flood" and adversary.is_("sync-hijack"):
+            claimed[torch.from_numpy(liars)] *= adversary.scale
+        else:  # a refused claim, or silence: those links carry nothing during sync
+            flood_edges = edges[~np.isin(edges, liars).any(axis=1)]
+    result = max_norm_owner(claimed, flood_edges, max_steps)
+    owner = result.owner.numpy().copy()
+    scale = np.ones(n, dtype=np.float64)
+    if liars is not None and len(liars):
+        owner[liars] = liars
+        if mode == "flood" and adversary.is_("sync-hijack"):
+            scale[np.isin(owner, liars) & ~np.isin(np.arange(n), liars)] = adversary.scale
+    message = model_bytes if mode == "flood" else CLAIM_BYTES
+    sent = sync_bytes_per_device(edges, n, result.steps, message)
+    if adversary.is_("silent"):
+        sent[adversary.ids[adversary.ids < n]] = 0
+    return SyncOutcome(owner, scale, result.steps, sent)

@@ -107,6 +107,92 @@ def _vmap_losses(model: nn.Module, spec: ParamSpec) -> BatchedLoss:
     return vmap(device_loss)
 
 
+class _Workspace:
+    """Buffers reused across steps, one per name, grown to the most device rows seen so far; a
+    step with fewer active devices uses a prefix of rows (still one contiguous block)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        buf = self._buffers.get(name)
+        n, rest = like.shape[0], tuple(like.shape[1:])
+        if buf is None or buf.shape[0] < n or tuple(buf.shape[1:]) != rest or buf.device != like.device:
+            buf = self._buffers[name] = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        return buf[:n]
+
+
+class _MlpLossGrad:
+    """A plain MLP's batched forward and hand-written backward: each weight gradient is one
+    batched matmul in its own [n, out, in] layout, written into its slice of a reused [n, P]
+    gradient buffer. Autograd's version transposed every weight gradient back into row layout
+    and concatenated the pieces: ~60 % of a step (BENCHMARKS.md). Same sums as autograd, so
+    results agree with it to float rounding (tests compare both and the reference engine)."""
+
+    def __init__(self, model: nn.Module, spec: ParamSpec) -> None:
+        self.spec = spec
+        self.layers = list(model)  # type: ignore[call-overload]
+        self.first_linear = min(i for i, layer in enumerate(self.layers) if isinstance(layer, nn.Linear))
+        self.work = _Workspace()
+        self._views: dict[tuple[int, tuple[int, ...], tuple[int, ...]], dict[str, torch.Tensor]] = {}
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``spec.unflatten(flat)``, kept while the same tensor comes back (the parameters when
+        every device steps, the gradient buffer): rebuilding them was 8 % of a step. A kept view
+        holds its storage alive, so no other tensor can take its address until ``release``."""
+        key = (flat.data_ptr(), tuple(flat.shape), tuple(flat.stride()))
+        found = self._views.get(key)
+        if found is None:
+            if len(self._views) >= 2:  # the parameters and the gradient buffer; nothing stale
+                self._views.clear()
+            found = self._views[key] = self.spec.unflatten(flat)
+        return found
+
+    def release(self) -> None:
+        """Drop the kept views (end of a round: the parameters are replaced by cooperation)."""
+        self._views.clear()
+
+    def __call__(
+        self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        layers, work = self.layers, self.work
+        grads = work.get("grads", flat)
+        p, g = self.views(flat), self.views(grads)
+        h = x.flatten(2)  # [n, b, features]
+        inputs: dict[int, torch.Tensor] = {}  # each Linear's input, for its weight gradient
+        relu_out: dict[int, torch.Tensor] = {}  # each ReLU's output, for its backward
+        for i, layer in enumerate(layers):
+            if isinstance(layer, nn.Linear):
+                inputs[i] = h
+                h = torch.baddbmm(p[f"{i}.bias"].unsqueeze(1), h, p[f"{i}.weight"].transpose(1, 2))
+            elif isinstance(layer, nn.ReLU):
+                h = relu_out[i] = torch.relu(h)
+        log_probs = torch.log_softmax(h, dim=2)  # [n, b, C]
+        target = y.unsqueeze(2)
+        per_sample = -log_probs.gather(2, target).squeeze(2)
+        count = mask.sum(1)
+        losses = (per_sample * mask).sum(1) / count
+        # d(masked mean cross-entropy)/d(logits) = (softmax - onehot) * mask / count
+        delta = log_probs.exp_()
+        delta.scatter_add_(2, target, torch.full_like(per_sample, -1.0).unsqueeze(2))
+        delta.mul_((mask / count.unsqueeze(1)).unsqueeze(2))
+        for i in range(len(layers) - 1, self.first_linear - 1, -1):
+            if i in relu_out:
+                # autograd's own ReLU backward: one fused op (a bool mask and a fill were 10x slower)
+                delta = torch.ops.aten.threshold_backward(delta, relu_out[i], 0)
+            elif i in inputs:
+                weight_grad = g[f"{i}.weight"]
+                scratch = work.get(f"{i}.weight", weight_grad)
+                # bmm cannot write into a row-strided view without a copy of its own: a
+                # contiguous scratch, then one plain copy into the [n, P] buffer.
+                torch.bmm(delta.transpose(1, 2), inputs[i], out=scratch)
+                weight_grad.copy_(scratch)
+                g[f"{i}.bias"].copy_(delta.sum(1))
+                if i != self.first_linear:
+                    delta = torch.bmm(delta, p[f"{i}.weight"])
+        return grads, losses
+
+
 def _loop_loss_grad(model: nn.Module, spec: ParamSpec) -> LossGrad:
     """One device at a time, each with its own leaf: backpropagating a sum of per-device losses
     through row views of one [n,P] leaf would zero-fill and add a full [n,P] gradient per device
@@ -116,7 +202,7 @@ def _loop_loss_grad(model: nn.Module, spec: ParamSpec) -> LossGrad:
         flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         grads = torch.empty_like(flat)
-        losses = torch.empty(flat.shape[0], dtype=flat.dtype)
+        losses = torch.empty(flat.shape[0], dtype=flat.dtype, device=flat.device)
         for i in range(flat.shape[0]):
             valid = mask[i] > 0  # a device's short last batch: only its real samples
             leaf = flat[i].detach().requires_grad_(True)
@@ -134,6 +220,8 @@ def make_loss_grad(model: nn.Module, spec: ParamSpec, strategy: str) -> LossGrad
     """f(flat [n,P], x [n,b,...], y [n,b], mask [n,b]) -> (grads [n,P], losses [n])."""
     if strategy == "loop":
         return _loop_loss_grad(model, spec)
+    if strategy == "bmm":
+        return _MlpLossGrad(model, spec)
     batched = {"bmm": _bmm_losses, "vmap": _vmap_losses}[strategy](model, spec)
 
     def loss_grad(
@@ -189,10 +277,18 @@ class VectorizedTrainer:
         self.strategy = choose_strategy(model, strategy, tuple(x_train.shape[1:]))
         self.loss_grad = make_loss_grad(model, spec, self.strategy)
         self.state = optim.init_state(cfg, len(partition.indices), spec.total)
+        self.device = torch.device("cpu")
 
     @property
     def num_devices(self) -> int:
         return len(self.partition.indices)
+
+    def to(self, device: torch.device) -> None:
+        """Move the training data and optimizer state to ``device`` once (parameters passed to
+        ``train`` must live there too); the step schedule stays on the CPU."""
+        self.device = device
+        self.x_train, self.y_train = self.x_train.to(device), self.y_train.to(device)
+        self.state.tensors = {k: v.to(device) for k, v in self.state.tensors.items()}
 
     def train(self, params: torch.Tensor, round_index: int, work: np.ndarray | None = None) -> RoundStats:
         """Run this round's local epochs, updating ``params [N, P]`` in place."""
@@ -209,6 +305,8 @@ class VectorizedTrainer:
                     break
                 self._step(params, plan, t, active, loss_sum)
                 taken += active.long()
+        if isinstance(self.loss_grad, _MlpLossGrad):
+            self.loss_grad.release()
         mean = torch.where(taken > 0, loss_sum / taken.clamp_min(1), torch.full_like(loss_sum, float("nan")))
         return RoundStats(mean.float(), taken)
 
@@ -223,18 +321,22 @@ class VectorizedTrainer:
         # Trim padding columns nobody in this step uses (keeps batch tensors tight).
         width = int(mask.sum(1).max())
         idx, mask = idx[:, :width], mask[:, :width]
+        on_device = rows if rows is None or self.device.type == "cpu" else rows.to(self.device)
+        if self.device.type != "cpu":  # the schedule is CPU bookkeeping: ship this step's part
+            idx, mask = idx.to(self.device), mask.to(self.device)
         x, y = self.x_train[idx], self.y_train[idx]
-        flat = params if rows is None else params[rows]
+        flat = params if on_device is None else params[on_device]
         grads, losses = self.loss_grad(flat, x, y, mask.to(x.dtype))
-        optim.step(self.cfg, params, grads, self.state, rows)
+        optim.step(self.cfg, params, grads, self.state, on_device)
         if rows is None:
-            loss_sum += losses.double()
+            loss_sum += losses.double().cpu()
         else:
-            loss_sum[rows] += losses.double()
+            loss_sum[rows] += losses.double().cpu()
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return dict(self.state.tensors)
+        """The optimizer state on the CPU (for checkpoints; a copy only when it lives elsewhere)."""
+        return {k: v.cpu() for k, v in self.state.tensors.items()}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         for key in self.state.tensors:
-            self.state.tensors[key] = tensors[key].clone()
+            self.state.tensors[key] = tensors[key].to(self.device, copy=True)

@@ -83,7 +83,7 @@ def load_dataset_with_assignment(cfg: DataConfig, seed: int) -> tuple[Dataset, n
     key = (
         tuple(sorted(dataclasses.asdict(cfg).items())),
         int(seed) if uses_seed else 0,
-        _fingerprint(cfg),
+        _file_stamp(cfg),
     )
     return _load_cached(key)
 
@@ -114,7 +114,7 @@ def _stat(path: Path) -> tuple[str, int, int]:
     return (str(path.resolve()), st.st_mtime_ns, st.st_size)
 
 
-def _fingerprint(cfg: DataConfig) -> tuple[Any, ...]:
+def _file_stamp(cfg: DataConfig) -> tuple[Any, ...]:
     """Size and mtime of the files a load would read, so edited files are not served stale."""
     paths: list[Path] = []
     if cfg.device_assignment:

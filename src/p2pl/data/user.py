@@ -44,7 +44,6 @@ import torch
 from p2pl.config import DataConfig
 from p2pl.data.base import Dataset
 from p2pl.data.formats import one_line
-from p2pl.data.partition import partition_from_assignment
 from p2pl.errors import P2PLError
 
 NPZ_KEYS = (("x", "y"), ("X", "y"), ("features", "labels"))
@@ -313,17 +312,6 @@ def read_device_ids(path: str | Path, num_rows: int) -> np.ndarray:
             "list one device id per row of the original data"
         )
     return ids
-
-
-def load_device_assignment(path: str | Path, num_train: int, num_devices: int) -> list[np.ndarray]:
-    """Per-device training index arrays from a file with one device id per TRAINING sample.
-
-    The file's rows must align with the training set as returned (e.g. the standard MNIST or
-    CIFAR-10 training files). For data whose test split is drawn from the same file, use
-    :func:`p2pl.data.registry.load_dataset_with_assignment`, which reads one id per original row
-    and returns the ids of the training rows, then :func:`partition_from_assignment`.
-    """
-    return partition_from_assignment(read_device_ids(path, num_train), num_devices)
 
 
 def assignment_of_rows(path: str, num_rows: int, train_rows: np.ndarray | None) -> np.ndarray | None:

@@ -1,4 +1,4 @@
-"""Communication topologies: which devices can exchange parameters (DESIGN.md §3).
+"""Communication topologies: which devices can exchange parameters.
 
 Every graph has nodes exactly ``0..N-1`` (device ids) and no self-loops; a device always mixes
 with itself through its self weight, never through an edge.
@@ -12,7 +12,10 @@ from pathlib import Path
 
 import networkx as nx
 import numpy as np
-from scipy.spatial import cKDTree
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components, minimum_spanning_tree
+from scipy.spatial import Delaunay, QhullError, cKDTree
+from scipy.spatial.distance import pdist, squareform
 
 from p2pl.config import TopologyConfig
 from p2pl.errors import P2PLError, choose
@@ -40,6 +43,7 @@ class Topology:
     name: str
     graph: nx.Graph  # nodes exactly 0..N-1
     positions: np.ndarray | None = None  # [N, 2] float64 for geometric graphs (unit square or metres)
+    radius: float | None = None  # geometric graphs: the link range used (resolved when automatic)
 
     @property
     def num_devices(self) -> int:
@@ -79,6 +83,71 @@ def geometric_graph(positions: np.ndarray, radius: float) -> nx.Graph:
         raise P2PLError(f"link radius must be a positive finite number, got {radius}")
     pairs = cKDTree(pos).query_pairs(r=float(radius), output_type="ndarray")  # distance <= r
     return _graph_from_edges(pos.shape[0], np.asarray(pairs, dtype=np.int64).reshape(-1, 2))
+
+
+# The automatic radius is the connectivity-threshold shape sqrt(c ln N / (pi N)) scaled so that
+# 100 devices get exactly 0.25, the radius the default experiment has always used.
+AUTO_RADIUS_DEVICES, AUTO_RADIUS_AT = 100, 0.25
+_UNIT_SQUARE_DIAGONAL = math.sqrt(2.0)  # a radius this large links every pair in the unit square
+
+
+def auto_radius(num_devices: int) -> float:
+    """The automatic link radius for ``num_devices`` devices in the unit square.
+
+    ``r(N) = 0.25 * sqrt((ln N / N) / (ln 100 / 100))``: the same as ``sqrt(c ln N / (pi N))``
+    with ``c`` such that ``r(100) = 0.25``, written as a ratio so that ``r(100)`` is exactly
+    0.25 in floating point. Capped at the unit square's diagonal, beyond which nothing changes.
+    """
+    if num_devices < 2:
+        return _UNIT_SQUARE_DIAGONAL  # one device: nothing to link, any radius will do
+    n, n0 = float(num_devices), float(AUTO_RADIUS_DEVICES)
+    ratio = (math.log(n) / n) / (math.log(n0) / n0)
+    return min(AUTO_RADIUS_AT * math.sqrt(ratio), _UNIT_SQUARE_DIAGONAL)
+
+
+def longest_mst_edge(positions: np.ndarray) -> float:
+    """The longest edge of the positions' Euclidean minimum spanning tree: the smallest radius
+    whose geometric graph is connected. The Delaunay triangulation contains the Euclidean MST,
+    so only its O(N) edges are weighed (all pairs for tiny or degenerate point sets)."""
+    pos = np.asarray(positions, dtype=np.float64)
+    n = pos.shape[0]
+    if n < 2:
+        return 0.0
+    try:
+        if n < 4:
+            raise QhullError("too few points to triangulate")
+        simplices = Delaunay(pos).simplices
+        pairs = np.concatenate([simplices[:, [0, 1]], simplices[:, [1, 2]], simplices[:, [0, 2]]])
+        # each inner edge belongs to two triangles: once only (a sparse matrix sums duplicates)
+        pairs = np.unique(np.sort(pairs, axis=1), axis=0)
+        lengths = np.linalg.norm(pos[pairs[:, 0]] - pos[pairs[:, 1]], axis=1)
+        weighted = coo_matrix((lengths, (pairs[:, 0], pairs[:, 1])), shape=(n, n)).tocsr()
+    except QhullError:  # collinear or too few points: weigh every pair
+        weighted = squareform(pdist(pos))
+    # Coincident devices give zero-length edges, which csgraph drops: the max still is the max.
+    tree = minimum_spanning_tree(weighted)
+    return float(tree.data.max()) if tree.nnz else 0.0
+
+
+def _components(positions: np.ndarray, radius: float) -> int:
+    """Connected components of the geometric graph (scipy: no networkx graph is built)."""
+    n = positions.shape[0]
+    pairs = cKDTree(positions).query_pairs(r=float(radius), output_type="ndarray").reshape(-1, 2)
+    adjacency = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    return int(connected_components(adjacency, directed=False, return_labels=False))
+
+
+def connected_radius(positions: np.ndarray, radius: float) -> float:
+    """``radius`` if it already links ``positions`` into one component, otherwise the smallest
+    radius (just above the longest Euclidean MST edge) that does. Deterministic in the positions."""
+    if positions.shape[0] < 2 or _components(positions, radius) == 1:
+        return radius
+    # Just above the longest edge, so a last-bit difference between the k-d tree's distances
+    # and ours cannot drop it; checked, and raised again in the (never seen) case it did.
+    raised = max(radius, longest_mst_edge(positions) * (1 + 1e-9))
+    while _components(positions, raised) > 1:
+        raised *= 1 + 1e-6
+    return raised
 
 
 def read_edge_list(path: str | Path, num_devices: int) -> nx.Graph:
@@ -168,8 +237,8 @@ def _check_parameters(cfg: TopologyConfig, name: str) -> None:
                     f"topology.range_m = {cfg.range_m} needs topology.area_m > 0 (the side of the area "
                     "in metres); set topology.area_m, or use topology.radius for the unit square"
                 )
-            if not (math.isfinite(cfg.radius) and cfg.radius > 0):
-                raise P2PLError(f"topology.radius must be > 0 for random-geometric, got {cfg.radius}")
+            if not (math.isfinite(cfg.radius) and cfg.radius >= 0):
+                raise P2PLError(f"topology.radius must be >= 0 for random-geometric (0: automatic), got {cfg.radius}")
     if name == "small-world":
         if cfg.k < 2 or cfg.k % 2:
             raise P2PLError(f"topology.k must be an even number >= 2 for small-world, got {cfg.k}")
@@ -209,11 +278,14 @@ def build_topology(cfg: TopologyConfig, num_devices: int, seed: int) -> Topology
     # One generator for everything random here: positions come from it, networkx gets an int from it.
     rng = np.random.default_rng(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
     positions: np.ndarray | None = None
+    radius: float | None = None
 
     if name == "random-geometric":
         side = cfg.area_m if cfg.area_m > 0 else 1.0
         radius = cfg.range_m if cfg.area_m > 0 else cfg.radius
         positions = rng.random((n, 2)) * side
+        if radius == 0:  # automatic (unit square only): connected whatever the number of devices
+            radius = connected_radius(positions, auto_radius(n))
         graph = geometric_graph(positions, radius)
     elif name == "edge-list":
         graph = read_edge_list(cfg.path, n)
@@ -243,7 +315,7 @@ def build_topology(cfg: TopologyConfig, num_devices: int, seed: int) -> Topology
                 f"{name} graph{detail} is disconnected ({components} components); "
                 f"{fix} or set topology.allow_disconnected = true"
             )
-    return Topology(name=name, graph=graph, positions=positions)
+    return Topology(name=name, graph=graph, positions=positions, radius=radius)
 
 
 def _random_graph(cfg: TopologyConfig, name: str, n: int, nx_seed: int) -> nx.Graph:

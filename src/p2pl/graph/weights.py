@@ -1,4 +1,4 @@
-"""Consensus (mixing) weights of DESIGN.md §2: ``θ_n ← Σ_{m ∈ N_n ∪ {n}} W_nm θ_m``.
+"""Consensus (mixing) weights (docs/design.md): ``θ_n ← Σ_{m ∈ N_n ∪ {n}} W_nm θ_m``.
 
 | rule         | W_nm (m a neighbour)             | W_nn                         |
 |--------------|----------------------------------|------------------------------|
@@ -15,6 +15,7 @@ simulator and the networked node cannot drift apart.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ import scipy.sparse as sp
 
 from p2pl.errors import P2PLError, choose
 
-WEIGHT_RULES: tuple[str, ...] = ("metropolis", "max-degree", "uniform", "data-size")
+WEIGHT_RULES: tuple[str, ...] = ("metropolis", "max-degree", "uniform", "data-size")  # names of _RULES
 
 
 # eq=False: array fields make generated __eq__ ambiguous; compare .dense() instead.
@@ -55,6 +56,45 @@ class MixingWeights:
         return sp.csr_matrix((vals, (rows, cols)), shape=(self.num_devices, self.num_devices))
 
 
+@dataclass(frozen=True)
+class _Pairs:
+    """(receiving row, neighbour) pairs and what each side looks like (see :func:`_row_formula`)."""
+
+    row: np.ndarray  # [M] receiving row of each pair, indexing the per-row arrays
+    own_degree: np.ndarray  # [R]
+    neighbour_degree: np.ndarray  # [M]
+    own_size: np.ndarray | None  # [R]
+    neighbour_size: np.ndarray | None  # [M]
+    max_degree: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.own_degree.shape[0]
+
+
+def _metropolis(p: _Pairs) -> tuple[np.ndarray, np.ndarray]:
+    w = 1.0 / (1.0 + np.maximum(p.own_degree[p.row], p.neighbour_degree))
+    return w, 1.0 - np.bincount(p.row, weights=w, minlength=p.num_rows)
+
+
+def _max_degree(p: _Pairs) -> tuple[np.ndarray, np.ndarray]:
+    return np.full(p.row.shape[0], 1.0 / (1.0 + p.max_degree)), 1.0 - p.own_degree / (1.0 + p.max_degree)
+
+
+def _uniform(p: _Pairs) -> tuple[np.ndarray, np.ndarray]:
+    return 1.0 / (1.0 + p.own_degree[p.row]), 1.0 / (1.0 + p.own_degree)
+
+
+def _data_size(p: _Pairs) -> tuple[np.ndarray, np.ndarray]:
+    assert p.own_size is not None and p.neighbour_size is not None  # checked by the callers
+    total = p.own_size + np.bincount(p.row, weights=p.neighbour_size, minlength=p.num_rows)
+    return p.neighbour_size / total[p.row], p.own_size / total
+
+
+#: consensus.weights name -> (W_nm per pair, W_nn per row): the table above, once.
+_RULES = {"metropolis": _metropolis, "max-degree": _max_degree, "uniform": _uniform, "data-size": _data_size}
+
+
 def _row_formula(
     rule: str,
     row: np.ndarray,
@@ -64,34 +104,30 @@ def _row_formula(
     neighbour_size: np.ndarray | None,
     max_degree: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The table above, once. Returns (W_nm per pair, W_nn per row).
+    """Returns (W_nm per pair, W_nn per row) by ``rule``.
 
     ``row`` [M] indexes the receiving device of each (n, m) pair into the per-row arrays
     ``own_degree`` / ``own_size`` [R]; ``neighbour_*`` [M] describe m as n sees it.
     """
-    num_rows = own_degree.shape[0]
-    if rule == "metropolis":
-        w = 1.0 / (1.0 + np.maximum(own_degree[row], neighbour_degree))
-        self_w = 1.0 - np.bincount(row, weights=w, minlength=num_rows)
-    elif rule == "max-degree":
-        w = np.full(row.shape[0], 1.0 / (1.0 + max_degree))
-        self_w = 1.0 - own_degree / (1.0 + max_degree)
-    elif rule == "uniform":
-        w = 1.0 / (1.0 + own_degree[row])
-        self_w = 1.0 / (1.0 + own_degree)
-    elif rule == "data-size":
-        assert own_size is not None and neighbour_size is not None  # checked by the callers
-        total = own_size + np.bincount(row, weights=neighbour_size, minlength=num_rows)
-        w = neighbour_size / total[row]
-        self_w = own_size / total
-    else:  # pragma: no cover - callers validate the name with choose()
-        raise AssertionError(rule)
-    return w.astype(np.float64), np.asarray(self_w, dtype=np.float64)
+    w, self_w = _RULES[rule](_Pairs(row, own_degree, neighbour_degree, own_size, neighbour_size, max_degree))
+    return np.asarray(w, dtype=np.float64), np.asarray(self_w, dtype=np.float64)
 
 
 def _check_sizes(sizes: np.ndarray, what: str) -> None:
     if sizes.size and not (np.all(np.isfinite(sizes)) and np.all(sizes > 0)):
         raise P2PLError(f"{what} must all be positive (every device needs local data), got {sizes.min()}")
+
+
+def bounded_claims(own: np.ndarray, claimed: np.ndarray, max_ratio: float) -> np.ndarray:
+    """A neighbour's claimed data size as a receiver counts it: within [own / r, own * r].
+
+    A size is a neighbour's word, never checkable: bounding it relative to the receiver's own
+    size means no single neighbour can take over a row of W (2^52) or vanish from it (0) by lying.
+    Non-finite claims count as the receiver's own size."""
+    own = np.asarray(own, dtype=np.float64)
+    claimed = np.asarray(claimed, dtype=np.float64)
+    claimed = np.where(np.isfinite(claimed), claimed, own)
+    return np.clip(claimed, own / max_ratio, own * max_ratio)
 
 
 def _undirected_edges(num_devices: int, edges: np.ndarray) -> np.ndarray:
@@ -110,9 +146,17 @@ def _undirected_edges(num_devices: int, edges: np.ndarray) -> np.ndarray:
 
 
 def mixing_weights(
-    num_devices: int, edges: np.ndarray, rule: str, data_sizes: np.ndarray | None = None
+    num_devices: int,
+    edges: np.ndarray,
+    rule: str,
+    data_sizes: np.ndarray | None = None,
+    claimed_sizes: np.ndarray | None = None,
+    max_size_ratio: float = math.inf,
 ) -> MixingWeights:
-    """W for the live undirected links ``edges`` (int64 [E, 2]); isolated devices keep W_nn = 1."""
+    """W for the live undirected links ``edges`` (int64 [E, 2]); isolated devices keep W_nn = 1.
+
+    ``claimed_sizes`` are the sizes devices announce (default: the true ``data_sizes``); each
+    receiver bounds a neighbour's claim by :func:`bounded_claims`."""
     rule = choose("consensus weight rule (consensus.weights)", rule, WEIGHT_RULES)
     if num_devices < 1:
         raise P2PLError(f"devices must be a positive integer, got {num_devices}")
@@ -134,15 +178,11 @@ def mixing_weights(
             raise P2PLError(f"data_sizes has {sizes.shape[0]} entries for {num_devices} devices")
         _check_sizes(sizes, "data sizes")
 
-    weight, self_weight = _row_formula(
-        rule,
-        dst,
-        degree,
-        degree[src],
-        sizes,
-        None if sizes is None else sizes[src],
-        max_degree,
-    )
+    neighbour_sizes = None
+    if sizes is not None:
+        claims = sizes if claimed_sizes is None else np.asarray(claimed_sizes, dtype=np.float64).reshape(-1)
+        neighbour_sizes = bounded_claims(sizes[dst], claims[src], max_size_ratio)
+    weight, self_weight = _row_formula(rule, dst, degree, degree[src], sizes, neighbour_sizes, max_degree)
     return MixingWeights(num_devices, dst, src, weight, self_weight)
 
 
@@ -155,6 +195,7 @@ def row_weights(
     own_size: float | None = None,
     neighbour_sizes: Sequence[float] | None = None,
     max_degree: int | None = None,
+    max_size_ratio: float = math.inf,
 ) -> tuple[float, dict[int, float]]:
     """One device's row of W from local knowledge: ``(W_nn, {m: W_nm})``.
 
@@ -182,7 +223,9 @@ def row_weights(
         nbr_sizes = np.asarray(list(neighbour_sizes), dtype=np.float64).reshape(-1)
         if nbr_sizes.shape[0] != ids.shape[0]:
             raise P2PLError(f"device {own_id}: {nbr_sizes.shape[0]} sizes for {ids.shape[0]} neighbours")
-        _check_sizes(np.concatenate([own_sizes, nbr_sizes]), f"device {own_id}: data sizes")
+        _check_sizes(own_sizes, f"device {own_id}: data size")
+        nbr_sizes = bounded_claims(np.full(nbr_sizes.shape, own_size), nbr_sizes, max_size_ratio)
+        _check_sizes(nbr_sizes, f"device {own_id}: neighbour data sizes")
     if rule != "metropolis":
         degs = np.zeros(ids.shape[0], dtype=np.int64)  # unused by the other rules
 

@@ -54,6 +54,8 @@ __all__ = [
 
 CA_KEY_NAME = "ca.key"
 CA_CERT_NAME = "ca.crt"
+#: Device ids this CA has issued, one a line: TLS host names ignore case, so ids must not clash.
+ISSUED_NAME = "issued.txt"
 DEVICE_ID_PATTERN = r"[A-Za-z0-9_.-]{1,64}"
 _DEVICE_ID_RE = re.compile(rf"\A{DEVICE_ID_PATTERN}\Z")
 _HOSTNAME_RE = re.compile(r"\A[A-Za-z0-9_.-]{1,253}\Z")
@@ -135,7 +137,9 @@ def _read(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise P2PLError(f"{what} not found at {path}; create it with 'p2pl certs' first") from None
+        raise P2PLError(
+            f"{what} not found at {path}; create it with 'p2pl certs init' and 'p2pl certs issue DEVICE' first"
+        ) from None
     except OSError as exc:
         raise P2PLError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
@@ -153,7 +157,7 @@ def _load_key(path: Path, what: str) -> ec.EllipticCurvePrivateKey:
     except (ValueError, TypeError):
         raise P2PLError(f"{what} {path} is not an unencrypted PEM private key; regenerate it") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise P2PLError(f"{what} {path} is not an EC key; regenerate it with p2pl")
+        raise P2PLError(f"{what} {path} is not an EC key; regenerate it with 'p2pl certs'")
     return key
 
 
@@ -197,7 +201,10 @@ def init_ca(directory: Path, name: str = "p2pl-ca", days: int = DEFAULT_CA_DAYS,
         raise P2PLError(f"bad CA name {name!r}: use 1-64 characters")
     key_path, cert_path = directory / CA_KEY_NAME, directory / CA_CERT_NAME
     if not force and (key_path.exists() or cert_path.exists()):
-        raise P2PLError(f"a CA already exists in {directory}; pass force=True (--force) to replace it")
+        raise P2PLError(
+            f"a CA already exists in {directory}; add --force to 'p2pl certs init' to replace it "
+            "(certificates it issued stop working)"
+        )
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = _now()
@@ -230,15 +237,29 @@ def init_ca(directory: Path, name: str = "p2pl-ca", days: int = DEFAULT_CA_DAYS,
     try:
         _atomic_write(key_path, _key_pem(key), 0o600)
         _atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        _atomic_write(directory / ISSUED_NAME, b"", 0o644)  # a new CA has issued nothing yet
     except OSError as exc:
         raise P2PLError(f"cannot write the CA into {directory}: {exc.strerror or exc}") from None
     return CertPaths(key=key_path, cert=cert_path, ca_cert=cert_path)
 
 
+def _issued(ca_dir: Path) -> list[str]:
+    """Ids this CA issued (an older CA without the list: none recorded)."""
+    try:
+        return [line for line in (ca_dir / ISSUED_NAME).read_text(encoding="utf-8").splitlines() if line]
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError) as exc:
+        raise P2PLError(f"cannot read {ca_dir / ISSUED_NAME}: {exc}") from None
+
+
 def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     ca_dir = Path(ca_dir)
     if not (ca_dir / CA_KEY_NAME).exists() or not (ca_dir / CA_CERT_NAME).exists():
-        raise P2PLError(f"no CA in {ca_dir} (need {CA_KEY_NAME} and {CA_CERT_NAME}); run init_ca first")
+        raise P2PLError(
+            f"no CA in {ca_dir} (need {CA_KEY_NAME} and {CA_CERT_NAME}); create one with "
+            f"'p2pl certs init --dir {ca_dir}' or point --ca at an existing one"
+        )
     cert = _load_cert(ca_dir / CA_CERT_NAME, "CA certificate")
     key = _load_key(ca_dir / CA_KEY_NAME, "CA key")
     if _spki(cert.public_key()) != _spki(key.public_key()):
@@ -287,6 +308,13 @@ def issue_device_cert(
     if isinstance(hosts, str):
         hosts = [hosts]
     ca_cert, ca_key = _load_ca(Path(ca_dir))
+    issued = _issued(Path(ca_dir))
+    clash = [d for d in issued if d.lower() == device_id.lower() and d != device_id]
+    if clash:
+        raise P2PLError(
+            f"device id {device_id!r} differs only in case from {clash[0]!r}, which this CA already issued; "
+            "TLS host names ignore case, so choose another id"
+        )
     out_dir = Path(out_dir)
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
@@ -334,6 +362,9 @@ def issue_device_cert(
         src = Path(ca_dir) / CA_CERT_NAME
         if not ca_copy.exists() or not ca_copy.samefile(src):
             _atomic_write(ca_copy, src.read_bytes(), 0o644)
+        if device_id not in issued:
+            text = "".join(f"{d}\n" for d in [*issued, device_id])
+            _atomic_write(Path(ca_dir) / ISSUED_NAME, text.encode(), 0o644)
     except OSError as exc:
         raise P2PLError(f"cannot write the certificate for {device_id} into {out_dir}: {exc}") from None
     return CertPaths(key=key_path, cert=cert_path, ca_cert=ca_copy)

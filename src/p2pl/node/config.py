@@ -41,7 +41,18 @@ from typing import Any
 
 import tomli_w
 
-from p2pl.config import SYNC_MODES, AdversaryConfig, ConsensusConfig, ModelConfig, TrainingConfig, _from_dict, read_toml
+from p2pl import config as experiment_config
+from p2pl.config import (
+    ATTACKS,
+    NODE_ATTACKS,
+    SYNC_MODES,
+    AdversaryConfig,
+    ConsensusConfig,
+    ModelConfig,
+    TrainingConfig,
+    _from_dict,
+    read_toml,
+)
 from p2pl.errors import P2PLError, choose
 from p2pl.node.certs import check_device_id
 
@@ -97,6 +108,11 @@ class NodeNetworkConfig:
     max_degree: int = 0  # max-degree weights: the graph's max degree (0: own degree)
     backoff_max: float = 5.0  # longest pause before an unreachable neighbour is tried again
     max_rounds_ahead: int = 8  # buffer at most this many rounds of a faster neighbour
+    devices: int = 0  # size of the whole network (launch fills it): bounds claimed indices and degrees
+    max_missed_rounds: int = 2  # stop waiting for a neighbour silent this many rounds (or sync steps), until it speaks
+    # A trained or mixed row whose L2 norm exceeds this many times the row before it (or 1) is
+    # rolled back: non-finite values and exploded parameters never leave a node.
+    throttle_mbps: float = 0.0  # pace every send at this rate per link (emulates a slow radio); 0: off
 
 
 @dataclass
@@ -132,6 +148,7 @@ class NodeConfig:
     rounds: int = 10
     seed: int = 0
     threads: int = 1  # torch CPU threads of this process
+    device: str = "auto"  # where this node trains and evaluates: auto (cuda if present) | cpu | cuda
     listen: str = "127.0.0.1:0"
     dir: str = "."  # output directory of this node
     checkpoint_every: int = 1  # rounds between checkpoints (0: never; resuming needs them)
@@ -161,6 +178,7 @@ class NodeConfig:
             "eval.test_batch": self.eval.test_batch,
             "sync.patience": self.sync.patience,
             "network.max_rounds_ahead": self.network.max_rounds_ahead,
+            "network.max_missed_rounds": self.network.max_missed_rounds,
         }.items():
             if value <= 0:
                 raise P2PLError(f"node config: {key} must be a positive integer, got {value}")
@@ -169,6 +187,8 @@ class NodeConfig:
             "checkpoint_every": self.checkpoint_every,
             "sync.max_steps": self.sync.max_steps,
             "network.max_degree": self.network.max_degree,
+            "network.devices": self.network.devices,
+            "network.throttle_mbps": self.network.throttle_mbps,
         }.items():
             if num < 0:
                 raise P2PLError(f"node config: {key} must be >= 0, got {num}")
@@ -182,10 +202,13 @@ class NodeConfig:
         }.items():
             if not sec > 0:
                 raise P2PLError(f"node config: {key} must be > 0, got {sec}")
+        choose("device", self.device, experiment_config.DEVICES)
         self.training.validate()
         self.consensus.validate()
-        self.adversary.validate()
+        self.adversary.validate(ATTACKS + NODE_ATTACKS)
         choose("sync.mode", self.sync.mode, SYNC_MODES)
+        if self.network.devices and not self.index < self.network.devices:
+            raise P2PLError(f"node config: index {self.index} is outside network.devices = {self.network.devices}")
         if not self.data.train or not self.data.test:
             raise P2PLError("node config: [data] needs train and test .npz files (p2pl launch writes them)")
         _check_address(self.listen, "listen")
@@ -198,7 +221,9 @@ class NodeConfig:
                 raise P2PLError(f"node config: peers[{i}].index must be the peer's device index >= 0")
             if peer.id == self.id or peer.index == self.index:
                 raise P2PLError(f"node config: peers[{i}] is this node itself; list only neighbours")
-            if peer.id in ids or peer.index in indices:
+            if peer.id.lower() == self.id.lower():
+                raise P2PLError(f"node config: peers[{i}] id {peer.id!r} differs from this node's only in case")
+            if peer.id.lower() in {p.lower() for p in ids} or peer.index in indices:
                 raise P2PLError(f"node config: peer {peer.id!r} (index {peer.index}) is listed twice")
             ids.add(peer.id)
             indices.add(peer.index)

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import math
 import os
 import signal
 import socket
@@ -45,6 +47,8 @@ from p2pl.core.consensus import consensus_distance
 from p2pl.errors import P2PLError
 from p2pl.metrics import History
 from p2pl.node import certs, checkpoint
+from p2pl.node.adversary import NETWORK_ATTACKS, ROW_ATTACKS
+from p2pl.node.checkpoint import NodeCheckpoint
 from p2pl.node.runtime import read_status
 
 __all__ = ["LaunchPlan", "Launcher", "check_launchable", "device_ids", "free_ports", "prepare_launch"]
@@ -71,6 +75,13 @@ def check_launchable(cfg: ExperimentConfig) -> None:
         )
     if cfg.devices < 2:
         raise P2PLError(f"p2pl launch needs at least 2 devices, got {cfg.devices}")
+    attack = cfg.adversary.attack
+    playable = [*NETWORK_ATTACKS, *ROW_ATTACKS, "label-flip"]
+    if attack != "none" and attack not in playable:
+        raise P2PLError(
+            f"adversary.attack = {attack!r} needs the rows a device hears before it sends and runs in the "
+            f"simulator only; p2pl launch plays {', '.join(playable)}"
+        )
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
@@ -98,6 +109,7 @@ class LaunchPlan:
     data_sizes: np.ndarray
     histograms: np.ndarray
     edges: np.ndarray
+    honest: np.ndarray  # bool [N]: devices that are not attackers
     topology: str
     dataset: str
     num_params: int
@@ -152,6 +164,7 @@ def prepare_launch(
         neighbours[u].append(v)
         neighbours[v].append(u)
     max_degree = max((len(nb) for nb in neighbours), default=0)
+    honest = exp.honest()
 
     atomic.write_text(out / "config.toml", dumps_config(cfg))
     ds = exp.dataset
@@ -164,11 +177,13 @@ def prepare_launch(
     certs.init_ca(pki, name=f"p2pl-launch-{out.name}"[:64], force=True)
 
     if cfg.sync.steps > 0:
-        sync = {"enabled": cfg.sync.enabled, "max_steps": cfg.sync.steps, "patience": cfg.sync.steps}
+        sync = {"enabled": cfg.sync.enabled, "mode": cfg.sync.mode, "max_steps": cfg.sync.steps,
+                "patience": cfg.sync.steps}  # fmt: skip
     else:
         # Unchanged for diameter steps means the flood has covered the whole component.
-        sync = {"enabled": cfg.sync.enabled, "max_steps": 0, "patience": max(1, _diameter(edges, n))}
-    net = {"max_degree": max_degree, "start_timeout": 60.0 + 2.0 * n}
+        sync = {"enabled": cfg.sync.enabled, "mode": cfg.sync.mode, "max_steps": 0,
+                "patience": max(1, _diameter(edges, n))}  # fmt: skip
+    net = {"max_degree": max_degree, "start_timeout": 60.0 + 2.0 * n, "devices": n}
     net |= dict(network or {})
     node_dirs, configs = [], []
     for i in range(n):
@@ -197,6 +212,9 @@ def prepare_launch(
             "eval": {"every": cfg.eval.every, "test_batch": cfg.eval.test_batch},
             "peers": [{"id": ids[j], "index": j, "address": f"{host}:{ports[j]}"} for j in sorted(neighbours[i])],
         }
+        if not honest[i] and (cfg.adversary.attack in NETWORK_ATTACKS or cfg.adversary.attack in ROW_ATTACKS):
+            # label-flip needs nothing here: the attacker's data file already holds flipped labels.
+            node["adversary"] = {"attack": cfg.adversary.attack, "scale": cfg.adversary.scale}
         if node_extra and i in node_extra:
             _merge(node, node_extra[i])
         path = node_dir / "node.toml"
@@ -213,6 +231,7 @@ def prepare_launch(
         data_sizes=exp.setting.data_sizes,
         histograms=exp.label_histograms(),
         edges=edges,
+        honest=honest,
         topology=exp.topology.name,
         dataset=ds.name,
         num_params=exp.spec.total,
@@ -316,10 +335,10 @@ class Launcher:
         sts = [s for s in self.statuses() if s is not None]
         if len(sts) < self.plan.num_devices:
             return 0, {}
-        rounds = [int(s.get("round", 0)) for s in sts]
-        accs = [float(s["accuracy"]) for s in sts if s.get("accuracy") is not None]
+        rounds = [_number(s.get("round"), 0.0) for s in sts]
+        accs = [a for s in sts if (a := _number(s.get("accuracy"), math.nan)) == a]
         metrics = {"acc_mean": float(np.mean(accs)), "acc_min": float(np.min(accs))} if accs else {}
-        return min(rounds), metrics
+        return int(min(rounds)), metrics
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop every process this launcher started: SIGTERM, then SIGKILL after ``grace`` seconds."""
@@ -348,37 +367,82 @@ class Launcher:
         return collect_results(self.plan, self.wall_time_s, self.exit_codes)
 
 
+def _attack_of(config: Path) -> str:
+    """The attack a node config plays ("none" if it cannot be read: the node is reported anyway)."""
+    from p2pl.config import read_toml
+
+    try:
+        section = read_toml(config).get("adversary") or {}
+    except P2PLError:
+        return "none"
+    return str(section.get("attack", "none")) if isinstance(section, dict) else "none"
+
+
+def _number(value: object, default: float) -> float:
+    """A number from a node's status file, or ``default`` (status files are only progress hints)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return default
+
+
+def _device_state(plan: LaunchPlan, i: int, exit_codes: Mapping[int, int]) -> tuple[NodeCheckpoint | None, str]:
+    """Device ``i``'s checkpoint (None if it has none that can be trusted) and its status:
+    ``done``, ``incomplete`` (stopped early), ``failed`` (exited with an error), ``missing`` (no
+    checkpoint: never got going) or ``corrupt`` (its checkpoint is refused)."""
+    try:
+        ckpt = checkpoint.load(plan.node_dirs[i], plan.num_params)
+    except P2PLError as err:
+        logging.getLogger(__name__).warning("collect: %s", err)
+        return None, "corrupt"
+    if ckpt is None:
+        return None, "missing"
+    if exit_codes.get(i, 0) != 0:
+        return ckpt, "failed"
+    return ckpt, "done" if len(ckpt.history.round_time_s) >= plan.cfg.rounds else "incomplete"
+
+
 def collect_results(
     plan: LaunchPlan, wall_time_s: float = 0.0, exit_codes: Mapping[int, int] | None = None
 ) -> dict[str, Any]:
     """Write ``metrics.csv``, ``rounds.csv``, ``devices.csv`` and ``summary.json`` from the nodes'
-    checkpoints (full-precision histories), in the simulator's format; returns the summary."""
+    checkpoints (full-precision histories), in the simulator's format; returns the summary.
+
+    Every device is reported, whatever became of it: ``devices.csv`` has a ``status`` column and
+    ``summary.json`` lists ``devices_missing`` (every device whose status is not ``done``). A
+    device without a (trustworthy) checkpoint has NaN accuracy and loss; run-level numbers of a
+    round are over the devices that reached it, up to the last round any device finished.
+    """
     from p2pl.results import write_results
 
     cfg, n = plan.cfg, plan.num_devices
-    ckpts = [checkpoint.load(d, plan.num_params) for d in plan.node_dirs]
-    missing = [plan.ids[i] for i, c in enumerate(ckpts) if c is None]
-    if missing:
-        raise P2PLError(f"no checkpoint from {', '.join(missing)}: those nodes never got going; see their node.log")
+    states = [_device_state(plan, i, exit_codes or {}) for i in range(n)]
+    ckpts = [c for c, _ in states]
+    status = [s for _, s in states]
     done = [c for c in ckpts if c is not None]
-    rounds_done = min(len(c.history.round_time_s) for c in done)
-    evals = sorted(set.intersection(*(set(c.history.eval_rounds) for c in done)))
+    if not done:
+        raise P2PLError("no node left a readable checkpoint: none of them got going; see nodes/*/node.log")
+    rounds_done = max(len(c.history.round_time_s) for c in done)
+    nan = float("nan")
     h = History()
-    for r in evals:
-        pos = [c.history.eval_rounds.index(r) for c in done]
+    for r in sorted(set().union(*(c.history.eval_rounds for c in done))):
+        at = [c.history.eval_rounds.index(r) if c is not None and r in c.history.eval_rounds else -1 for c in ckpts]
         h.eval_rounds.append(r)
-        h.accuracy.append(np.array([c.history.accuracy[p] for c, p in zip(done, pos, strict=True)]))
-        h.loss.append(np.array([c.history.loss[p] for c, p in zip(done, pos, strict=True)]))
+        h.accuracy.append(np.array([c.history.accuracy[p] if c is not None and p >= 0 else nan
+                                    for c, p in zip(ckpts, at, strict=True)]))  # fmt: skip
+        h.loss.append(np.array([c.history.loss[p] if c is not None and p >= 0 else nan
+                                for c, p in zip(ckpts, at, strict=True)]))  # fmt: skip
     final = torch.stack([c.params for c in done])
     for k in range(rounds_done):
-        last = k == rounds_done - 1
+        there = [c for c in done if len(c.history.round_time_s) > k]
         # Only the final parameters are kept, so only the last round's distance is known.
-        h.consensus_distance.append(consensus_distance(final) if last else float("nan"))
-        h.bytes_sent.append(np.array([c.history.bytes_sent[k] for c in done], dtype=np.int64))
-        h.train_loss.append(np.array([c.history.train_loss[k] for c in done], dtype=np.float64))
-        h.live_links.append(sum(len(c.history.mixed[k]) for c in done) // 2)
-        h.active_devices.append(n)
-        h.round_time_s.append(max(c.history.round_time_s[k] for c in done))
+        h.consensus_distance.append(consensus_distance(final) if k == rounds_done - 1 else nan)
+        h.bytes_sent.append(np.array([c.history.bytes_sent[k] if c is not None and len(c.history.bytes_sent) > k
+                                      else 0 for c in ckpts], dtype=np.int64))  # fmt: skip
+        h.train_loss.append(np.array([c.history.train_loss[k] if c is not None and len(c.history.train_loss) > k
+                                      else nan for c in ckpts], dtype=np.float64))  # fmt: skip
+        h.live_links.append(sum(len(c.history.mixed[k]) for c in there) // 2)
+        h.active_devices.append(len(there))
+        h.round_time_s.append(max(c.history.round_time_s[k] for c in there))
     syncs = [c.meta.get("sync") or {} for c in done]
     failed = sorted(plan.ids[i] for i, rc in (exit_codes or {}).items() if rc != 0)
     facts: dict[str, Any] = {
@@ -396,10 +460,15 @@ def collect_results(
         "edges": len(plan.edges),
         "weights": cfg.consensus.weights,
         "sync": bool(cfg.sync.enabled),
+        "sync_mode": cfg.sync.mode,
         "sync_steps": max((int(s.get("steps", 0)) for s in syncs), default=0),
         "sync_bytes_per_device": float(np.mean([int(c.meta.get("sync_bytes", 0)) for c in done])),
         "wall_time_s": float(wall_time_s),
         "failed_devices": failed,
+        "devices_missing": {plan.ids[i]: s for i, s in enumerate(status) if s != "done"},
         "sync_owners": sorted({str(s.get("owner")) for s in syncs if s}),
     }
-    return write_results(plan.out_dir, h, facts, plan.data_sizes, plan.histograms)
+    honest = plan.honest.copy()
+    for i in range(n):
+        honest[i] &= _attack_of(plan.configs[i]) == "none"  # node_extra may add attackers too
+    return write_results(plan.out_dir, h, facts, plan.data_sizes, plan.histograms, honest, status)

@@ -1,24 +1,28 @@
 """The ``p2pl node`` runtime: one device of P2PL in one process, talking to its neighbours over gRPC.
 
-The math is the simulator's, run over a batch of one (DESIGN.md section 4): the device's own
+The math is the simulator's, run over a batch of one: the device's own
 init (``core.params.init_device_params`` keyed by its global index), local epochs with
 ``core.train.VectorizedTrainer`` over its own samples (the shuffle keys depend only on the seed,
 round, epoch, device index and sample position, so a node holding only its data walks the
 simulator's batches), its row of W from ``graph.weights.row_weights``, and the mix as a
-``core.consensus.MixingOperator`` over [self; neighbours]. With no faults a node's parameters
+``core.cooperate.gossip`` over [self; neighbours]: the simulator's cooperation pipeline for one
+row (aggregation rule, safety net, affinity blend). With no faults a node's parameters
 equal the simulator's device row up to float rounding.
 
 What the network adds, with no coordinator anywhere:
 
 * **Start-up.** The node serves first, then says ``hello`` (a Fetch) to each neighbour until it
   answers or ``network.start_timeout`` passes; the reply carries the neighbour's current round.
-* **Max norm synchronization.** Each step it floods its best ``(norm, owner)`` pair to its
-  neighbours (``sync-norm``, round 0, step s) and adopts the best it hears (larger norm, ties to
-  the lower device index -- ``core.sync``'s rule). When the pair has not changed for
-  ``sync.patience`` steps it announces its final pair (step SYNC_DONE_STEP, so slower neighbours
-  need not wait for steps it will never send) and fetches the winner's parameters once from a
-  neighbour that reported the pair. Every node serves the parameters it holds on Fetch, so the
-  winner's parameters travel hop by hop; a served payload must have the announced norm.
+* **Max norm synchronization.** Each step it floods its best claim ``(norm, owner, owner_index)``
+  to its neighbours (``sync-norm``, round 0, step s) and adopts the best it hears (larger norm,
+  ties to the lower device index -- ``core.sync``'s rule). When the claim has not changed for
+  ``sync.patience`` steps it announces its final claim (step SYNC_DONE_STEP, so slower neighbours
+  need not wait for steps it will never send). ``sync.mode = "verified"`` (the default): every
+  device's init is a public function of (seed, device index), so each claim is checked by
+  recomputing the owner's init (once per index) and a false one is ignored and logged; at the end
+  the node adopts the owner's init computed locally -- no parameters travel at all.
+  ``sync.mode = "flood"`` is the paper's form: the node fetches the winner's parameters from a
+  neighbour that reported the claim, and a served payload must have the announced norm.
 * **Rounds.** Train, send the parameters (``params``, round k, consensus step c) to every
   neighbour, wait until each neighbour that accepted ours has answered or the deadline passes,
   then mix with those that arrived: the row of W is recomputed over the live neighbours, so a
@@ -26,26 +30,35 @@ What the network adds, with no coordinator anywhere:
   (stale round) and duplicates cannot replace what was accepted.
 * **Faults.** An unreachable neighbour is skipped with exponential backoff (PeerClient) and
   mixed in again as soon as it answers. While waiting, a silent neighbour is probed with
-  ``hello``: one that is down, or already past this round, is not waited for. A checkpoint is
-  written atomically after every round; a restarted node resumes from it, tells its neighbours
-  (``hello`` resets their backoff) and catches up: neighbours that are ahead reject its
-  stale-round messages, so it does not wait for them and trains through the missed rounds fast.
+  ``hello``: one that is down, or says it is already past this round, is not waited for; one that
+  sent nothing for ``network.max_missed_rounds`` rounds is not waited for until it speaks again.
+  A checkpoint is written atomically after every round; a restarted node resumes from it, tells
+  its neighbours (``hello`` resets their backoff) and catches up to the round a strict majority
+  of its answering neighbours report (never past the last round; see :func:`resume_target`).
+* **Insiders.** A neighbour with a valid certificate may lie. What can be checked is checked
+  (sync claims; message sizes, tensor names and shapes before decoding; the sender before the
+  payload); what cannot is bounded (degree and data size in the header; the mailbox per sender;
+  a claimed round only stops a wait). A non-finite or exploding result of training or mixing is
+  rolled back and the neighbours involved are dropped for the round; the node never crashes on
+  what a neighbour says.
 * **Security.** Mutual TLS with the run's CA; every message is validated by the transport
   (``wire.decode``) before the runtime sees it; rejections are logged to ``node.log``.
 
 Files in the node's directory: ``node.log``, ``status.json`` (state and round, rewritten
 atomically after each round), ``metrics.csv`` (round, device, accuracy, loss),
-``checkpoint.safetensors``.
+``checkpoint.safetensors``, ``node.lock`` (held while the node runs: one node per directory).
 """
 
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -56,14 +69,16 @@ import numpy as np
 import torch
 
 from p2pl import atomic
-from p2pl.core.consensus import MixingOperator
+from p2pl.algorithms.base import gossip_stages
+from p2pl.core.cooperate import Cooperation, Gossip, finish, gossip, one_row, unsound_rows
+from p2pl.core.device import resolve_device
 from p2pl.core.evaluate import evaluate
 from p2pl.core.params import ParamSpec, init_device_params
 from p2pl.core.schedule import Partition
 from p2pl.core.train import VectorizedTrainer
 from p2pl.data.base import Dataset
 from p2pl.errors import P2PLError
-from p2pl.graph.weights import MixingWeights, row_weights
+from p2pl.graph.weights import row_weights
 from p2pl.models import build_model
 from p2pl.node import checkpoint, wire
 from p2pl.node.certs import TlsConfig, load_tls_config
@@ -74,18 +89,20 @@ from p2pl.node.transport import PeerClient, PeerServer
 
 __all__ = [
     "SYNC_DONE_STEP",
+    "Claim",
     "NodeRuntime",
     "SyncOutcome",
     "load_node_data",
     "mix_row",
+    "resume_target",
     "run_node",
 ]
 
 log = logging.getLogger(__name__)
 
-#: Step number of a node's final max-norm announcement ("my pair will not change any more").
-SYNC_DONE_STEP = 2**31
+SYNC_DONE_STEP = wire.SYNC_DONE_STEP
 STATUS = "status.json"
+LOCK = "node.lock"
 METRICS = "metrics.csv"
 LOG = "node.log"
 _PROBE_AFTER_S = 2.0  # wait this long for a neighbour before asking whether it is still there
@@ -126,22 +143,17 @@ def load_node_data(cfg: NodeConfig) -> Dataset:
 
 
 def mix_row(
-    own: torch.Tensor, neighbours: list[torch.Tensor], self_weight: float, weights: list[float]
+    own: torch.Tensor,
+    neighbours: list[torch.Tensor],
+    self_weight: float,
+    weights: list[float],
+    stage: Gossip | None = None,
 ) -> torch.Tensor:
-    """One consensus step of one device: ``W_nn θ_n + Σ_m W_nm θ_m`` as the simulator computes it
-    (a MixingOperator over the stack [self; neighbours], row 0)."""
-    if not neighbours:
-        return own * self_weight if self_weight != 1.0 else own.clone()
-    n = len(neighbours)
-    stack = torch.stack([own, *neighbours])
-    w = MixingWeights(
-        n + 1,
-        np.zeros(n, dtype=np.int64),
-        np.arange(1, n + 1, dtype=np.int64),
-        np.asarray(weights, dtype=np.float64),
-        np.asarray([self_weight] + [1.0] * n, dtype=np.float64),
-    )
-    return MixingOperator.of(w, "dense").apply(stack)[0]
+    """One consensus step of one device, by the simulator's own code (``core.cooperate.gossip``
+    over [its row] and the rows it heard; the weighted mean unless ``stage`` names a robust rule)."""
+    stage = stage or Gossip()
+    pool = torch.stack(neighbours) if neighbours else own.new_zeros(0, own.shape[-1])
+    return gossip(own.reshape(1, -1), pool, one_row(self_weight, weights), stage)[0]
 
 
 def _better(a: tuple[float, int], b: tuple[float, int]) -> bool:
@@ -161,13 +173,71 @@ class SyncOutcome:
 # --------------------------------------------------------------------------------------- runtime
 
 
+@dataclass(frozen=True)
+class Claim:
+    """A max-norm sync claim: "the best init I know is device ``index``'s, of L2 norm ``norm``"."""
+
+    norm: float
+    index: int
+    owner: str
+
+    def beats(self, other: Claim) -> bool:
+        return _better((self.norm, self.index), (other.norm, other.index))
+
+    def extras(self) -> dict[str, Any]:
+        return {"norm": self.norm, "owner": self.owner, "owner_index": self.index}
+
+
+@dataclass(frozen=True)
+class _Row:
+    """A neighbour's parameters and the metadata the weights use, bounded by :meth:`NodeRuntime._read_row`."""
+
+    flat: torch.Tensor
+    degree: int
+    data_size: float
+
+
+def _norm(x: torch.Tensor) -> float:
+    return float(x.double().norm())  # float64: a float32 norm of 3.4e38-sized values overflows
+
+
+def _lock_dir(directory: Path) -> int:
+    """Hold an exclusive lock on ``directory/node.lock`` for the life of the process, so two node
+    configs that point at one folder cannot overwrite each other's metrics and checkpoints."""
+    path = directory / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise P2PLError(
+            f"{directory} is in use by another running node ({path} is locked); give every node its own dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
 class NodeRuntime:
-    """One device: build with a validated :class:`NodeConfig`, then :meth:`run` (blocking)."""
+    """One device: build with a validated :class:`NodeConfig`, then :meth:`run` (blocking).
+
+    The methods named as hooks (:meth:`outgoing`, :meth:`sync_claim`, :meth:`hello_round`,
+    :meth:`params_extras`, :meth:`broadcast`) are the only places where what this node *says*
+    is decided; ``p2pl.node.adversary`` overrides them to play an attacker in tests.
+    """
 
     def __init__(self, cfg: NodeConfig, *, fresh: bool = False) -> None:
         self.cfg = cfg
         self.dir = Path(cfg.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd: int | None = _lock_dir(self.dir)
+        try:
+            self._setup(cfg, fresh)
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _setup(self, cfg: NodeConfig, fresh: bool) -> None:
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         self.data = load_node_data(cfg)
@@ -178,6 +248,11 @@ class NodeRuntime:
         self.trainer = VectorizedTrainer(
             self.model, self.spec, self.data.x_train, self.data.y_train, partition, cfg.training, cfg.seed
         )
+        # Training and evaluation run on ``device``; the row stays on the CPU for the network.
+        self.device = resolve_device(cfg.device)
+        self.x_test, self.y_test = self.data.x_test.to(self.device), self.data.y_test.to(self.device)
+        if self.device.type != "cpu":
+            self.trainer.to(self.device)
         self.peers: dict[str, str] = {p.id: p.address for p in cfg.peers}
         self.peer_index: dict[str, int] = {p.id: p.index for p in cfg.peers}
         self.data_size = len(self.data.y_train)
@@ -188,35 +263,80 @@ class NodeRuntime:
         if fresh:
             (self.dir / checkpoint.CHECKPOINT).unlink(missing_ok=True)
         self.round_now = 0  # read by the server threads (fetch handler, link filter)
-        self.mailbox = Mailbox(max_rounds_ahead=cfg.network.max_rounds_ahead, allowed_senders=self.peers)
+        # No message of this model can be larger, so neither gRPC nor the mailbox holds more.
+        limit = max(wire.PREFIX_SIZE + wire.MAX_HEADER_BYTES,
+                    min(cfg.network.max_message_bytes, self.wire_spec.max_message_bytes()))  # fmt: skip
+        # The cooperation a simulator would run for this device (one row of it).
+        self.cooperation = Cooperation(
+            gossip_stages(cfg.consensus), cfg.consensus.affinity, cfg.consensus.max_norm_ratio
+        )
+        self.mailbox = Mailbox(
+            max_rounds_ahead=cfg.network.max_rounds_ahead,
+            consensus_steps=cfg.consensus.steps,
+            sync_steps_ahead=cfg.network.max_rounds_ahead,
+            params_message_bytes=limit,
+            allowed_senders=self.peers,
+        )
         self.server = PeerServer(
             cfg.id,
             cfg.listen,
             self.tls,
             self.mailbox,
             self.wire_spec,
-            cfg.network.max_message_bytes,
+            limit,
             fetch_handler=self._on_fetch,
             insecure=cfg.tls.insecure,
         )
         self.client = PeerClient(
             cfg.id,
             self.tls,
-            cfg.network.max_message_bytes,
+            limit,
             insecure=cfg.tls.insecure,
             backoff_initial=min(0.25, cfg.network.backoff_max),
             backoff_max=cfg.network.backoff_max,
+            throttle_bps=cfg.network.throttle_mbps * 1e6,
         )
         self.client.set_link_filter(lambda peer: not cfg.link_cut(peer, self.round_now))
-        # (owner id, owner index, norm, flat params): the parameters this node serves on Fetch.
-        self._held: tuple[str, int, float, torch.Tensor] | None = None
+        # flood sync only: (claim, flat params) this node serves on a sync-fetch.
+        self._held: tuple[Claim, torch.Tensor] | None = None
+        self._init_norms: dict[int, float] = {}  # device index -> L2 norm of its public init
+        self._missed: dict[str, int] = dict.fromkeys(self.peers, 0)  # consecutive rounds without its params
+        self._skip_mark: dict[str, int] = {}  # its params_heard when it stopped being waited for
         self.params = torch.empty(0)
         self.history = NodeHistory()
         self.sync: SyncOutcome | None = None
-        self.sync_bytes = 0
+        self.sync_bytes = 0  # what this node sent for the sync: claims, and (flood) parameters it served
+        self._sync_served = 0  # bytes of sync-params replies served so far (server threads add to it)
+        self._served_lock = threading.Lock()
         self.state = "starting"
         self._log_handler: logging.Handler | None = None
         self._started = time.time()
+
+    # --------------------------------------------------------------------------- hooks
+
+    def outgoing(self, row: torch.Tensor, round_index: int, step: int) -> torch.Tensor:
+        """The parameters this node sends for consensus step ``step`` of ``round_index`` (the
+        honest node sends its own row; an attacker transforms it here)."""
+        return row
+
+    def sync_claim(self) -> Claim:
+        """This node's own max-norm claim: its public init's norm."""
+        return Claim(self.init_norm(self.cfg.index), self.cfg.index, self.cfg.id)
+
+    def hello_round(self) -> int:
+        """The round this node reports in ``hello`` replies."""
+        return self.round_now
+
+    def params_extras(self, loss: float) -> dict[str, Any]:
+        """Metadata sent with this node's parameters (the consensus weights use it)."""
+        extras: dict[str, Any] = {"data_size": self.data_size, "degree": max(1, len(self.peers))}
+        if math.isfinite(loss):
+            extras["loss"] = loss
+        return extras
+
+    def broadcast(self, targets: Mapping[str, str], message: bytes) -> dict[str, bool]:
+        """Send one message to ``{peer: address}``; ``{peer: acknowledged}``."""
+        return self.client.send_many(targets, message, timeout=self.cfg.network.send_timeout)
 
     # ------------------------------------------------------------------------ messages
 
@@ -231,10 +351,12 @@ class NodeRuntime:
         return self.spec.flatten(msg.tensors).to(torch.float32)
 
     def _hello(self) -> bytes:
-        return wire.encode(self._header("hello", self.round_now, 0, data_size=self.data_size, degree=len(self.peers)))
+        extras = {"data_size": self.data_size, "degree": max(1, len(self.peers))}
+        return wire.encode(self._header("hello", self.hello_round(), 0, **extras))
 
     def _on_fetch(self, req: wire.Message) -> bytes | None:
-        """Fetch handler (a gRPC server thread): ``hello`` and ``sync-fetch`` from neighbours only."""
+        """Fetch handler (a gRPC server thread): ``hello`` and ``sync-fetch`` from neighbours only.
+        A hello is answered, never stored: it cannot fill anything."""
         if req.sender not in self.peers or self.cfg.link_cut(req.sender, self.round_now):
             log.info("%s: ignored %s fetch from %s", self.cfg.id, req.kind, req.sender)
             return None
@@ -242,13 +364,16 @@ class NodeRuntime:
             # A neighbour says it is (back) up: stop skipping it, so it is mixed in again now.
             self.client.reset_backoff(req.sender)
             return self._hello()
-        if req.kind == "sync-fetch":
+        if req.kind == "sync-fetch" and self.cfg.sync.mode == "flood":
             held = self._held
-            if held is None or req.header.extras.get("owner") != held[0]:
+            if held is None or req.header.extras.get("owner") != held[0].owner:
                 return None  # not (yet) holding that owner's parameters: the caller retries
-            owner, owner_index, norm, flat = held
-            header = self._header("sync-params", 0, 0, owner=owner, owner_index=owner_index, norm=norm)
-            return wire.encode(header, self._tensors(flat))
+            header = self._header("sync-params", 0, 0, **held[0].extras())
+            reply = wire.encode(header, self._tensors(held[1]))
+            with self._served_lock:  # sync traffic, whenever it is served (often after our own sync)
+                self._sync_served += len(reply)
+                self.sync_bytes += len(reply)
+            return reply
         return None
 
     # ----------------------------------------------------------------------- lifecycle
@@ -263,6 +388,11 @@ class NodeRuntime:
             root.setLevel(logging.INFO)
         self._log_handler = handler
 
+    def _unlock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the flock
+
     def close(self) -> None:
         self.client.close()
         self.server.stop(0.5)
@@ -270,6 +400,7 @@ class NodeRuntime:
             logging.getLogger("p2pl").removeHandler(self._log_handler)
             self._log_handler.close()
             self._log_handler = None
+        self._unlock()
 
     def run(self) -> NodeHistory:
         """Start serving, synchronize (or resume), run every round; returns the history."""
@@ -278,7 +409,10 @@ class NodeRuntime:
             return self._run()
         except BaseException as exc:
             self.state = "stopped" if isinstance(exc, KeyboardInterrupt) else "failed"
-            log.error("%s: failed: %s", self.cfg.id, str(exc) or type(exc).__name__)
+            # A P2PLError is the caller's to report (the CLI prints it as its one line): here it
+            # goes to node.log and status.json only.
+            log.error("%s: failed: %s", self.cfg.id, str(exc) or type(exc).__name__,
+                      extra={"reported": isinstance(exc, P2PLError)})  # fmt: skip
             self._write_status(error=str(exc) or type(exc).__name__)
             raise
         finally:
@@ -303,8 +437,9 @@ class NodeRuntime:
         if ckpt is not None:
             start = self._resume(ckpt)
             log.info("%s resumed after round %d; neighbours at rounds %s", cfg.id, ckpt.round, peer_rounds)
-            if peer_rounds and min(peer_rounds.values()) > start:
-                start = self._skip_to(start, min(peer_rounds.values()))
+            target = resume_target(start, list(peer_rounds.values()), cfg.rounds)
+            if target > start:
+                start = self._skip_to(start, target)
         else:
             start = self._start()
         for k in range(start, cfg.rounds + 1):
@@ -323,7 +458,8 @@ class NodeRuntime:
         self.sync = SyncOutcome(**meta["sync"]) if meta.get("sync") else None
         self.sync_bytes = int(meta.get("sync_bytes", 0))
         if ckpt.sync_params is not None and self.sync is not None:
-            self._held = (self.sync.owner, self.sync.owner_index, self.sync.norm, ckpt.sync_params.clone())
+            claim = Claim(self.sync.norm, self.sync.owner_index, self.sync.owner)
+            self._held = (claim, ckpt.sync_params.clone())
         return ckpt.round + 1
 
     def _skip_to(self, start: int, target: int) -> int:
@@ -333,8 +469,8 @@ class NodeRuntime:
         log.info("%s: was absent in rounds %d-%d; joining the neighbours at round %d",
                  self.cfg.id, start, target - 1, target)  # fmt: skip
         h = self.history
-        for k in range(start, min(target, self.cfg.rounds + 1)):
-            if k % self.cfg.eval.every == 0 or k == self.cfg.rounds:
+        for k in range(start, target):
+            if k % self.cfg.eval.every == 0:
                 # The parameters did not change, so neither did the evaluation.
                 h.eval_rounds.append(k)
                 h.accuracy.append(h.accuracy[-1])
@@ -343,31 +479,41 @@ class NodeRuntime:
             h.bytes_sent.append(0)
             h.mixed.append([])
             h.round_time_s.append(0.0)
+            h.compute_s.append(0.0)
+            h.comm_s.append(0.0)
         self._checkpoint(target - 1)
         self._write_status()
         return target
 
     def _start(self) -> int:
         cfg = self.cfg
-        init = init_device_params(self.model, self.spec, cfg.seed, [cfg.index])
-        norm = float(init[0].double().norm())
-        self._held = (cfg.id, cfg.index, norm, init[0].clone())
+        init = self.init_of(cfg.index)
         if cfg.sync.enabled:
             self.state = "sync"
             self._write_status()
+            if cfg.sync.mode == "flood":
+                own = self.sync_claim()
+                self._held = (own, self._served_init(init))
             before = self._bytes_sent()
             self.sync = self._synchronize()
-            self.sync_bytes = self._bytes_sent() - before
-            assert self._held is not None
-            self.params = self._held[3].reshape(1, -1).clone()
-        else:
-            self.params = init.clone()
+            self.sync_bytes += self._bytes_sent() - before
+            if cfg.sync.mode == "flood":
+                assert self._held is not None
+                init = self._held[1]
+            else:
+                # Nothing travelled: the owner's init is a public function of (seed, index).
+                init = self.init_of(self.sync.owner_index)
+        self.params = init.reshape(1, -1).clone()
         acc, loss = self._evaluate()
         self.history.eval_rounds.append(0)
         self.history.accuracy.append(acc)
         self.history.loss.append(loss)
         self._checkpoint(0)
         return 1
+
+    def _served_init(self, init: torch.Tensor) -> torch.Tensor:
+        """Flood sync: the parameters this node serves for its own claim (an attacker's hook)."""
+        return init.clone()
 
     # -------------------------------------------------------------------------- start-up
 
@@ -392,29 +538,65 @@ class NodeRuntime:
 
     # ------------------------------------------------------------------ max norm sync
 
+    def init_of(self, index: int) -> torch.Tensor:
+        """Device ``index``'s initial parameters ``[P]``: a public function of (seed, index)."""
+        return init_device_params(self.model, self.spec, self.cfg.seed, [index])[0]
+
+    def init_norm(self, index: int) -> float:
+        """L2 norm of device ``index``'s init (computed once per index)."""
+        norm = self._init_norms.get(index)
+        if norm is None:
+            norm = self._init_norms[index] = _norm(self.init_of(index))
+        return norm
+
+    def _read_claim(self, peer: str, msg: wire.Message) -> Claim | None:
+        """A neighbour's sync claim, or None (logged) if it is malformed or, in verified mode, false."""
+        ex = msg.header.extras
+        if not {"norm", "owner", "owner_index"} <= set(ex):
+            log.warning("%s: sync message from %s lacks norm/owner; ignored", self.cfg.id, peer)
+            return None
+        claim = Claim(float(ex["norm"]), int(ex["owner_index"]), str(ex["owner"]))
+        if self.cfg.sync.mode == "flood":
+            return claim  # the paper's form: the norm is checked when the parameters arrive
+        devices = self.cfg.network.devices
+        known = {self.cfg.index: self.cfg.id, **{i: p for p, i in self.peer_index.items()}}
+        why = ""
+        if claim.index < 0 or (devices and claim.index >= devices):
+            why = f"device index {claim.index} is outside the network (0..{devices - 1})"
+        elif claim.index in known and known[claim.index] != claim.owner:
+            why = f"device {claim.index} is {known[claim.index]}, not {claim.owner}"
+        elif not math.isclose(claim.norm, self.init_norm(claim.index), rel_tol=1e-9, abs_tol=1e-12):
+            why = f"device {claim.index}'s init has norm {self.init_norm(claim.index):.9g}, not {claim.norm:.9g}"
+        if why:
+            log.warning("%s: false sync claim from %s ignored: %s", self.cfg.id, peer, why)
+            return None
+        return claim
+
     def _synchronize(self) -> SyncOutcome:
         cfg = self.cfg
-        assert self._held is not None
-        best_id, best_index, best_norm = self._held[0], self._held[1], self._held[2]
+        best = self.sync_claim()
         reporters: dict[str, list[str]] = {}  # owner -> neighbours that announced it (fetch sources)
         unchanged, last_change, step = 0, 0, 0
         while not (cfg.sync.max_steps and step >= cfg.sync.max_steps):
-            header = self._header("sync-norm", 0, step, norm=best_norm, owner=best_id, owner_index=best_index)
+            self.mailbox.set_sync_step(step)
             targets = self._targets(0)
-            self.client.send_many(targets, wire.encode(header), timeout=cfg.network.send_timeout)
-            waiting = {p for p in targets if not self.client.is_down(p)}
+            self.broadcast(targets, wire.encode(self._header("sync-norm", 0, step, **best.extras())))
+            waiting = {p for p in targets if not self.client.is_down(p) and not self._skipped(p)}
             deadline = time.monotonic() + cfg.sync.step_timeout
-            got = self.mailbox.wait_for_any("sync-norm", 0, [step, SYNC_DONE_STEP], waiting, deadline)
+            got = self.mailbox.wait_for_any("sync-norm", 0, [step, wire.SYNC_DONE_STEP], waiting, deadline)
+            self._count_missed(f"sync step {step}", targets, got)
             changed = False
             for peer in sorted(got):
-                ex = got[peer].header.extras
-                if not {"norm", "owner", "owner_index"} <= set(ex):
-                    log.warning("%s: sync message from %s lacks norm/owner; ignored", cfg.id, peer)
+                try:
+                    claim = self._read_claim(peer, got[peer])
+                except Exception as err:  # nothing a neighbour says may crash the node
+                    log.warning("%s: sync claim from %s ignored: %s", cfg.id, peer, err)
                     continue
-                reporters.setdefault(str(ex["owner"]), []).append(peer)
-                if _better((float(ex["norm"]), int(ex["owner_index"])), (best_norm, best_index)):
-                    best_norm, best_index, best_id = float(ex["norm"]), int(ex["owner_index"]), str(ex["owner"])
-                    changed = True
+                if claim is None:
+                    continue
+                reporters.setdefault(claim.owner, []).append(peer)
+                if claim.beats(best):
+                    best, changed = claim, True
             step += 1
             if changed:
                 unchanged, last_change = 0, step
@@ -422,34 +604,39 @@ class NodeRuntime:
                 unchanged += 1
             if unchanged >= cfg.sync.patience:
                 break
-        final = self._header("sync-norm", 0, SYNC_DONE_STEP, norm=best_norm, owner=best_id, owner_index=best_index)
-        self.client.send_many(self._targets(0), wire.encode(final), timeout=cfg.network.send_timeout)
-        adopted = best_id == cfg.id or self._fetch_winner(best_id, best_index, best_norm, reporters.get(best_id, []))
-        if not adopted:
-            best_id, best_index, best_norm = self._held[0], self._held[1], self._held[2]
-        log.info("%s: max norm sync done after %d steps: owner %s (norm %.6g)", cfg.id, step, best_id, best_norm)
-        return SyncOutcome(best_id, best_index, best_norm, last_change, adopted)
+        self.mailbox.set_sync_step(wire.SYNC_DONE_STEP)
+        final = self._header("sync-norm", 0, wire.SYNC_DONE_STEP, **best.extras())
+        self.broadcast(self._targets(0), wire.encode(final))
+        adopted = True
+        if cfg.sync.mode == "flood":
+            own = self.sync_claim()
+            adopted = best == own or self._fetch_winner(best, reporters.get(best.owner, []))
+            if not adopted:
+                best = own
+        log.info("%s: max norm sync (%s) done after %d steps: owner %s (norm %.6g)",
+                 cfg.id, cfg.sync.mode, step, best.owner, best.norm)  # fmt: skip
+        return SyncOutcome(best.owner, best.index, best.norm, last_change, adopted)
 
-    def _fetch_winner(self, owner: str, owner_index: int, norm: float, sources: list[str]) -> bool:
-        """Fetch the winning parameters from a neighbour that announced them (it may itself still be
-        fetching them, so retry until sync.fetch_timeout); adopt and serve them from now on."""
-        request = wire.encode(self._header("sync-fetch", 0, 0, owner=owner, owner_index=owner_index))
+    def _fetch_winner(self, best: Claim, sources: list[str]) -> bool:
+        """Flood sync: fetch the winning parameters from a neighbour that announced them (it may
+        itself still be fetching them, so retry until sync.fetch_timeout); adopt and serve them."""
+        request = wire.encode(self._header("sync-fetch", 0, 0, owner=best.owner, owner_index=best.index))
         deadline = time.monotonic() + self.cfg.sync.fetch_timeout
         while time.monotonic() < deadline:
             for peer in dict.fromkeys(sources):
                 reply = self.client.fetch(peer, self.peers[peer], request, timeout=5.0, expected=self.wire_spec)
-                if reply is None or reply.kind != "sync-params" or reply.header.extras.get("owner") != owner:
+                if reply is None or reply.kind != "sync-params" or reply.header.extras.get("owner") != best.owner:
                     continue
                 flat = self._flat(reply)
-                got = float(flat.double().norm())
-                if not math.isclose(got, norm, rel_tol=1e-9, abs_tol=1e-12):
+                got = _norm(flat)
+                if not math.isclose(got, best.norm, rel_tol=1e-9, abs_tol=1e-12):
                     log.warning("%s: %s served parameters of norm %.9g for %s, announced %.9g; refused",
-                                self.cfg.id, peer, got, owner, norm)  # fmt: skip
+                                self.cfg.id, peer, got, best.owner, best.norm)  # fmt: skip
                     continue
-                self._held = (owner, owner_index, norm, flat)
+                self._held = (best, flat)
                 return True
             time.sleep(0.05)
-        log.warning("%s: could not fetch the max-norm parameters of %s; keeping own init", self.cfg.id, owner)
+        log.warning("%s: could not fetch the max-norm parameters of %s; keeping own init", self.cfg.id, best.owner)
         return False
 
     # -------------------------------------------------------------------------- rounds
@@ -458,7 +645,35 @@ class NodeRuntime:
         return {p: a for p, a in self.peers.items() if not self.cfg.link_cut(p, round_index)}
 
     def _bytes_sent(self) -> int:
-        return int(self.client.stats().get("bytes.sent", 0))
+        """Bytes this node really sent: its messages and its answers to neighbours' fetches, less
+        the sync parameters it served (counted in ``sync_bytes`` whenever they are served)."""
+        served = int(self.server.stats().get("bytes.sent", 0))
+        with self._served_lock:
+            served -= self._sync_served
+        return int(self.client.stats().get("bytes.sent", 0)) + served
+
+    def _sane(self, row: torch.Tensor, reference: torch.Tensor) -> bool:
+        """Finite, and not exploded (``core.cooperate.unsound_rows``: the simulator's test)."""
+        return not bool(unsound_rows(row.reshape(1, -1), reference.reshape(1, -1), self.cooperation.max_norm_ratio)[0])
+
+    def _train(self, k: int) -> float:
+        """Local training; a non-finite or exploded result is rolled back to the pre-train row
+        (and the optimizer state to its pre-train value, or zeros if that is not finite either)."""
+        before = self.params.clone()
+        opt_before = {name: t.clone() for name, t in self.trainer.state_tensors().items()}
+        row = self.params.to(self.device)  # train on the configured device; rows live on the CPU
+        stats = self.trainer.train(row, k)
+        self.params = row.cpu()
+        if self._sane(self.params[0], before[0]):
+            return float(stats.mean_loss[0])
+        log.warning("%s round %d: local training gave non-finite or exploding parameters; rolled back",
+                    self.cfg.id, k)  # fmt: skip
+        self.params = before
+        finite = all(bool(torch.isfinite(t).all()) for t in opt_before.values() if t.is_floating_point())
+        self.trainer.load_state_tensors(
+            opt_before if finite else {name: torch.zeros_like(t) for name, t in opt_before.items()}
+        )
+        return float("nan")
 
     def _round(self, k: int) -> None:
         cfg = self.cfg
@@ -467,29 +682,33 @@ class NodeRuntime:
         self.mailbox.set_round(k)
         self.state = "training"
         sent_before = self._bytes_sent()
-        stats = self.trainer.train(self.params, k)
+        train_loss = self._train(k)
         if cfg.faults.round_delay_s:
             time.sleep(cfg.faults.round_delay_s)  # injected straggler
+        t_comm = time.perf_counter()
+        compute_s = t_comm - t0
         mixed: list[str] = []
         if k % cfg.consensus.every == 0 and self.peers:
             before = self.params[0].clone()
             own = self.params[0]
             for c in range(cfg.consensus.steps):
-                own, live = self._consensus_step(k, c, own, float(stats.mean_loss[0]))
+                own, live = self._consensus_step(k, c, own, train_loss)
                 if c == 0:
                     mixed = live
-            if cfg.consensus.affinity < 1.0:
-                own = torch.lerp(before, own, cfg.consensus.affinity)  # as core.consensus does
-            self.params = own.reshape(1, -1).clone()
+            # the affinity blend and the guard, as every runtime finishes a cooperation step
+            self.params = finish(self.cooperation, own.reshape(1, -1), before.reshape(1, -1), None).clone()
+        comm_s = time.perf_counter() - t_comm
         if k % cfg.eval.every == 0 or k == cfg.rounds:
             acc, loss = self._evaluate()
             self.history.eval_rounds.append(k)
             self.history.accuracy.append(acc)
             self.history.loss.append(loss)
-        self.history.train_loss.append(float(stats.mean_loss[0]))
+        self.history.train_loss.append(train_loss)
         self.history.bytes_sent.append(self._bytes_sent() - sent_before)
         self.history.mixed.append(mixed)
         self.history.round_time_s.append(time.perf_counter() - t0)
+        self.history.compute_s.append(compute_s)
+        self.history.comm_s.append(comm_s)
         if cfg.checkpoint_every and (k % cfg.checkpoint_every == 0 or k == cfg.rounds):
             self._checkpoint(k)
         self._write_status()
@@ -497,44 +716,120 @@ class NodeRuntime:
         log.info("%s round %d: mixed with %s, acc %s", cfg.id, k, mixed or "nobody",
                  f"{self.history.accuracy[-1]:.4f}" if self.history.eval_rounds[-1] == k else "-")  # fmt: skip
 
+    def _encode_params(self, k: int, c: int, own: torch.Tensor, loss: float) -> bytes | None:
+        try:
+            row = self.outgoing(own, k, c)
+            return wire.encode(self._header("params", k, c, **self.params_extras(loss)), self._tensors(row))
+        except wire.WireError as err:  # e.g. non-finite values: say so, send nothing, keep going
+            log.error("%s round %d: not sending parameters: %s", self.cfg.id, k, err)
+            return None
+
     def _consensus_step(self, k: int, c: int, own: torch.Tensor, loss: float) -> tuple[torch.Tensor, list[str]]:
         cfg = self.cfg
-        extras: dict[str, Any] = {"data_size": self.data_size, "degree": len(self.peers)}
-        if math.isfinite(loss):
-            extras["loss"] = loss
-        message = wire.encode(self._header("params", k, c, **extras), self._tensors(own))
+        message = self._encode_params(k, c, own, loss)
         targets = self._targets(k)
         for peer in targets:
             # It spoke to us lately (it is back): do not skip it because of an old failure.
             if self.client.is_down(peer) and self.mailbox.latest_round(peer) >= k - 1:
                 self.client.reset_backoff(peer)
-        accepted = self.client.send_many(targets, message, timeout=cfg.network.send_timeout)
+        accepted = self.broadcast(targets, message) if message is not None else {}
         # Wait for those that took ours; a peer that refused it (already past round k, down, or
         # cut) will not send a round-k message we could still use -- but take one that is here.
-        got = self._wait_params(k, c, {p for p, ok in accepted.items() if ok})
+        # A neighbour silent for network.max_missed_rounds rounds is not waited for until it
+        # speaks again, so one staller cannot slow every round.
+        waiting = {p for p, ok in accepted.items() if ok and not self._skipped(p, k)}
+        got = self._wait_params(k, c, waiting)
         for peer in targets:
             if peer not in got and (m := self.mailbox.get("params", k, c, peer)) is not None:
                 got[peer] = m
-        live = sorted(got, key=lambda p: self.peer_index[p])
-        degrees = [int(got[p].header.extras.get("degree", len(live))) for p in live]
-        sizes = [float(got[p].header.extras.get("data_size", 1)) for p in live]
+        if c == 0:
+            self._count_missed(f"round {k}", targets, got)
+        rows: dict[str, _Row] = {}
+        for peer in sorted(got, key=lambda p: self.peer_index[p]):
+            try:
+                row = self._read_row(peer, got[peer])
+            except Exception as err:  # nothing a neighbour says may crash the node
+                log.warning("%s round %d: dropped %s for the round: %s", cfg.id, k, peer, err)
+                continue
+            if row is not None:
+                rows[peer] = row
+        return self._mix(k, own, rows)
+
+    def _skipped(self, peer: str, k: int = 0) -> bool:
+        """True while ``peer`` is not waited for: it sent nothing for network.max_missed_rounds
+        rounds (or sync steps) in a row. It is waited for again once it speaks: parameters for
+        round k - 1 or later, even late ones (a restarted node one round behind catches up once
+        it is waited for). One more miss then skips it again, so a staller costs at most one
+        round deadline now and then."""
+        limit = self.cfg.network.max_missed_rounds
+        if self._missed[peer] < limit:
+            return False
+        heard = self.mailbox.params_heard(peer)
+        if heard > self._skip_mark.get(peer, -1) and heard >= k - 1:
+            log.info("%s round %d: %s speaks again; waiting for it again", self.cfg.id, k, peer)
+            self._missed[peer] = limit - 1
+            return False
+        return True
+
+    def _count_missed(self, when: str, targets: Mapping[str, str], got: Mapping[str, wire.Message]) -> None:
+        limit = self.cfg.network.max_missed_rounds
+        for peer in targets:
+            if peer in got:
+                self._missed[peer] = 0
+                continue
+            self._missed[peer] += 1
+            if self._missed[peer] == limit:
+                self._skip_mark[peer] = self.mailbox.params_heard(peer)
+                log.warning("%s %s: %s sent nothing %d times in a row; not waiting for it until it speaks",
+                            self.cfg.id, when, peer, limit)  # fmt: skip
+
+    def _read_row(self, peer: str, msg: wire.Message) -> _Row | None:
+        """A neighbour's parameters with its metadata validated (None, logged, if it is invalid):
+        degree in [1, network size - 1]; data size a positive integer (the weights count it
+        within [own / r, own * r], r = consensus.max_size_ratio: ``graph.weights.bounded_claims``)."""
+        ex = msg.header.extras
+        degree, size = ex.get("degree"), ex.get("data_size")
+        max_degree = self.cfg.network.devices - 1 if self.cfg.network.devices else 2**20
+        if not isinstance(degree, int) or not 1 <= degree <= max_degree:
+            log.warning("%s: %s claims degree %r (must be 1..%d); dropped for the round",
+                        self.cfg.id, peer, degree, max_degree)  # fmt: skip
+            return None
+        if not isinstance(size, int) or size < 1:
+            log.warning("%s: %s claims data size %r (must be a positive integer); dropped for the round",
+                        self.cfg.id, peer, size)  # fmt: skip
+            return None
+        return _Row(self._flat(msg), degree, float(size))
+
+    def _mix(self, k: int, own: torch.Tensor, rows: Mapping[str, _Row]) -> tuple[torch.Tensor, list[str]]:
+        """One consensus step: this device's row of W over the live neighbours, then the shared
+        gossip step (``core.cooperate.gossip``: the aggregation rule, and the safety net that
+        retries without out-of-bounds neighbours and keeps the own row if that is not enough)."""
+        cfg = self.cfg
+        live = list(rows)
         max_degree = max(cfg.network.max_degree or len(self.peers), len(live))
         self_w, row = row_weights(
             cfg.consensus.weights,
             cfg.index,
             len(live),
             [self.peer_index[p] for p in live],
-            degrees,
+            [rows[p].degree for p in live],
             float(self.data_size),
-            sizes,
+            [rows[p].data_size for p in live],
             max_degree,
+            cfg.consensus.max_size_ratio,
         )
-        mixed = mix_row(own, [self._flat(got[p]) for p in live], self_w, [row[self.peer_index[p]] for p in live])
-        return mixed, live
+        stage = self.cooperation.stages[0] if self.cooperation.stages else Gossip()
+        assert isinstance(stage, Gossip)
+        suspects = [p for p in live if not self._sane(rows[p].flat, own)]
+        if suspects:
+            log.warning("%s round %d: parameters of %s are out of bounds", cfg.id, k, suspects)
+        mixed = mix_row(own, [rows[p].flat for p in live], self_w, [row[self.peer_index[p]] for p in live], stage)
+        return mixed, [p for p in live if p not in suspects]
 
     def _wait_params(self, k: int, c: int, waiting: set[str]) -> dict[str, wire.Message]:
         """Wait for the round-k step-c parameters of ``waiting`` until the round deadline; a silent
-        neighbour is probed with ``hello`` and dropped if it is down or already past round k."""
+        neighbour is probed with ``hello`` and dropped if it is down or says it is past round k
+        (a claimed round only ever stops the wait: it never moves this node's round)."""
         cfg = self.cfg
         deadline = time.monotonic() + cfg.network.round_timeout
         probe_at = time.monotonic() + _PROBE_AFTER_S
@@ -559,7 +854,7 @@ class NodeRuntime:
 
     def _evaluate(self) -> tuple[float, float]:
         acc, loss = evaluate(
-            self.model, self.spec, self.params, self.data.x_test, self.data.y_test,
+            self.model, self.spec, self.params.to(self.device), self.x_test, self.y_test,
             sample_chunk=self.cfg.eval.test_batch,
         )  # fmt: skip
         return float(acc[0]), float(loss[0])
@@ -574,7 +869,7 @@ class NodeRuntime:
             "id": self.cfg.id,
             "index": self.cfg.index,
         }
-        held = self._held[3] if self._held is not None and self.sync is not None else None
+        held = self._held[1] if self._held is not None and self.sync is not None else None
         ckpt = NodeCheckpoint(
             k, self.params[0], self.trainer.state_tensors(), held, torch.get_rng_state(), self.history, meta
         )
@@ -595,6 +890,9 @@ class NodeRuntime:
             "sync": None if self.sync is None else self.sync.__dict__,
             "sync_bytes": self.sync_bytes,
             "elapsed_s": time.time() - self._started,
+            # the last round's measured split (what the system model predicts: p2pl.system)
+            "compute_s": h.compute_s[-1] if h.compute_s else None,
+            "comm_s": h.comm_s[-1] if h.comm_s else None,
             "transport": {
                 "server": self.server.stats(),
                 "client": self.client.stats(),
@@ -616,16 +914,31 @@ class NodeRuntime:
         return buf.getvalue()
 
 
+def resume_target(start: int, peer_rounds: list[int], rounds: int) -> int:
+    """The round a resuming node may skip ahead to: one that a strict majority of its answering
+    neighbours report having reached (a lone liar among honest neighbours cannot move it), and
+    never past the last round, so the node always trains and reports the final round itself.
+    Claims cannot be verified, so this only ever skips rounds the node missed while down."""
+    if not peer_rounds:
+        return start
+    ordered = sorted(peer_rounds, reverse=True)
+    agreed = ordered[len(ordered) // 2]  # more than half of them report at least this round
+    return max(start, min(agreed, rounds))
+
+
 def run_node(cfg: NodeConfig, *, fresh: bool = False) -> NodeHistory:
     """Build and run one node to completion."""
     return NodeRuntime(cfg, fresh=fresh).run()
 
 
 def read_status(directory: str | Path) -> Mapping[str, Any] | None:
-    """A node's last status (None if it has written none yet)."""
+    """A node's last status (None if it has written none yet, or it is unreadable: a status file
+    is only progress information, so a damaged one never stops anything)."""
     path = Path(directory) / STATUS
     try:
-        data: Mapping[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(data, dict):
         return None
     return data

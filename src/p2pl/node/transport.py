@@ -62,6 +62,7 @@ import grpc
 from p2pl.errors import P2PLError
 from p2pl.node.certs import TlsConfig, check_device_id
 from p2pl.node.mailbox import ACCEPTED, DUPLICATE, Mailbox
+from p2pl.node.ratelog import LogBudget
 from p2pl.node.wire import (
     DEFAULT_MAX_MESSAGE_BYTES,
     MAX_HEADER_BYTES,
@@ -176,6 +177,7 @@ class PeerServer:
         self._port: int | None = None
         self._lock = threading.Lock()
         self._counters: Counter[str] = Counter()
+        self._log_budget = LogBudget()
 
     # --------------------------------------------------------------------------- lifecycle
 
@@ -249,13 +251,14 @@ class PeerServer:
         self._fetch_handler = fetch_handler
 
     def stats(self) -> dict[str, int]:
-        """Counters: ``send.received``, ``send.accepted``, ``send.rejected.<category>``, ``fetch.*``."""
+        """Counters: ``send.received``, ``send.accepted``, ``send.rejected.<category>``, ``fetch.*``,
+        ``bytes.sent`` (the bytes of the fetch replies this server sent)."""
         with self._lock:
             return dict(self._counters)
 
-    def _count(self, key: str) -> None:
+    def _count(self, key: str, n: int = 1) -> None:
         with self._lock:
-            self._counters[key] += 1
+            self._counters[key] += n
 
     # ----------------------------------------------------------------------------- handlers
 
@@ -274,10 +277,15 @@ class PeerServer:
                 grpc.StatusCode.PERMISSION_DENIED,
             )
 
-    def _validate(self, data: bytes, context: grpc.ServicerContext, limit: int) -> Message:
+    def _validate(self, data: bytes, context: grpc.ServicerContext, limit: int, *, store: bool) -> Message:
+        """Header, then who sent it, then (for Send) whether the mailbox would keep it, and only
+        then the payload: nothing big is decoded for a message that is going to be refused."""
         try:
             header = peek_header(data, limit)
             self._authenticate(header.sender, context)
+            if store and (reason := self.mailbox.admit(header)) is not None:
+                why = f"{reason} ({header.kind} round {header.round} step {header.step})"
+                raise _Rejected(f"mailbox.{reason}", why, grpc.StatusCode.FAILED_PRECONDITION)
             return decode(data, self.spec, limit)
         except WireError as exc:
             raise _Rejected("invalid", str(exc), grpc.StatusCode.INVALID_ARGUMENT) from None
@@ -285,8 +293,11 @@ class PeerServer:
     def _handle_send(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         self._count("send.received")
         try:
-            msg = self._validate(request, context, self.max_message_bytes)
+            msg = self._validate(request, context, self.max_message_bytes, store=True)
         except _Rejected as rej:
+            if rej.category == f"mailbox.{DUPLICATE}":  # a retry of a message we already hold
+                self._count("send.duplicate")
+                return ACK_DUPLICATE
             return self._reject("send", rej.category, rej.reason, context)
         except Exception:  # a bug must not take the server down
             log.exception("%s: unexpected error while validating a message", self.device_id)
@@ -304,16 +315,20 @@ class PeerServer:
 
     def _reject(self, rpc: str, category: str, reason: str, context: grpc.ServicerContext) -> bytes:
         self._count(f"{rpc}.rejected.{category}")
-        # Late or early round traffic is normal with deadlines and restarts; a bad message is not.
-        routine = category in ("mailbox.stale", "mailbox.too-far-ahead")
-        level = logging.INFO if routine else logging.WARNING
-        log.log(level, "%s rejected %s from %s: %s", self.device_id, rpc, _peer_name(context), reason)
+        peer = _peer_name(context)
+        # Bounded per (caller, category): a flooding neighbour cannot fill the disk with our log.
+        count = self._log_budget.allow((peer.split("@", 1)[0], rpc, category))
+        if count:
+            # Late or early round traffic is normal with deadlines and restarts; a bad message is not.
+            routine = category in ("mailbox.stale", "mailbox.too-far-ahead", "mailbox.duplicate")
+            level = logging.INFO if routine else logging.WARNING
+            log.log(level, "%s rejected %s from %s: %s (#%d)", self.device_id, rpc, peer, reason, count)
         return ACK_REJECTED_PREFIX + reason.encode("utf-8", "replace")
 
     def _handle_fetch(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         self._count("fetch.received")
         try:
-            req = self._validate(request, context, MAX_FETCH_REQUEST_BYTES)
+            req = self._validate(request, context, MAX_FETCH_REQUEST_BYTES, store=False)
         except _Rejected as rej:
             self._reject("fetch", rej.category, rej.reason, context)
             context.abort(rej.code, rej.reason)
@@ -335,6 +350,7 @@ class PeerServer:
             self._reject("fetch", "oversized", f"reply of {len(reply)} bytes exceeds the limit", context)
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "reply exceeds the message limit")
         self._count("fetch.served")
+        self._count("bytes.sent", len(reply))  # what this device really puts on the wire
         return bytes(reply)
 
 
@@ -386,6 +402,7 @@ class PeerClient:
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
         max_parallel: int = 8,
+        throttle_bps: float = 0.0,
     ) -> None:
         _check_security(device_id, tls, insecure, "PeerClient")
         if attempts < 1 or retry_delay < 0 or backoff_initial < 0 or backoff_max < backoff_initial:
@@ -399,6 +416,9 @@ class PeerClient:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self._max_parallel = max(1, int(max_parallel))
+        # Emulates a slow link: a send first holds this peer's link for len(message) * 8 / rate
+        # seconds, so sends to different peers overlap (send_many) like separate links.
+        self.throttle_bps = float(throttle_bps)
         self._peers: dict[str, _PeerState] = {}
         self._lock = threading.Lock()
         self._counters: Counter[str] = Counter()
@@ -434,7 +454,8 @@ class PeerClient:
 
     def stats(self) -> dict[str, int]:
         """Counters: ``send.ok``, ``send.rejected``, ``send.unreachable``, ``send.skipped-down``,
-        ``send.filtered``, ``send.too-large``, ``bytes.sent``, ``fetch.*``."""
+        ``send.filtered``, ``send.too-large``, ``bytes.sent`` (acknowledged messages and answered
+        fetch requests), ``fetch.*``."""
         with self._lock:
             return dict(self._counters)
 
@@ -576,6 +597,8 @@ class PeerClient:
                 self.max_message_bytes,
             )
             return False
+        if self.throttle_bps > 0:
+            time.sleep(len(message) * 8 / self.throttle_bps)
         ack = self._call("send", peer_id, address, message, timeout)
         if ack is None:
             return False
@@ -619,6 +642,7 @@ class PeerClient:
         reply = self._call("fetch", peer_id, address, request, timeout)
         if reply is None:
             return None
+        self._count("bytes.sent", len(request))
         if not reply:
             self._count("fetch.empty")
             return None

@@ -27,6 +27,9 @@ must carry tensors; the others must not.
 header, the payload size, the fingerprint against the receiver's :class:`ModelSpec`, then the
 safetensors header (parsed by ``safetensors`` itself), every tensor name/shape/dtype against the
 spec, and that every value is finite. Each failure raises :class:`WireError` with a one-line reason.
+With a spec, the payload's size and its safetensors header (size, tensor names, dtypes, shapes,
+offsets) are checked first (:func:`check_payload_layout`), so a header bomb is refused after
+reading a few bytes, before safetensors builds anything.
 """
 
 from __future__ import annotations
@@ -55,12 +58,14 @@ __all__ = [
     "MAX_HEADER_BYTES",
     "PAYLOAD_KINDS",
     "PREFIX_SIZE",
+    "SYNC_DONE_STEP",
     "WIRE_VERSION",
     "Message",
     "MessageHeader",
     "ModelSpec",
     "TensorSpec",
     "WireError",
+    "check_payload_layout",
     "decode",
     "encode",
     "fingerprint",
@@ -75,6 +80,8 @@ PREFIX_SIZE = _PREFIX.size  # 8
 MAX_HEADER_BYTES = 4096
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 _MAX_INT = 2**53  # rounds, steps, sizes: anything a JSON double can carry exactly
+#: Step number of a node's final max-norm announcement ("my claim will not change any more").
+SYNC_DONE_STEP = 2**31
 
 #: Message kinds. ``params``: parameters for consensus step ``step`` of round ``round``.
 #: ``sync-norm``: max-norm synchronization step ``step``: announces extras ``norm`` and ``owner``
@@ -104,6 +111,9 @@ _DTYPES: dict[str, torch.dtype] = {
     "int32": torch.int32,
 }
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+#: safetensors' dtype codes of the wire dtypes (its header names them so).
+_ST_CODES = {"float32": "F32", "float64": "F64", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32"}
+_ST_LEN = struct.Struct("<Q")
 _HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
 _HEADER_KEYS = frozenset({"version", "kind", "sender", "round", "step", "fingerprint", "payload_size", "extras"})
 
@@ -188,6 +198,22 @@ class ModelSpec:
 
     def numel(self) -> int:
         return sum(math.prod(t.shape) for t in self.tensors)
+
+    def data_bytes(self) -> int:
+        """Bytes of the tensor data in a payload of this model."""
+        return sum(math.prod(t.shape) * _DTYPES[t.dtype].itemsize for t in self.tensors)
+
+    def max_safetensors_header(self) -> int:
+        """A generous bound on the JSON header safetensors writes for this model (names, dtypes,
+        shapes, offsets, padding); a payload claiming a larger header is refused unread."""
+        return 256 + sum(len(t.name.encode()) + 96 + 24 * len(t.shape) for t in self.tensors)
+
+    def max_payload_bytes(self) -> int:
+        return _ST_LEN.size + self.max_safetensors_header() + self.data_bytes()
+
+    def max_message_bytes(self) -> int:
+        """The largest message a payload of this model can make (prefix + header + payload)."""
+        return PREFIX_SIZE + MAX_HEADER_BYTES + self.max_payload_bytes()
 
 
 # ----------------------------------------------------------------------------------- messages
@@ -403,6 +429,61 @@ def encode(header: MessageHeader, tensors: Mapping[str, torch.Tensor] | None = N
     return _PREFIX.pack(MAGIC, len(raw)) + raw + payload
 
 
+def _check_entry(name: str, entry: object, spec: TensorSpec) -> tuple[int, int]:
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise WireError(f"payload entry for tensor {name[:40]!r} is malformed")
+    if entry["dtype"] != _ST_CODES[spec.dtype]:
+        raise WireError(f"tensor {name!r} has dtype {str(entry['dtype'])[:10]}, expected {spec.dtype}")
+    if entry["shape"] != list(spec.shape):
+        raise WireError(f"tensor {name!r} has shape {str(entry['shape'])[:60]}, expected {spec.shape}")
+    offsets = entry["data_offsets"]
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(v) for v in offsets)):
+        raise WireError(f"tensor {name!r} has malformed data offsets")
+    return int(offsets[0]), int(offsets[1])
+
+
+def check_payload_layout(payload: bytes | memoryview, expected: ModelSpec) -> None:
+    """Check a safetensors payload's size and header against ``expected`` without decoding it.
+
+    The tensor data of a model has a fixed size, and its safetensors header a small bounded one,
+    so a payload of any other size, an oversized header, or one naming other tensors (or more of
+    them) is refused after reading at most ``expected.max_safetensors_header()`` bytes.
+    """
+    n = len(payload)
+    if n < _ST_LEN.size:
+        raise WireError(f"payload of {n} bytes is too short for safetensors")
+    (header_len,) = _ST_LEN.unpack_from(payload, 0)
+    limit = expected.max_safetensors_header()
+    if header_len > limit:
+        raise WireError(f"payload header of {header_len} bytes exceeds the {limit} bytes this model needs")
+    data_bytes = expected.data_bytes()
+    if n != _ST_LEN.size + header_len + data_bytes:
+        raise WireError(
+            f"payload of {n} bytes does not fit this model ({data_bytes} data bytes + a {header_len}-byte header)"
+        )
+    raw = bytes(payload[_ST_LEN.size : _ST_LEN.size + header_len])
+    try:
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_dup_keys, parse_constant=_reject_constant)
+    except WireError:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise WireError("payload header is not valid UTF-8 JSON") from None
+    if not isinstance(obj, dict):
+        raise WireError("payload header is not a JSON object")
+    obj.pop("__metadata__", None)
+    want = {t.name: t for t in expected.tensors}
+    if set(obj) != set(want):
+        missing, extra = sorted(set(want) - set(obj))[:3], sorted(set(obj) - set(want))[:3]
+        raise WireError(f"tensor names differ from the model (missing {missing}, unexpected {extra})")
+    spans = sorted((*_check_entry(name, obj[name], want[name]), name) for name in want)
+    position = 0
+    for begin, end, name in spans:
+        size = math.prod(want[name].shape) * _DTYPES[want[name].dtype].itemsize
+        if begin != position or end - begin != size:
+            raise WireError(f"tensor {name!r} has data offsets [{begin}, {end}] that do not tile the payload")
+        position = end
+
+
 def decode(data: bytes, expected: ModelSpec | None, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
     """Validate and decode one message; raise WireError with a one-line reason on any problem.
 
@@ -416,8 +497,12 @@ def decode(data: bytes, expected: ModelSpec | None, max_bytes: int = DEFAULT_MAX
             f"model fingerprint {header.fingerprint[:12]} does not match ours {expected.fingerprint[:12]} "
             "(different model architecture)"
         )
+    if expected is not None and header.payload_size > expected.max_payload_bytes():
+        raise WireError(f"payload of {header.payload_size} bytes is larger than any payload of this model")
     if header.payload_size == 0:
         return Message(header=header, tensors=None, nbytes=len(data))
+    if expected is not None:
+        check_payload_layout(memoryview(data)[len(data) - header.payload_size :], expected)
     payload = bytes(data[len(data) - header.payload_size :])
     try:
         loaded = _st_load(payload)

@@ -28,7 +28,7 @@ from p2pl.errors import P2PLError
 from p2pl.metrics import rounds_to_accuracy
 from p2pl.stats import FAILS, HOLDS, UNDECIDED, Interval, above, at_least, below, mean_ci, paired_difference
 
-CLAIMS = ("C1", "C2", "C3", "C4", "C5", "C6")
+CLAIMS = ("C1", "C2", "C3", "C4", "C5", "C6", "C7")
 REPRODUCED, PARTLY, NOT_REPRODUCED, NOT_MEASURED = "reproduced", "partly reproduced", "not reproduced", "not measured"
 INCONCLUSIVE = "inconclusive"
 VERDICT_RULE = (
@@ -792,7 +792,9 @@ def _claims() -> tuple[Claim, ...]:
          Panel("Dirichlet 0.1, a = 0.5", ("C6/affinity-0.5",), show_local=True)),
         judge_c6,
     )  # fmt: skip
-    return (c1, c2, c3, c4, c5, c6)
+    from p2pl.reproduce.system_claim import claim_c7  # seconds and joules (p2pl.system)
+
+    return (c1, c2, c3, c4, c5, c6, claim_c7())
 
 
 def label_of(key: str) -> str:

@@ -201,7 +201,7 @@ def _setup_lines(settings: SuiteSettings) -> list[str]:
         f"- **Model:** {base.model.name} {base.model.hidden}; **optimizer:** {t.optimizer} lr {t.lr}"
         + (f" momentum {t.momentum}" if t.optimizer == "momentum" else "")
         + f", batch {t.batch_size}, {t.local_epochs} local epochs per round",
-        f"- **Default graph:** {base.topology.name} (radius {base.topology.radius}), "
+        f"- **Default graph:** {base.topology.name} (radius {base.topology.radius or 'automatic: 0.25 at 100'}), "
         f"{base.consensus.weights} weights, {base.consensus.steps} consensus step(s) per round, "
         f"max norm sync {'on' if base.sync.enabled else 'off'}",
         f'- **Rules:** accuracy is the final round\'s test accuracy of each device; "reaches X" means '
@@ -311,6 +311,9 @@ def write_report(result: SuiteResult) -> Path:
         if points:
             names.append(f"{claim.id.lower()}-spectral-gap.png")
             gap_figure(points, result.settings.rounds, result.settings.target, fig_dir / names[1])
+        for name, draw in finding.extra.get("figures", {}).items():  # a claim's own extra figures
+            draw(fig_dir / name)
+            names.append(name)
         figures[claim.id] = names
     path = result.out / "report.md"
     atomic.write_text(path, render(result, findings, figures))

@@ -43,10 +43,11 @@ class Backend(Protocol):
     def train(self, round_index: int, work: np.ndarray | None) -> np.ndarray:
         """This round's local epochs; returns each device's mean training loss (float64)."""
 
-    def evaluate(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every device's (accuracy, loss) on the common test set."""
+    def evaluate(self, devices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Every device's (accuracy, loss) on the common test set, ``[N]``; with ``devices``
+        (sorted global ids), only those are evaluated and the others hold NaN."""
 
-    def exchange(self, links: RoundLinks) -> np.ndarray:
+    def exchange(self, links: RoundLinks, round_index: int) -> np.ndarray:
         """The algorithm's cooperation step; returns the bytes each device sent."""
 
     def consensus_distance(self) -> float: ...

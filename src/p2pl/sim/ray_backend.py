@@ -27,7 +27,6 @@ workers; parameters travel as plain numpy arrays.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import resource
 import socket
@@ -41,23 +40,23 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from p2pl.algorithms.base import RoundLinks, max_norm_device
+from p2pl.algorithms.base import RoundLinks
 from p2pl.config import ExperimentConfig
-from p2pl.core.consensus import MixingOperator, consensus, weighted_average
+from p2pl.core.adversary import Adversary, SendContext
+from p2pl.core.cooperate import Cooperation, GlobalMean, Gossip, Neighbourhoods, finish, gossip, weighted_average
 from p2pl.core.evaluate import evaluate
 from p2pl.core.params import ParamSpec, init_device_params
+from p2pl.core.rounds import gossip_bytes, network_neighbourhoods, train_with_rollback, upload_bytes
 from p2pl.core.schedule import Partition
-from p2pl.core.sync import max_norm_owner, sync_bytes_per_device
 from p2pl.core.train import VectorizedTrainer, choose_strategy
 from p2pl.errors import P2PLError
 from p2pl.experiment import Experiment
-from p2pl.graph.weights import mixing_weights
 from p2pl.models import build_model
 from p2pl.sim.backend import Started
+from p2pl.sim.ray_start import ACTOR_ARGS_NOTICE, start_ray, without_stderr_line
 from p2pl.sim.sharding import Sharding, shard_devices
 
 T = TypeVar("T")
-RAY_ALGORITHMS = ("p2pl", "fedavg", "local")
 MAX_RESTARTS = 4  # per actor
 ACTOR_PREFIX = "p2pl-shard-"  # actor names: p2pl-shard-<run tag>-<shard>
 MAX_RECOVERIES = 4  # per round
@@ -77,46 +76,36 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ShardPlan:
-    """One shard's part of a consensus step for one set of live links."""
+    """One shard's part of a gossip step for one set of live links."""
 
     sources: tuple[int, ...]  # shards this shard receives halo blocks from, in concat order
     halo_rows: int  # total rows received
     send_to: tuple[int, ...]  # shards this shard sends a block to (ascending)
     send_rows: tuple[np.ndarray, ...]  # per target: local rows to send
-    self_weight: np.ndarray  # float32 [R + H]: W_nn for own rows, 0 for halo rows
-    dst: np.ndarray  # int64 [M]: local receiving row
-    src: np.ndarray  # int64 [M]: row of [own; halo] sent from
-    weight: np.ndarray  # float32 [M]
-
-    def operator(self) -> MixingOperator:
-        return MixingOperator(
-            _tensor(self.self_weight), _tensor(self.dst), _tensor(self.src), _tensor(self.weight), None
-        )
+    hoods: Neighbourhoods  # the shard's rows' neighbourhoods into [own rows; halo rows]
 
 
-def consensus_plans(op: MixingOperator, sharding: Sharding) -> list[ShardPlan]:
-    """Split the global edge-list operator W into per-shard operators plus the halo traffic."""
+def consensus_plans(hoods: Neighbourhoods, sharding: Sharding) -> list[ShardPlan]:
+    """Split every device's neighbourhood into per-shard neighbourhoods plus the halo traffic."""
     shard_of, local = sharding.shard_of, sharding.local_index
-    dst, src = op.dst.numpy(), op.src.numpy()
-    weight, self_weight = op.weight.numpy(), op.self_weight.numpy()
+    dst, src = hoods.dst, hoods.src
     sd, ss = shard_of[dst], shard_of[src]
     cross = sd != ss
     # Each (receiving shard, sending shard, device) once: the halo rows.
     need = np.unique(np.stack([sd[cross], ss[cross], src[cross]], axis=1), axis=0).reshape(-1, 3)
-    k = sharding.num_shards
     blocks: dict[tuple[int, int], np.ndarray] = {}  # (receiver, sender) -> sorted global ids
     for s, t in {(int(a), int(b)) for a, b in need[:, :2]}:
         rows = need[(need[:, 0] == s) & (need[:, 1] == t)]
         blocks[(s, t)] = rows[:, 2]
     plans = []
-    for s in range(k):
+    for s in range(sharding.num_shards):
         own = sharding.shards[s]
         sources = tuple(sorted(t for (r, t) in blocks if r == s))
         offsets, at = {}, own.shape[0]
         for t in sources:
             offsets[t] = at
             at += blocks[(s, t)].shape[0]
-        mine = np.flatnonzero(sd == s)  # keeps the global (dst, src) order of the edges
+        mine = np.flatnonzero(sd == s)  # keeps the global (dst, src) order of the entries
         e_src, e_ss = src[mine], ss[mine]
         ext = local[e_src].copy()
         for t in sources:
@@ -129,10 +118,9 @@ def consensus_plans(op: MixingOperator, sharding: Sharding) -> list[ShardPlan]:
                 halo_rows=at - own.shape[0],
                 send_to=targets,
                 send_rows=tuple(local[blocks[(r, s)]] for r in targets),
-                self_weight=np.concatenate([self_weight[own], np.zeros(at - own.shape[0], np.float32)]),
-                dst=local[dst[mine]],
-                src=ext.astype(np.int64),
-                weight=weight[mine].copy(),
+                hoods=Neighbourhoods.from_edges(
+                    own.shape[0], local[dst[mine]], ext, hoods.weight[mine], hoods.self_weight[own]
+                ),
             )
         )
     return plans
@@ -153,6 +141,8 @@ class ShardWorker:
         data: dict[str, Any] | list[Any],
         strategy: str,
         threads: int,
+        attackers: np.ndarray | None = None,
+        device: str = "cpu",
     ) -> None:
         torch.set_num_threads(max(1, threads))
         if isinstance(data, list):  # [object ref] from the Ray driver (see RayBackend.__init__)
@@ -170,9 +160,17 @@ class ShardWorker:
             self.model, self.spec, _tensor(data["x_train"]), _tensor(data["y_train"]), partition,
             cfg.training, cfg.seed, strategy,
         )  # fmt: skip
+        # Training and evaluation run on ``device`` (a GPU Ray gave this actor); the rows stay on
+        # the CPU between them, where the consensus plans and Ray's object store work.
+        self.device = torch.device(device)
+        if self.device.type != "cpu":
+            self.trainer.to(self.device)
+            self.x_test, self.y_test = self.x_test.to(self.device), self.y_test.to(self.device)
         self.params = torch.zeros(len(self.device_ids), self.spec.total)
-        self._plan: tuple[str, ShardPlan, MixingOperator] | None = None
+        self.adversary = Adversary.of(cfg.adversary, np.zeros(0) if attackers is None else attackers, cfg.seed)
+        self._plan: tuple[str, ShardPlan] | None = None
         self._before: torch.Tensor | None = None
+        self._sent: torch.Tensor | None = None  # what this shard's devices send this step
 
     def ping(self) -> tuple[int, str]:
         """(pid, Ray node id) of this worker."""
@@ -196,69 +194,84 @@ class ShardWorker:
     def rows(self, local_rows: np.ndarray) -> np.ndarray:
         return self.params[torch.from_numpy(np.asarray(local_rows, dtype=np.int64))].numpy()
 
-    def adopt(self, pick: np.ndarray, *blocks: np.ndarray) -> None:
-        """Row i becomes row ``pick[i]`` of the concatenated ``blocks`` (the sync winners)."""
+    def adopt(self, pick: np.ndarray, scale: np.ndarray, *blocks: np.ndarray) -> None:
+        """Row i becomes row ``pick[i]`` of the concatenated ``blocks`` (the sync winners) x ``scale[i]``."""
         pool = torch.cat([_tensor(b) for b in blocks])
         self.params = pool[torch.from_numpy(np.asarray(pick, dtype=np.int64))].clone()
+        if not np.all(scale == 1.0):
+            self.params *= torch.from_numpy(np.asarray(scale, dtype=np.float32)).unsqueeze(1)
 
     def train(self, round_index: int, work: np.ndarray | None) -> np.ndarray:
-        stats = self.trainer.train(self.params, round_index, work)
+        rows = self.params.to(self.device)
+        guard, ratio = self.adversary.active, self.cfg.consensus.max_norm_ratio
+        stats, _ = train_with_rollback(self.trainer, rows, round_index, work, guard, ratio)
+        self.params = rows.cpu()
         return stats.mean_loss.double().numpy()
 
-    def evaluate(self) -> tuple[np.ndarray, np.ndarray]:
+    def evaluate(self, local_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        params = self.params if local_rows is None else self.params[torch.from_numpy(local_rows)]
+        params = params.to(self.device)
         acc, loss = evaluate(
-            self.model, self.spec, self.params, self.x_test, self.y_test, sample_chunk=self.cfg.eval.test_batch
+            self.model, self.spec, params, self.x_test, self.y_test, sample_chunk=self.cfg.eval.test_batch
         )
         return acc.numpy(), loss.numpy()
 
-    # -- consensus ------------------------------------------------------------------------------
+    # -- cooperation (the stages of core.cooperate, on [own rows; halo rows]) ----------------
 
     def load_plan(self, key: str, plan: ShardPlan) -> None:
-        self._plan = (key, plan, plan.operator())
+        self._plan = (key, plan)
 
-    def plan_key(self) -> str | None:
-        return None if self._plan is None else self._plan[0]
+    def begin(self) -> None:
+        """Remember the rows before cooperation (for the affinity blend and absent devices)."""
+        self._before = self.params
 
     def publish(self) -> Any:
-        """This step's boundary rows, one block per receiving shard (Ray: one object each)."""
+        """This step's boundary rows as sent, one block per receiving shard (Ray: one object each)."""
         assert self._plan is not None
         plan = self._plan[1]
-        blocks = tuple(self.params[torch.from_numpy(rows)].numpy() for rows in plan.send_rows)
+        rows = self.params if self._sent is None else self._sent
+        blocks = tuple(rows[torch.from_numpy(r)].numpy() for r in plan.send_rows)
         return blocks[0] if len(blocks) == 1 else blocks
 
-    def mix(self, step: int, steps: int, affinity: float, absent: np.ndarray | None, *halos: np.ndarray) -> None:
-        """One consensus step over ``[own rows; halo rows]`` (the last step blends and keeps the
-        absent devices, as ``algorithms.p2pl`` does)."""
+    def attack(self, round_index: int, step: int, *halos: np.ndarray) -> None:
+        """What this shard's attackers send this step, from the true rows they hear."""
         assert self._plan is not None
-        op = self._plan[2]
-        own = self.params.shape[0]
-        if step == 0:
-            self._before = self.params
-        extended = torch.cat([self.params, *(_tensor(h) for h in halos)]) if halos else self.params
-        mixed = consensus(extended, op, 1)[:own].clone()
-        if step == steps - 1:
-            before = self._before
-            assert before is not None
-            if affinity < 1.0:
-                mixed = torch.lerp(before, mixed, affinity)  # the affinity blend of core.consensus
-            if absent is not None and absent.any():
-                rows = torch.from_numpy(np.flatnonzero(absent))
-                mixed[rows] = before[rows]
-            self._before = None
-        self.params = mixed
+        pool = torch.cat([self.params, *(_tensor(h) for h in halos)]) if halos else self.params
+        bad = np.flatnonzero(self.adversary.mask(self.device_ids))
+        ctx = SendContext(pool, self._plan[1].hoods.subset(bad), self.cfg.seed, round_index, step)
+        self._sent = self.params.clone()
+        index = torch.from_numpy(bad)
+        self._sent[index] = self.adversary.send(self.params[index], self.device_ids[bad], ctx)
 
-    # -- fedavg ---------------------------------------------------------------------------------
+    def gossip(self, stage: Gossip, *halos: np.ndarray) -> None:
+        """One gossip step over ``[own rows as sent; halo rows as sent]``."""
+        assert self._plan is not None
+        own_sent = self.params if self._sent is None else self._sent
+        pool = torch.cat([own_sent, *(_tensor(h) for h in halos)]) if halos else own_sent
+        self.params = gossip(self.params, pool, self._plan[1].hoods, stage)
+        self._sent = None
 
-    def partial_average(self, present: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray | None, float]:
+    def upload(self, present: np.ndarray, sizes: np.ndarray, round_index: int, step: int) -> tuple[Any, float]:
+        """Σ w_n θ_n (as sent) and Σ w_n over this shard's present devices (FedAvg's uploads)."""
         rows = np.flatnonzero(present)
         if rows.size == 0:
             return None, 0.0
+        hoods = Neighbourhoods.from_edges(len(rows), np.zeros(0), np.zeros(0), np.zeros(0), np.ones(len(rows)))
+        index = torch.from_numpy(rows)
+        ctx = SendContext(self.params, hoods, self.cfg.seed, round_index, step)
+        sent = self.adversary.send(self.params[index], self.device_ids[rows], ctx)
         w = torch.from_numpy(np.asarray(sizes, dtype=np.float64)[rows])
-        return weighted_average(self.params[torch.from_numpy(rows)], w).numpy(), float(w.sum())
+        return weighted_average(sent, w).numpy(), float(w.sum())
 
     def set_rows(self, present: np.ndarray, row: np.ndarray) -> None:
         rows = torch.from_numpy(np.flatnonzero(present))
-        self.params[rows] = _tensor(row)
+        self.params = self.params.clone()  # the pre-cooperation rows stay intact for finish()
+        self.params[rows] = _tensor(row).to(self.params.dtype)
+
+    def finish(self, coop: Cooperation, active: np.ndarray) -> None:
+        assert self._before is not None
+        self.params = finish(coop, self.params, self._before, active)
+        self._before = None
 
     # -- measurement and state ------------------------------------------------------------------
 
@@ -275,7 +288,7 @@ class ShardWorker:
 
     def get_state(self) -> tuple[tuple[np.ndarray, dict[str, np.ndarray]], bool]:
         """(rows, optimizer state) copies, and a small 'done' flag (a second Ray object)."""
-        opt = {k: v.clone().numpy() for k, v in self.trainer.state_tensors().items()}
+        opt = {k: v.cpu().clone().numpy() for k, v in self.trainer.state_tensors().items()}
         return (self.params.clone().numpy(), opt), True
 
     def set_state(self, state: tuple[np.ndarray, dict[str, np.ndarray]]) -> None:
@@ -283,6 +296,7 @@ class ShardWorker:
         self.params = _tensor(params).clone()
         self.trainer.load_state_tensors({k: _tensor(v) for k, v in opt.items()})
         self._before = None
+        self._sent = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,17 +332,19 @@ def _check_reachable(address: str) -> None:
         ) from None
 
 
-def _start_owner(exp: Experiment, norms: torch.Tensor) -> tuple[np.ndarray, int, np.ndarray]:
-    """Whose init each device starts from, the sync steps and the bytes sent: the algorithms'
-    ``start`` expressed on norms alone (so only N floats reach the driver)."""
-    n, setting, name = norms.shape[0], exp.setting, exp.algorithm.name
-    if name == "p2pl" and setting.sync.enabled:
-        result = max_norm_owner(norms, setting.base_edges, setting.sync.steps)
-        sent = sync_bytes_per_device(setting.base_edges, n, result.steps, setting.model_bytes)
-        return result.owner.numpy(), result.steps, sent
-    if name == "fedavg":  # the server's common init: the largest-norm device's
-        return np.full(n, max_norm_device(norms.unsqueeze(1)), dtype=np.int64), 0, np.zeros(n, np.int64)
-    return np.arange(n, dtype=np.int64), 0, np.zeros(n, np.int64)
+def _shard_device(requested: str, gpus: float, shards: int) -> str:
+    """Where each shard actor computes: one GPU per actor when the cluster has a GPU for every
+    shard (``device`` = auto or cuda), else the CPU; an explicit cuda without them is an error."""
+    if requested in ("auto", "cuda") and gpus >= shards:
+        return "cuda"
+    if requested == "auto" or requested == "cpu":
+        return "cpu"
+    if requested == "cuda":
+        raise P2PLError(
+            f"device = 'cuda' gives each Ray shard one GPU, but the cluster has {gpus:g} GPU(s) for {shards} "
+            "shards; pass --shards with at most that many, or --set device=cpu"
+        )
+    raise P2PLError(f"--backend ray computes on cuda or cpu, not {requested!r}; use --set device=cpu")
 
 
 class RayBackend:
@@ -339,10 +355,10 @@ class RayBackend:
     ) -> None:
         ray = self._ray = _import_ray()
         cfg = exp.cfg
-        if exp.algorithm.name not in RAY_ALGORITHMS:
+        if exp.algorithm.num_devices(exp.cfg.devices) != exp.cfg.devices:
             raise P2PLError(
-                f"--backend ray runs {', '.join(RAY_ALGORITHMS)}; {exp.algorithm.name!r} trains one "
-                "model, run it with --backend local"
+                f"--backend ray splits devices over actors; {exp.algorithm.name!r} trains one model, "
+                "run it with --backend local"
             )
         if num_shards < 0:
             raise P2PLError(f"the number of Ray shards must be >= 0 (0 = one per CPU), got {num_shards}")
@@ -352,12 +368,7 @@ class RayBackend:
         if not ray.is_initialized():
             if address is not None:
                 _check_reachable(address)
-            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            try:
-                ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
-            except (ConnectionError, RuntimeError, ValueError) as err:
-                where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
-                raise P2PLError(f"could not start or join {where} ({err}); check --address") from None
+            start_ray(ray, address)  # retried if the raylet is slow to start; quiet on a normal run
             self._owns_ray = True
         cpus = float(ray.cluster_resources().get("CPU", 1.0))
         n = exp.num_devices
@@ -372,19 +383,29 @@ class RayBackend:
             "input_shape": tuple(exp.dataset.input_shape), "num_classes": exp.dataset.num_classes,
         }  # fmt: skip
         self._data_ref = ray.put(data)  # the training set goes to each node once, not per device
+        device = _shard_device(cfg.device, float(ray.cluster_resources().get("GPU", 0.0)), k)
         actor_cls = ray.remote(
-            num_cpus=share, max_restarts=MAX_RESTARTS, max_task_retries=0, scheduling_strategy="SPREAD"
-        )(ShardWorker)
+            num_cpus=share, num_gpus=1 if device == "cuda" else 0, max_restarts=MAX_RESTARTS, max_task_retries=0,
+            scheduling_strategy="SPREAD",
+        )(ShardWorker)  # fmt: skip
         threads = cfg.threads if cfg.threads > 0 else 1
         tag = uuid.uuid4().hex[:8]  # names let operators (and tests) find a run's actors
         # The data ref goes in a list so the actor fetches it itself: Ray keeps it alive through
         # our reference, and a restarted actor fetches it again.
-        self.actors = [
-            actor_cls.options(name=f"{ACTOR_PREFIX}{tag}-{s}").remote(
-                cfg, ids, [exp.parts[d] for d in ids], [self._data_ref], self.strategy, threads
-            )
-            for s, ids in enumerate(self.sharding.shards)
-        ]
+        with without_stderr_line(ACTOR_ARGS_NOTICE):  # intended here: see p2pl.sim.ray_start
+            self.actors = [
+                actor_cls.options(name=f"{ACTOR_PREFIX}{tag}-{s}").remote(
+                    cfg,
+                    ids,
+                    [exp.parts[d] for d in ids],
+                    [self._data_ref],
+                    self.strategy,
+                    threads,
+                    exp.setting.adversary.ids,
+                    device,
+                )
+                for s, ids in enumerate(self.sharding.shards)
+            ]
         self._errors: tuple[type[BaseException], ...] = (
             ray.exceptions.RayActorError,
             ray.exceptions.ObjectLostError,
@@ -393,6 +414,8 @@ class RayBackend:
         self._snapshot: list[Any] | None = None
         self._gathered: tuple[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None
         self._plans: tuple[str, list[ShardPlan], list[Any]] | None = None
+        self._coop = exp.algorithm.cooperation(exp.setting)
+        self._facts = exp.setting.facts()
         self._loaded: list[str | None] = [None] * k
         self.recoveries = 0
         self.halo_rows_moved = 0
@@ -458,7 +481,8 @@ class RayBackend:
 
     def start(self) -> Started:
         norms = torch.from_numpy(self._scatter(self._get([a.init_norms.remote() for a in self.actors])))
-        owner, steps, sent = _start_owner(self.exp, norms)
+        start = self.exp.algorithm.start(norms, self.exp.setting)  # only N norms reach the driver
+        owner, steps, sent = start.owner, start.steps, start.bytes_sent
         n = self.sharding.num_devices
         if not np.array_equal(owner, np.arange(n)):
             winners = np.unique(owner)  # usually one device: the global max-norm init
@@ -471,7 +495,7 @@ class RayBackend:
                     position[mine] = at + np.arange(mine.size)
                     at += mine.size
             self._get([
-                a.adopt.remote(position[owner[ids]], *blocks)
+                a.adopt.remote(position[owner[ids]], start.scale[ids], *blocks)
                 for a, ids in zip(self.actors, self.sharding.shards, strict=True)
             ])  # fmt: skip
         return Started(steps, float(np.mean(sent)))
@@ -491,29 +515,44 @@ class RayBackend:
         ]
         return self._scatter(self._get(refs))
 
-    def evaluate(self) -> tuple[np.ndarray, np.ndarray]:
-        parts = self._get([a.evaluate.remote() for a in self.actors])
-        return self._scatter([p[0] for p in parts]), self._scatter([p[1] for p in parts])
+    def evaluate(self, devices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        if devices is None:
+            parts = self._get([a.evaluate.remote() for a in self.actors])
+            return self._scatter([p[0] for p in parts]), self._scatter([p[1] for p in parts])
+        chosen = np.zeros(self.sharding.num_devices, dtype=bool)
+        chosen[devices] = True
+        picks = [ids[chosen[ids]] for ids in self.sharding.shards]  # each shard's chosen devices
+        local = [self.sharding.local_index[p] for p in picks]
+        parts = self._get([a.evaluate.remote(rows) for a, rows in zip(self.actors, local, strict=True)])
+        acc, loss = np.full(len(chosen), np.nan), np.full(len(chosen), np.nan)
+        for ids, (a, lo) in zip(picks, parts, strict=True):
+            acc[ids], loss[ids] = a, lo
+        return acc, loss
 
-    def exchange(self, links: RoundLinks) -> np.ndarray:
-        exp = self.exp
+    def exchange(self, links: RoundLinks, round_index: int) -> np.ndarray:
+        """The algorithm's cooperation stages, shard by shard (see core.cooperate)."""
         n = self.sharding.num_devices
-        # Bytes are the algorithm's own accounting, run on a one-column stand-in for the params.
-        sent = exp.algorithm.exchange(torch.zeros(n, 1), links, exp.setting).bytes_sent
-        if not links.cooperate or exp.algorithm.name == "local":
+        sent = np.zeros(n, dtype=np.int64)
+        if not links.cooperate or not self._coop.stages:
             return sent
-        if exp.algorithm.name == "fedavg":
-            self._fedavg(links)
-        else:
-            self._consensus(links)
+        self._get([a.begin.remote() for a in self.actors])
+        for step, stage in enumerate(self._coop.stages):
+            if isinstance(stage, Gossip):
+                self._gossip(stage, links, round_index, step)
+                sent += gossip_bytes(n, links.live_edges, self._facts)
+            elif isinstance(stage, GlobalMean):
+                self._global_mean(links, round_index, step)
+                sent += upload_bytes(links.active, self._facts)
+        pairs = zip(self.actors, self.sharding.shards, strict=True)
+        self._get([a.finish.remote(self._coop, links.active[ids]) for a, ids in pairs])
         return sent
 
-    def _fedavg(self, links: RoundLinks) -> None:
+    def _global_mean(self, links: RoundLinks, round_index: int, step: int) -> None:
         if not links.active.any():
             return
         sizes = self.exp.setting.data_sizes
         pairs = zip(self.actors, self.sharding.shards, strict=True)
-        parts = self._get([a.partial_average.remote(links.active[ids], sizes[ids]) for a, ids in pairs])
+        parts = self._get([a.upload.remote(links.active[ids], sizes[ids], round_index, step) for a, ids in pairs])
         used = [(avg, total) for avg, total in parts if avg is not None]
         means = torch.stack([_tensor(avg) for avg, _ in used])
         average = weighted_average(means, torch.tensor([total for _, total in used], dtype=torch.float64))
@@ -524,37 +563,35 @@ class RayBackend:
     def _plans_for(self, live_edges: np.ndarray) -> tuple[str, list[ShardPlan], list[Any]]:
         key = hashlib.sha256(live_edges.tobytes()).hexdigest()[:16]
         if self._plans is None or self._plans[0] != key:
-            setting = self.exp.setting
-            weights = mixing_weights(self.sharding.num_devices, live_edges, setting.weights, setting.data_sizes)
-            plans = consensus_plans(MixingOperator.of(weights, "edges"), self.sharding)
+            hoods = network_neighbourhoods(self.sharding.num_devices, live_edges, self._facts)
+            plans = consensus_plans(hoods, self.sharding)
             self._plans = (key, plans, [self._ray.put(p) for p in plans])
         return self._plans
 
-    def _consensus(self, links: RoundLinks) -> None:
+    def _halo_exchange(self, plans: list[ShardPlan]) -> list[list[Any]]:
+        """Every shard publishes its boundary rows; returns each shard's halo blocks (refs)."""
+        blocks: dict[tuple[int, int], Any] = {}  # (sender, receiver) -> object ref
+        for t, actor in enumerate(self.actors):
+            targets = plans[t].send_to
+            if targets:
+                refs = actor.publish.options(num_returns=len(targets)).remote()
+                refs = [refs] if len(targets) == 1 else refs
+                blocks |= {(t, s): r for s, r in zip(targets, refs, strict=True)}
+        for s in range(len(self.actors)):
+            self.halo_rows_moved += plans[s].halo_rows
+        return [[blocks[(t, s)] for t in plans[s].sources] for s in range(len(self.actors))]
+
+    def _gossip(self, stage: Gossip, links: RoundLinks, round_index: int, step: int) -> None:
         key, plans, plan_refs = self._plans_for(links.live_edges)
-        loads = []
-        for s, actor in enumerate(self.actors):
-            if self._loaded[s] != key:
-                loads.append(actor.load_plan.remote(key, plan_refs[s]))
+        loads = [a.load_plan.remote(key, plan_refs[s]) for s, a in enumerate(self.actors) if self._loaded[s] != key]
         self._get(loads)
         self._loaded = [key] * len(self.actors)
-        cfg = self.exp.cfg.consensus
-        absent = ~links.active
-        for step in range(cfg.steps):
-            blocks: dict[tuple[int, int], Any] = {}  # (sender, receiver) -> object ref
-            for t, actor in enumerate(self.actors):
-                targets = plans[t].send_to
-                if targets:
-                    refs = actor.publish.options(num_returns=len(targets)).remote()
-                    refs = [refs] if len(targets) == 1 else refs
-                    blocks |= {(t, s): r for s, r in zip(targets, refs, strict=True)}
-            done = []
-            for s, (actor, ids) in enumerate(zip(self.actors, self.sharding.shards, strict=True)):
-                halos = [blocks[(t, s)] for t in plans[s].sources]
-                shard_absent = absent[ids] if absent.any() else None
-                done.append(actor.mix.remote(step, cfg.steps, cfg.affinity, shard_absent, *halos))
-                self.halo_rows_moved += plans[s].halo_rows
-            self._get(done)
+        halos = self._halo_exchange(plans)
+        if self._facts.adversary.rewrites_rows:
+            # Attackers answer what they hear (ALIE): a second exchange carries the rows as sent.
+            self._get([a.attack.remote(round_index, step, *h) for a, h in zip(self.actors, halos, strict=True)])
+            halos = self._halo_exchange(plans)
+        self._get([a.gossip.remote(stage, *h) for a, h in zip(self.actors, halos, strict=True)])
 
     def consensus_distance(self) -> float:
         """(1/N) Σ ||θ_n − θ̄||² (as ``core.consensus.consensus_distance``) from per-shard sums."""
@@ -614,4 +651,4 @@ class RayBackend:
             self._ray.shutdown()
 
 
-__all__ = ["ACTOR_PREFIX", "RAY_ALGORITHMS", "RayBackend", "ShardPlan", "ShardWorker", "consensus_plans"]
+__all__ = ["ACTOR_PREFIX", "RayBackend", "ShardPlan", "ShardWorker", "consensus_plans"]
