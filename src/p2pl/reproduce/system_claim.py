@@ -71,7 +71,7 @@ def _less(what: str, p2pl: list[float | None], fed: list[float | None], unit: st
     if any(v is None for v in fed):
         return Check(f"{what}, P2PL - FedAvg < 0", HOLDS, "FedAvg never reached the target in some seed")
     diff = paired_difference([float(v) for v in p2pl if v is not None], [float(v) for v in fed if v is not None])
-    return Check(f"{what}, P2PL - FedAvg < 0", below(diff, 0), diff.format(digits=3 if unit == "s" else 2, sign=True)
+    return Check(f"{what}, P2PL - FedAvg < 0", below(diff, 0), diff.format(digits=1, sign=True)
                  + f" {unit}")  # fmt: skip
 
 
@@ -93,8 +93,8 @@ def judge_c7(claim: Claim, data: Data, s: SuiteSettings) -> Finding:
         energy = mean_ci((x.summary.get("energy_j_per_device") or {}).get("mean") for x in m.seeds)
         rows.append([
             name, rounds_cell(m.rounds_to(s.target, s.rounds), s.rounds),
-            _ci(costs[key][0]).format(digits=3) + " s", _ci(costs[key][1]).format(digits=2) + " J",
-            mean_ci(m.values("simulated_time_s")).format(digits=3) + " s", energy.format(digits=2) + " J",
+            _ci(costs[key][0]).format(digits=1) + " s", _ci(costs[key][1]).format(digits=1) + " J",
+            mean_ci(m.values("simulated_time_s")).format(digits=1) + " s", energy.format(digits=1) + " J",
             pct(m.final()),
         ])  # fmt: skip
     if p2pl is None or fed is None:
@@ -103,8 +103,8 @@ def judge_c7(claim: Claim, data: Data, s: SuiteSettings) -> Finding:
     checks = [_less(f"seconds to {pct(s.target)}", tp, tf, "s"), _less(f"J/device to {pct(s.target)}", ep, ef, "J")]
     headline = (
         f"to {pct(s.target)} mean accuracy at a {EDGE_UPLINK_MBPS:g} Mbit/s edge uplink: P2PL "
-        f"{_ci(tp).format(digits=3)} s and {_ci(ep).format(digits=2)} J/device, FedAvg {_ci(tf).format(digits=3)} s "
-        f"and {_ci(ef).format(digits=2)} J/device"
+        f"{_ci(tp).format(digits=1)} s and {_ci(ep).format(digits=1)} J/device, FedAvg {_ci(tf).format(digits=1)} s "
+        f"and {_ci(ef).format(digits=1)} J/device"
     )
     finding = Finding(verdict_of(checks), headline, cols, rows, checks=checks)
     first = fed.first  # the crossover replays one seed's FedAvg rounds at other edge rates
