@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "sweep": "run a grid of settings x seeds (parallel, resumable) into one results table",
     "topology": "describe the device graph of a config (and draw it)",
     "reproduce": "test the paper's claims (C1-C6) and write a report with tables and figures",
+    "robustness": "Byzantine attacks x aggregation rules: honest accuracy, report and figure",
     "node": "run one P2PL device over the network (see p2pl launch for many)",
     "launch": "run an experiment as N real p2pl node processes on this machine (loopback, mTLS)",
     "certs": "create the CA and device certificates for p2pl node",

@@ -35,6 +35,7 @@ Aggregation rules (``consensus.aggregation``; see docs/robustness.md):
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -175,8 +176,10 @@ def _mean(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: G
 
 
 def _spread(run: Callable[[T], None], jobs: list[T], device: torch.device) -> None:
-    """Run independent chunk jobs over torch's CPU threads (numpy and torch release the GIL)."""
-    workers = torch.get_num_threads() if device.type == "cpu" else 1
+    """Run independent chunk jobs over every CPU core (numpy's sort and torch's gathers release
+    the GIL). Not torch's thread count: a run keeps torch at one thread for its many small
+    training ops, while these chunks are large and independent."""
+    workers = (os.cpu_count() or 1) if device.type == "cpu" else 1
     if workers > 1 and len(jobs) > 1:
         with ThreadPoolExecutor(max_workers=workers) as threads:
             list(threads.map(run, jobs))
@@ -215,7 +218,8 @@ def _by_degree(
         # several times faster than torch.sort does along any axis on CPU.
         stack = torch.cat([own[idx].unsqueeze(2), pool[neighbour_rows].transpose(1, 2)], dim=2)
         if stack.device.type == "cpu":
-            ordered = torch.from_numpy(np.sort(stack.numpy(), axis=-1))
+            stack.numpy().sort(axis=-1)  # in place: no second copy of the block
+            ordered = stack
         else:
             ordered = stack.sort(dim=-1).values
         out[idx] = reduce(ordered)
