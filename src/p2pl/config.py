@@ -252,6 +252,8 @@ class OutputConfig:
     dir: str = "runs/default"
     checkpoint_every: int = 1  # rounds between resumable checkpoints (0: never)
     progress: bool = True
+    tensorboard: bool = False  # TensorBoard event files of every round's metrics in DIR/tensorboard/
+    mlflow: bool = False  # every round's metrics to MLflow (its tracking URI: MLFLOW_TRACKING_URI)
 
 
 @dataclass

@@ -92,7 +92,7 @@ def adopt(inits: torch.Tensor, start: SyncOutcome) -> torch.Tensor:
 
 def config_fingerprint(cfg: ExperimentConfig) -> str:
     """Identifies a run's numbers: everything but where and how verbosely it is written."""
-    neutral = replace(cfg, output=replace(cfg.output, dir="", progress=True))
+    neutral = replace(cfg, output=replace(cfg.output, dir="", progress=True, tensorboard=False, mlflow=False))
     return hashlib.sha256(dumps_config(neutral).encode()).hexdigest()[:16]
 
 

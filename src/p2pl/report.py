@@ -126,8 +126,12 @@ def accuracy_curves(h: History) -> dict[str, np.ndarray]:
             "max": np.nanmax(acc, 1)}  # fmt: skip
 
 
-def plot_accuracy(curves: dict[str, dict[str, np.ndarray]], path: Path, title: str = "", band: bool = True) -> None:
-    """Mean device accuracy per round (solid), min (dashed) and the min–max band, per run."""
+def plot_accuracy(
+    curves: dict[str, dict[str, np.ndarray]], path: Path, title: str = "", band: bool = True, caption: str = ""
+) -> None:
+    """Mean device accuracy per round (solid), min (dashed) and a band per run: the min–max over
+    devices, or ``band_low``..``band_high`` when a run's curves hold them (e.g. a CI over seeds).
+    ``caption`` (what was run, what the lines and bands are) goes under the axes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -141,16 +145,20 @@ def plot_accuracy(curves: dict[str, dict[str, np.ndarray]], path: Path, title: s
         ax.plot(c["round"], 100 * c["mean"], color=color, label=f"{name} mean")
         if c["min"] is not None and not np.allclose(c["min"], c["mean"]):
             ax.plot(c["round"], 100 * c["min"], color=color, linestyle="--", linewidth=1, label=f"{name} min")
-            if band:
+            if band and "band_low" not in c:
                 ax.fill_between(c["round"], 100 * c["min"], 100 * c["max"], color=color, alpha=0.12)
+        if band and "band_low" in c:
+            ax.fill_between(c["round"], 100 * c["band_low"], 100 * c["band_high"], color=color, alpha=0.15)
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2, loc="lower right")
     if title:
-        ax.set_title(title)
-    fig.tight_layout()
+        ax.set_title(title, fontsize=10)
+    if caption:
+        fig.text(0.01, 0.01, caption, fontsize=7.5, va="bottom", wrap=True)
+    fig.tight_layout(rect=(0, 0.07 if caption else 0, 1, 1))
     import io
 
     buf = io.BytesIO()

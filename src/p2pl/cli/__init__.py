@@ -23,6 +23,7 @@ from p2pl.errors import P2PLError
 COMMANDS: dict[str, str] = {
     "run": "run one experiment (default: P2PL, 100 devices, digits)",
     "compare": "run p2pl, fedavg, centralized and local side by side",
+    "sweep": "run a grid of settings x seeds (parallel, resumable) into one results table",
     "topology": "describe the device graph of a config (and draw it)",
     "reproduce": "test the paper's claims (C1-C6) and write a report with tables and figures",
     "robustness": "Byzantine attacks x aggregation rules: honest accuracy, report and figure",

@@ -7,25 +7,61 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from p2pl.algorithms import ALGORITHMS
 from p2pl.cli.common import add_config_arguments, add_output_arguments, config_from_args, out_dir
-from p2pl.config import OutputConfig
-from p2pl.report import accuracy_curves, console, plot_accuracy, round_progress, summary_table
-from p2pl.sim.simulator import run_experiment
-from p2pl.system.plots import plot_compare_costs
+from p2pl.config import ExperimentConfig, OutputConfig
+from p2pl.report import accuracy_curves, console, plot_accuracy, progress_console, round_progress, summary_table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("compare", help="run p2pl, fedavg, centralized and local side by side")
     add_config_arguments(parser)
     add_output_arguments(parser, "runs/compare")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="run each algorithm with seeds SEED..SEED+K-1 (into OUT/<algorithm>/seed-<s>/) and "
+                        "report mean ± 95%% CI over seeds (default 1)")  # fmt: skip
+    parser.add_argument("--workers", type=int, default=1, help="runs in parallel processes (with --seeds > 1)")
     parser.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
+    from p2pl.errors import P2PLError
+
     base = config_from_args(args)
+    if args.seeds < 1:
+        raise P2PLError(f"--seeds must be a positive integer, got {args.seeds}")
     # A config's own output.dir wins over the compare default; --out wins over both.
     directory = out_dir(args, base) if args.out or base.output.dir != OutputConfig().dir else Path("runs/compare")
+    if args.seeds == 1:
+        curves, finals = _one_seed(base, directory, args)
+    else:
+        curves, finals = _many_seeds(base, directory, args)
+    plot_accuracy(curves, directory / "accuracy.png", title=figure_title(base, args.seeds),
+                  caption=figure_caption(args.seeds))  # fmt: skip
+    p2pl, fedavg = finals["p2pl"], finals["fedavg"]
+    from p2pl.stats import paired_difference
+
+    mean_gap = paired_difference(p2pl["mean"], fedavg["mean"]).format(100, sign=True)
+    min_gap = paired_difference(p2pl["min"], fedavg["mean"]).format(100, sign=True)
+    over = f" (mean ± 95% CI over {args.seeds} seeds)" if args.seeds > 1 else ""
+    console.print(f"P2PL vs FedAvg{over}: mean {mean_gap} points, min {min_gap} points")
+    if args.seeds == 1:
+        from p2pl.system.plots import plot_compare_costs
+
+        if plot_compare_costs(directory, ALGORITHMS) is not None:  # [system] on: accuracy vs seconds and joules
+            console.print(f"accuracy against simulated seconds and joules: {directory}/cost.png")
+    console.print(f"results in {directory}/ (one folder per algorithm, accuracy.png)")
+    return 0
+
+
+Finals = dict[str, dict[str, list[float]]]  # algorithm -> mean/min -> final accuracy per seed
+
+
+def _one_seed(base: ExperimentConfig, directory: Path, args: argparse.Namespace) -> tuple[dict[str, Any], Finals]:
+    from p2pl.sim.simulator import run_experiment
+
     summaries: dict[str, dict[str, Any]] = {}
     curves = {}
     enabled = base.output.progress and not args.quiet
@@ -36,13 +72,79 @@ def main(args: argparse.Namespace) -> int:
         summaries[name] = result.summary
         curves[name] = accuracy_curves(result.history)
     console.print(summary_table(summaries, title=f"{base.devices} devices, {base.data.name}, {base.rounds} rounds"))
-    plot_accuracy(curves, directory / "accuracy.png", title="test accuracy per round: mean (solid), min (dashed)")
-    p2pl, fedavg = summaries["p2pl"]["final"]["accuracy"], summaries["fedavg"]["final"]["accuracy"]
-    console.print(
-        f"P2PL vs FedAvg: mean {100 * (p2pl['mean'] - fedavg['mean']):+.1f} points, "
-        f"min {100 * (p2pl['min'] - fedavg['min']):+.1f} points"
-    )
-    if plot_compare_costs(directory, ALGORITHMS) is not None:  # [system] on: accuracy vs seconds and joules
-        console.print(f"accuracy against simulated seconds and joules: {directory}/cost.png")
-    console.print(f"results in {directory}/ (one folder per algorithm, accuracy.png)")
-    return 0
+    finals = {n: {w: [s["final"]["accuracy"][w]] for w in ("mean", "min")} for n, s in summaries.items()}
+    return curves, finals
+
+
+def _many_seeds(base: ExperimentConfig, directory: Path, args: argparse.Namespace) -> tuple[dict[str, Any], Finals]:
+    from rich.table import Table
+
+    from p2pl.reproduce.suite import read_curves
+    from p2pl.stats import mean_ci
+    from p2pl.sweeps import FAILED, Job, run_jobs, seed_list
+
+    jobs = []
+    for name in ALGORITHMS:
+        for seed in seed_list(base.seed, args.seeds):
+            cfg = replace(base, algorithm=name, seed=seed, output=replace(base.output, progress=False))
+            jobs.append(Job(directory / name / f"seed-{seed}", cfg, seed=seed, label=f"{name}/seed-{seed}"))
+
+    def log(line: str) -> None:
+        progress_console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    outcomes = run_jobs(jobs, args.workers, fresh=args.fresh, log=None if args.quiet else log)
+    failed = [o for o in outcomes if o.status == FAILED]
+    if failed:
+        from p2pl.errors import P2PLError
+
+        raise P2PLError(f"{failed[0].job.name} failed: {failed[0].error} (see its error.txt; rerun to retry)")
+    table = Table(title=f"{base.devices} devices, {base.data.name}, {base.rounds} rounds: mean ± 95% CI over "
+                  f"{args.seeds} seeds", padding=(0, 1))  # fmt: skip
+    for col in ("run", "acc mean %", "acc min %", "MB/dev"):
+        table.add_column(col, justify="right" if col != "run" else "left", no_wrap=True)
+    curves: dict[str, Any] = {}
+    finals: Finals = {}
+    for name in ALGORITHMS:
+        mine = [o for o in outcomes if o.job.config.algorithm == name]
+        summaries = [o.summary for o in mine if o.summary is not None]
+        finals[name] = {w: [s["final"]["accuracy"][w] for s in summaries] for w in ("mean", "min")}
+        sent = mean_ci(s["bytes_sent_per_device"] for s in summaries)
+        table.add_row(name, mean_ci(finals[name]["mean"]).format(100), mean_ci(finals[name]["min"]).format(100),
+                      sent.format(1e-6, 2))  # fmt: skip
+        per_seed = [read_curves(o.job.directory) for o in mine]
+        curves[name] = _seed_curves(per_seed)
+    console.print(table)
+    return curves, finals
+
+
+def _seed_curves(per_seed: list[Any]) -> dict[str, np.ndarray]:
+    """Mean / min / max device accuracy averaged over seeds; the band: 95 % CI over seeds of the mean."""
+    from p2pl.stats import mean_ci
+
+    mean = np.stack([c.mean for c in per_seed])
+    cis = [mean_ci(mean[:, i]) for i in range(mean.shape[1])]
+    return {
+        "round": per_seed[0].round, "mean": mean.mean(0),
+        "min": np.stack([c.min for c in per_seed]).mean(0), "max": np.stack([c.max for c in per_seed]).mean(0),
+        "band_low": np.array([c.low for c in cis]), "band_high": np.array([c.high for c in cis]),
+    }  # fmt: skip
+
+
+def figure_title(cfg: ExperimentConfig, seeds: int) -> str:
+    """What was run, in one or two lines: algorithms, N, data, graph, weights, rounds, seeds."""
+    seed_text = f"seed {cfg.seed}" if seeds == 1 else f"seeds {cfg.seed}-{cfg.seed + seeds - 1}"
+    radius = f" r={cfg.topology.radius:g}" if cfg.topology.radius > 0 else " (automatic radius)"
+    graph = cfg.topology.name + (radius if cfg.topology.name == "random-geometric" else "")
+    partition = cfg.partition.scheme + (f" a={cfg.partition.alpha:g}" if cfg.partition.scheme == "dirichlet" else "")
+    return (f"P2PL vs FedAvg, centralized, local: {cfg.devices} devices, {cfg.data.name} ({partition}), "
+            f"{cfg.model.factory or cfg.model.name}\nP2PL on {graph} graph, {cfg.consensus.weights} weights, "
+            f"sync {'on' if cfg.sync.enabled else 'off'}; {cfg.rounds} rounds x {cfg.training.local_epochs} "
+            f"local epochs; {seed_text}")  # fmt: skip
+
+
+def figure_caption(seeds: int) -> str:
+    if seeds == 1:
+        return ("Test accuracy on the common test set. Solid: mean device; dashed: worst device; shaded: min-max "
+                "over devices. FedAvg and centralized hold one model, so their mean = min = max.")  # fmt: skip
+    return (f"Test accuracy on the common test set, averaged over {seeds} seeds. Solid: mean device; dashed: worst "
+            f"device; shaded: 95% confidence interval over seeds of the mean device (Student t).")  # fmt: skip

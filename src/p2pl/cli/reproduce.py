@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -22,7 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--quick", action="store_true", help="digits, 24 rounds: a few minutes on 2 cores")
     parser.add_argument("--out", default=None, help="output directory (default: runs/reproduce[-quick])")
     parser.add_argument("--data-root", default="data", help="where MNIST is looked for without --quick (data/)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of every run (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="first random seed of every run (default 0)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="repeat every run with seeds SEED..SEED+K-1: numbers become mean ± 95%% CI and "
+                        "verdicts are judged on the intervals (default 1)")  # fmt: skip
+    parser.add_argument("--workers", type=int, default=0,
+                        help="runs in parallel processes (default 0: one per CPU core)")  # fmt: skip
     parser.add_argument(
         "--rounds", type=int, default=None, help="rounds per run (default: 24 quick, 90 digits or 48 MNIST full)"
     )
@@ -38,19 +44,25 @@ def main(args: argparse.Namespace) -> int:
 
     if args.rounds is not None and args.rounds < 1:
         raise P2PLError(f"--rounds must be a positive integer, got {args.rounds}")
+    if args.seeds < 1:
+        raise P2PLError(f"--seeds must be a positive integer, got {args.seeds}")
+    if args.workers < 0:
+        raise P2PLError(f"--workers must be >= 0 (0: one per CPU core), got {args.workers}")
+    workers = args.workers or os.cpu_count() or 1
     only = tuple(c.strip().upper() for c in args.only.split(",") if c.strip()) or None
     claims = build_claims(only)
     out = Path(args.out or ("runs/reproduce-quick" if args.quick else "runs/reproduce"))
-    settings = suite_settings(args.quick, args.data_root, args.seed, args.rounds)
+    settings = suite_settings(args.quick, args.data_root, args.seed, args.rounds, seeds=args.seeds)
     t0 = time.perf_counter()
     if not args.quiet:
         console.print(f"reproduce: {len(claims)} claims on {settings.dataset} ({settings.dataset_note}), "
-                      f"{settings.rounds} rounds, results in {out}/")  # fmt: skip
+                      f"{settings.rounds} rounds, {args.seeds} seed(s), {workers} worker(s), "
+                      f"results in {out}/")  # fmt: skip
 
     def log(line: str) -> None:
         console.print(line, markup=False, highlight=False, soft_wrap=True)  # error texts may hold [brackets]
 
-    result = run_suite(out, settings, claims, fresh=args.fresh, log=None if args.quiet else log)
+    result = run_suite(out, settings, claims, fresh=args.fresh, log=None if args.quiet else log, workers=workers)
     path = write_report(result)
     console.print(f"report: {path} ({time.perf_counter() - t0:.0f} s)")
     if result.failures:

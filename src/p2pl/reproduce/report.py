@@ -19,8 +19,19 @@ import numpy as np
 
 from p2pl import atomic
 from p2pl.config import load_config
-from p2pl.reproduce.claims import Claim, Curves, Finding, Measured, Panel, SuiteSettings, label_of, pct
+from p2pl.reproduce.claims import (
+    VERDICT_RULE,
+    Claim,
+    Curves,
+    Finding,
+    Panel,
+    Runs,
+    SuiteSettings,
+    label_of,
+    pct,
+)
 from p2pl.reproduce.suite import FAILED, SuiteResult
+from p2pl.stats import FAILS, HOLDS
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -35,6 +46,7 @@ class _Line:
     curves: Curves
     band: bool
     show_local: bool
+    emphasize: bool = False  # a distinct style drawn on top (a run equal to another by construction)
 
 
 def _png(fig: Figure) -> bytes:
@@ -55,15 +67,21 @@ def _new_figure(panels: int) -> tuple[Figure, list[Axes]]:
     return fig, axes
 
 
-def _draw_panel(a: Axes, title: str, lines: list[_Line], failed: list[str]) -> None:
+def _draw_panel(a: Axes, title: str, lines: list[_Line], failed: list[str], zoom: bool = False) -> None:
     for i, line in enumerate(lines):
         c, color = line.curves, f"C{i}"
-        a.plot(c.round, 100 * c.mean, color=color, label=line.label + (", after consensus" if line.show_local else ""))
+        label = line.label + (", after consensus" if line.show_local else "")
+        if line.emphasize:  # dotted with markers, on top: the line it equals stays visible beneath
+            a.plot(c.round, 100 * c.mean, color="black", linestyle=":", linewidth=1.6, marker="o", markersize=3.5,
+                   markevery=max(1, len(c.round) // 12), zorder=5, label=label)  # fmt: skip
+        else:
+            a.plot(c.round, 100 * c.mean, color=color, label=label)
+        spread = not np.allclose(c.min, c.mean)
         # With the after-local curve drawn too, a worst-device line would be a third look-alike.
-        if not np.allclose(c.min, c.mean) and not line.show_local:
+        if spread and not line.show_local and not line.emphasize:
             a.plot(c.round, 100 * c.min, color=color, linestyle="--", linewidth=0.9)
-            if line.band:
-                a.fill_between(c.round, 100 * c.min, 100 * c.max, color=color, alpha=0.13)
+        if spread and line.band:
+            a.fill_between(c.round, 100 * c.min, 100 * c.max, color=color, alpha=0.13)
         if line.show_local and np.isfinite(c.local_mean).any():
             keep = np.isfinite(c.local_mean)
             a.plot(c.round[keep], 100 * c.local_mean[keep], color=color, linestyle=":",
@@ -74,28 +92,43 @@ def _draw_panel(a: Axes, title: str, lines: list[_Line], failed: list[str]) -> N
     a.set_title(title, fontsize=10)
     a.set_xlabel("round")
     a.set_ylabel("test accuracy (%)")
-    a.set_ylim(0, 100)
+    a.set_ylim(_zoomed_floor(lines) if zoom else 0, 100)
     a.grid(alpha=0.3)
     if lines:
         a.legend(fontsize=7, loc="lower right")
 
 
-def claim_figure(claim: Claim, data: dict[str, Measured | None], path: Path) -> None:
+def _zoomed_floor(lines: list[_Line]) -> float:
+    """A y floor just below every worst-device curve after the first quarter of the rounds."""
+    lows = []
+    for line in lines:
+        later = line.curves.round >= max(1, int(line.curves.round.max()) // 4)
+        if later.any():
+            lows.append(float(np.nanmin(line.curves.min[later])))
+    return max(0.0, 10 * np.floor(10 * min(lows)) - 10) if lows else 0.0
+
+
+def claim_figure(claim: Claim, data: dict[str, Runs | None], path: Path, seeds: int = 1) -> None:
     """The claim's panels: mean (solid), worst device (dashed), min–max band (shaded)."""
     fig, axes = _new_figure(len(claim.panels))
     for ax, panel in zip(axes, claim.panels, strict=True):
         lines, failed = _panel_lines(panel, data)
-        _draw_panel(ax, panel.title, lines, failed)
+        _draw_panel(ax, panel.title, lines, failed, panel.zoom)
     if any(p.show_local for p in claim.panels):
-        legend = "mean device after consensus (solid) and after local training (dotted), min-max band (shaded)"
+        legend = "mean device after consensus (solid) and after local training (dotted); shaded: min-max over devices"
     else:
-        legend = "mean device (solid), worst device (dashed), min-max band (shaded)"
-    fig.suptitle(f"{claim.id}: {claim.title}\n{legend}", fontsize=10)
+        legend = "mean device (solid), worst device (dashed); shaded: min-max over devices"
+    if seeds > 1:
+        legend += f"; every curve averaged over {seeds} seeds"
+    import textwrap
+
+    width = 90 if len(claim.panels) == 1 else 140  # characters that fit the figure's width
+    fig.suptitle(f"{claim.id}: {claim.title}\n" + textwrap.fill(legend, width), fontsize=10)
     fig.tight_layout()
     atomic.write_bytes(path, _png(fig))
 
 
-def _panel_lines(panel: Panel, data: dict[str, Measured | None]) -> tuple[list[_Line], list[str]]:
+def _panel_lines(panel: Panel, data: dict[str, Runs | None]) -> tuple[list[_Line], list[str]]:
     banded = set(panel.band) if panel.band else set(panel.keys) if len(panel.keys) <= _MAX_BANDS else set()
     lines, failed = [], []
     for key in panel.keys:
@@ -103,7 +136,8 @@ def _panel_lines(panel: Panel, data: dict[str, Measured | None]) -> tuple[list[_
         if m is None:
             failed.append(label_of(key))
             continue
-        lines.append(_Line(label_of(key), m.curves, key in banded, panel.show_local))
+        lines.append(_Line(label_of(key), m.curves(), key in banded, panel.show_local, key in panel.emphasize))
+    lines.sort(key=lambda line: line.emphasize)  # emphasized lines last: drawn on top
     return lines, failed
 
 
@@ -150,7 +184,16 @@ def _setup_lines(settings: SuiteSettings) -> list[str]:
     base = load_config(None, [*settings.base_overrides(), *settings.extra])
     t = base.training
     mode = "`--quick`" if settings.quick else "full"
+    seeds = settings.seed_values
+    if len(seeds) > 1:
+        stats = (f"- **Seeds:** {len(seeds)} ({seeds[0]}-{seeds[-1]}); every number is the mean ± the half-width "
+                 "of its 95 % confidence interval over seeds (Student t); a difference between two runs is "
+                 "paired by seed (same data split and initializations)")  # fmt: skip
+    else:
+        stats = (f"- **Seeds:** 1 ({seeds[0]}): no confidence intervals; checks are judged on single values, so "
+                 "a gap of a point or two can decide them; run with `--seeds 3` or more")  # fmt: skip
     return [
+        stats,
         f"- **Mode:** {mode}; **dataset:** {base.data.name}"
         + (f" ({settings.dataset_note})" if settings.dataset_note else ""),
         f"- **Devices:** {base.devices}; **rounds:** {base.rounds}; **seed:** {base.seed}; evaluation every "
@@ -164,14 +207,18 @@ def _setup_lines(settings: SuiteSettings) -> list[str]:
         f'- **Rules:** accuracy is the final round\'s test accuracy of each device; "reaches X" means '
         f">= X - {100 * settings.tolerance:.0f} pts; rounds to target = first evaluated round whose mean "
         f"device accuracy is >= {pct(settings.target)} (the worst device's is shown too)",
+        "- **Verdicts:** each claim is a list of checks, each judged on the 95 % CI of the quantity it is "
+        "about: it *holds* when the whole interval satisfies it, *fails* when the whole interval violates "
+        f"it, and is *undecided* otherwise. A claim is {VERDICT_RULE}.",
     ] + ([f"- **Extra overrides on every run:** `{' '.join(settings.extra)}`"] if settings.extra else [])
 
 
 def _claim_section(claim: Claim, finding: Finding, result: SuiteResult, figures: list[str]) -> str:
-    own = [result.outcomes[r.key] for r in claim.runs if r.key in result.outcomes]
+    ran = {o.spec.key for o in result.outcomes.values()}
+    own = [r for r in claim.runs if r.key in ran]
     shared = [k for k in claim.uses if k not in {r.key for r in claim.runs}]
-    runs = "\n".join(f"  - `{o.spec.key}`: {label_of(o.spec.key)} - `{' '.join(o.spec.overrides) or '(base)'}`"
-                     for o in own)  # fmt: skip
+    runs = "\n".join(f"  - `{r.key}`: {label_of(r.key)} - `{' '.join(r.overrides) or '(base)'}`"
+                     for r in own)  # fmt: skip
     if shared:
         runs += "\n  - reused from other claims: " + ", ".join(f"`{k}` ({label_of(k)})" for k in shared)
     parts = [
@@ -182,10 +229,14 @@ def _claim_section(claim: Claim, finding: Finding, result: SuiteResult, figures:
     ]
     if finding.notes:
         parts.append("\n".join(f"- {n}" for n in finding.notes))
-    parts.append(f"**Verdict: {finding.verdict}.** {finding.headline}.\n\n*Rule:* {claim.rule}")
-    failed = [result.outcomes[k] for k in claim.uses if k in result.outcomes and result.outcomes[k].status == FAILED]
+    parts.append(f"**Verdict: {finding.verdict}.** {finding.headline}.\n\n*Checks:* {claim.rule}")
+    if finding.checks:
+        mark = {HOLDS: "holds", FAILS: "fails"}
+        parts.append("\n".join(f"- {mark.get(c.outcome, 'undecided')}: {c.what} ({c.value})"
+                               for c in finding.checks))  # fmt: skip
+    failed = [o for o in result.outcomes.values() if o.spec.key in claim.uses and o.status == FAILED]
     if failed:
-        parts.append("**Failed runs:**\n\n" + "\n".join(f"- `{o.spec.key}`: {o.error}" for o in failed))
+        parts.append("**Failed runs:**\n\n" + "\n".join(f"- `{o.name}`: {o.error}" for o in failed))
     parts += [f"![{claim.id}: {name}](figures/{name})" for name in figures]
     return "\n\n".join(parts)
 
@@ -207,7 +258,8 @@ def _runs_table(result: SuiteResult) -> str:
 def render(result: SuiteResult, findings: dict[str, Finding], figures: dict[str, list[str]]) -> str:
     s = result.settings
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    command = "p2pl reproduce" + (" --quick" if s.quick else "") + f" --out {result.out}"
+    command = "p2pl reproduce" + (" --quick" if s.quick else "") + (f" --seeds {s.seeds}" if s.seeds > 1 else "")
+    command += f" --out {result.out}"
     glance = [
         [f"[{c.id}](#{c.id.lower()}-{_anchor(c.title)})", c.title, f"**{findings[c.id].verdict}**",
          findings[c.id].headline]
@@ -254,7 +306,7 @@ def write_report(result: SuiteResult) -> Path:
             finding = Finding("not measured", f"could not judge: {type(err).__name__}: {err}", [], [])
         findings[claim.id] = finding
         names = [f"{claim.id.lower()}.png"]
-        claim_figure(claim, data, fig_dir / names[0])
+        claim_figure(claim, data, fig_dir / names[0], len(result.settings.seed_values))
         points = finding.extra.get("gap_vs_rounds")
         if points:
             names.append(f"{claim.id.lower()}-spectral-gap.png")

@@ -1,4 +1,7 @@
-"""Run the claims' experiments into ``DIR/runs/<claim>/<name>/``: resumable, failure-tolerant.
+"""Run the claims' experiments into ``DIR/runs/<claim>/<name>/seed-<s>/``: resumable, failure-tolerant.
+
+Every run is repeated over the suite's seeds; the runs go through :mod:`p2pl.sweeps` (in parallel
+worker processes with ``workers`` > 1), so resuming and reuse follow the sweep's rules:
 
 * A run whose folder holds ``summary.json`` next to a ``config.toml`` equal to the config it would
   run now is finished: it is reused, not rerun (``fresh`` forces a rerun).
@@ -14,33 +17,31 @@ fresh one are treated the same way.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from p2pl import atomic
-from p2pl.config import ExperimentConfig, dumps_config
+from p2pl.config import ExperimentConfig
 from p2pl.reproduce.claims import (
     Claim,
     Curves,
     Measured,
+    Runs,
     RunSpec,
     SuiteSettings,
     build_claims,
     run_config,
     runs_needed,
 )
-from p2pl.sim.simulator import run_experiment
+from p2pl.sweeps import FAILED, RAN, REUSED, Job, JobOutcome, execute, run_jobs
 
-RAN, REUSED, FAILED = "ran", "reused", "failed"
 LogFn = Callable[[str], None]
+__all__ = ["FAILED", "RAN", "REUSED", "RunOutcome", "SuiteResult", "load_measured", "run_one", "run_suite"]
 
 
 @dataclass
@@ -51,6 +52,12 @@ class RunOutcome:
     seconds: float  # wall time spent on it in this invocation
     error: str | None = None  # one line, for the report (the traceback is in error.txt)
     measured: Measured | None = None
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        """Its folder under ``runs/``: ``C1/p2pl/seed-0``."""
+        return f"{self.spec.key}/seed-{self.seed}"
 
 
 @dataclass
@@ -58,11 +65,16 @@ class SuiteResult:
     out: Path
     settings: SuiteSettings
     claims: tuple[Claim, ...]
-    outcomes: dict[str, RunOutcome]  # by run key, in the order they ran
+    outcomes: dict[str, RunOutcome]  # by folder under runs/ (C1/p2pl/seed-0), in the suite's order
     seconds: float  # wall time of this invocation
 
-    def data(self) -> dict[str, Measured | None]:
-        return {key: o.measured for key, o in self.outcomes.items()}
+    def data(self) -> dict[str, Runs | None]:
+        """Run key -> its runs over the seeds; None if any seed failed (the claim is not measured)."""
+        grouped: dict[str, list[Measured | None]] = {}
+        for o in self.outcomes.values():
+            grouped.setdefault(o.spec.key, []).append(o.measured)
+        return {key: None if any(m is None for m in ms) else Runs(tuple(m for m in ms if m is not None))
+                for key, ms in grouped.items()}  # fmt: skip
 
     @property
     def failures(self) -> list[RunOutcome]:
@@ -120,42 +132,28 @@ def load_measured(directory: Path, cfg: ExperimentConfig) -> Measured:
 # running
 
 
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or "(no message)"
-    return f"{type(err).__name__}: {text}"
+def run_dir(runs_dir: Path, spec: RunSpec, seed: int) -> Path:
+    return runs_dir / spec.key / f"seed-{seed}"
 
 
-def run_one(spec: RunSpec, settings: SuiteSettings, runs_dir: Path, fresh: bool = False) -> RunOutcome:
-    """Reuse, resume or run one experiment; never raises for a failing experiment."""
-    directory = runs_dir / spec.key
-    t0 = time.perf_counter()
-    try:
-        cfg = run_config(spec, settings)
-        text = dumps_config(cfg)
-        config_file = directory / "config.toml"
-        same = config_file.is_file() and config_file.read_text(encoding="utf-8") == text
-        if same and not fresh and (directory / "summary.json").is_file():
-            measured = load_measured(directory, cfg)
-            if measured.summary.get("rounds_done") == cfg.rounds:  # not a run stopped early on purpose
-                return RunOutcome(spec, directory, REUSED, time.perf_counter() - t0, None, measured)
-        # A stale summary must not survive a rerun that fails midway (it would be reused next time).
-        (directory / "summary.json").unlink(missing_ok=True)
-        (directory / "error.txt").unlink(missing_ok=True)
-        run_experiment(cfg, directory, resume=same and not fresh)
-        return RunOutcome(spec, directory, RAN, time.perf_counter() - t0, None, load_measured(directory, cfg))
-    except Exception as err:  # one experiment's failure is a finding of the suite, not its end
-        message = _one_line(err)
-        with contextlib.suppress(OSError):  # the report still carries the message
-            atomic.write_text(directory / "error.txt", message + "\n\n" + traceback.format_exc())
-        return RunOutcome(spec, directory, FAILED, time.perf_counter() - t0, message)
+def _outcome(spec: RunSpec, job: JobOutcome) -> RunOutcome:
+    """A sweep outcome read back as the suite's (the numbers from the run's files)."""
+    out = RunOutcome(spec, job.job.directory, job.status, job.seconds, job.error, None, job.job.seed)
+    if job.status != FAILED:
+        try:
+            out.measured = load_measured(job.job.directory, job.job.config)
+        except (OSError, ValueError, KeyError) as err:  # unreadable files: a failed run, not a crash
+            out.status, out.error = FAILED, f"{type(err).__name__}: {err}"
+    return out
 
 
-def _describe(outcome: RunOutcome) -> str:
-    m = outcome.measured
-    if outcome.status == FAILED or m is None:
-        return f"FAILED ({outcome.error})"
-    acc = m.summary["final"]["accuracy"]
-    return f"{outcome.status} in {outcome.seconds:.1f} s, final accuracy mean {acc['mean']:.3f} min {acc['min']:.3f}"
+def run_one(
+    spec: RunSpec, settings: SuiteSettings, runs_dir: Path, fresh: bool = False, seed: int | None = None
+) -> RunOutcome:
+    """Reuse, resume or run one experiment (one seed); never raises for a failing experiment."""
+    seed = settings.seed if seed is None else seed
+    cfg = run_config(spec, settings, seed)
+    return _outcome(spec, execute(Job(run_dir(runs_dir, spec, seed), cfg, seed=seed, label=spec.key), fresh))
 
 
 def run_suite(
@@ -164,18 +162,22 @@ def run_suite(
     claims: tuple[Claim, ...] | None = None,
     fresh: bool = False,
     log: LogFn | None = None,
+    workers: int = 1,
 ) -> SuiteResult:
-    """Run every experiment the claims need (each shared run once) into ``out/runs``."""
+    """Run every experiment the claims need over every seed (each shared run once) into ``out/runs``."""
     out = Path(out)
     claims = build_claims() if claims is None else claims
-    specs = runs_needed(claims)
     t0 = time.perf_counter()
-    outcomes: dict[str, RunOutcome] = {}
-    for i, spec in enumerate(specs, 1):
-        if log is not None:
-            log(f"[{i}/{len(specs)}] {spec.key} ...")
-        outcome = run_one(spec, settings, out / "runs", fresh)
-        outcomes[spec.key] = outcome
-        if log is not None:
-            log(f"[{i}/{len(specs)}] {spec.key}: {_describe(outcome)}")
+    jobs: list[Job] = []
+    specs: dict[str, RunSpec] = {}
+    for spec in runs_needed(claims):
+        for seed in settings.seed_values:
+            directory = run_dir(out / "runs", spec, seed)
+            jobs.append(Job(directory, run_config(spec, settings, seed), seed=seed, label=f"{spec.key}/seed-{seed}"))
+            specs[str(directory)] = spec
+    results = run_jobs(jobs, workers, fresh=fresh, log=log)
+    outcomes = {}
+    for job in results:
+        outcome = _outcome(specs[str(job.job.directory)], job)
+        outcomes[outcome.name] = outcome
     return SuiteResult(out, settings, claims, outcomes, time.perf_counter() - t0)

@@ -41,6 +41,7 @@ from p2pl.results import summary as make_summary
 from p2pl.sim import checkpoint
 from p2pl.sim.backend import Backend, Started
 from p2pl.system.model import SystemModel, record_round_cost
+from p2pl.tracking import check_tracking, open_tracking
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
 T = TypeVar("T")
@@ -249,6 +250,7 @@ def run_experiment(
     ``backend`` = ``local`` (this process) or ``ray`` (``shards`` Ray actors, 0 = one per CPU
     of the cluster; ``address`` of an existing cluster, or None to start/join a local one).
     """
+    check_tracking(cfg)  # a missing tracking package fails before any work
     exp = build_experiment(cfg)
     chosen = "reference" if cfg.engine == "reference" else choose_strategy(exp.model, strategy, exp.dataset.input_shape)
     threads = configure_threads(cfg.threads, exp.num_devices, exp.spec.total, chosen)
@@ -305,6 +307,7 @@ def _run(
     files = ResultFiles(directory, exp.honest()) if directory is not None else None
     if files is not None:
         files.update(history)  # round 0 (and, on resume, the rounds already run) before round 1
+    tracking = open_tracking(cfg, directory)  # per-round observer: TensorBoard / MLflow if asked for
     last_round = cfg.rounds if stop_after is None else min(cfg.rounds, stop_after)
     for k in range(start_round, last_round + 1):
         t0 = time.perf_counter()
@@ -339,9 +342,11 @@ def _run(
             checkpoint.save(directory, state)
         if files is not None:
             files.update(history)  # metrics.csv / rounds.csv as each round ends
+        tracking.on_round(k, history)
         if progress is not None:
             last = history.accuracy[-1][exp.honest()] if exp.setting.adversary.active else history.accuracy[-1]
             progress(k, cfg.rounds, {"acc_mean": float(np.nanmean(last)), "acc_min": float(np.nanmin(last))})
+    tracking.close()
 
     facts = {
         "algorithm": cfg.algorithm,
