@@ -222,6 +222,26 @@ EXAMPLES: dict[str, tuple[list[Step] | Elsewhere, Check | None, str]] = {
         _has("runs/attacked/devices.csv"),
         "",
     ),
+    "p2pl sweep [CONFIG] --grid KEY=V1,V2 --seeds K --out DIR": (
+        [["sweep", "exp.toml", "--grid", "topology.name=ring,complete", "--seeds", "2", "--out", "runs/sw", *SMALL]],
+        _has("runs/sw/summary.csv"),
+        "",
+    ),
+    "p2pl sweep": (
+        [["sweep", "--grid", "consensus.weights=uniform,metropolis", "--seeds", "2", "--out", "runs/sw2", *SMALL]],
+        _has("runs/sw2/results.csv"),
+        "",
+    ),
+    "p2pl sweep --grid consensus.aggregation=mean,median --seeds 3 --out runs/sweep": (
+        [["sweep", "--grid", "consensus.aggregation=mean,median", "--seeds", "3", "--out", "runs/sweep", *SMALL]],
+        _has("runs/sweep/results.csv"),
+        "",
+    ),
+    "p2pl compare --seeds 3 --out runs/compare3": (
+        [["compare", "--seeds", "3", "--out", "runs/compare3", *SMALL]],
+        _has("runs/compare3/accuracy.png"),
+        "",
+    ),
     "p2pl robustness --quick --out runs/robustness": (
         [
             [
