@@ -56,6 +56,10 @@ print("EXIT", code, "HEAVY", [m for m in {heavy!r} if m in sys.modules], file=sy
         (["node", "--help"], 0),
         (["certs", "--help"], 0),
         (["topology", "--help"], 0),
+        (["compare", "--help"], 0),
+        (["reproduce", "--help"], 0),
+        (["sweep", "--help"], 0),
+        (["robustness", "--help"], 0),
         (["run", "--no-such-flag"], 2),
         (["no-such-command"], 2),
         (["run", "--set", "devices=0"], 2),  # a config error

@@ -92,6 +92,8 @@ class LinksConfig:
     mobility_pause: int = 0  # rounds a device pauses at each waypoint
 
 
+#: the algorithms (p2pl.algorithms.ALGORITHMS builds them; named here so the CLI need not import torch)
+ALGORITHM_NAMES = ("p2pl", "fedavg", "centralized", "local")
 SYNC_MODES = ("verified", "flood")
 AGGREGATIONS = ("mean", "trimmed-mean", "median", "clipped")
 ATTACKS = ("none", "sync-hijack", "scale", "sign-flip", "gaussian", "alie", "label-flip", "silent", "data-size")

@@ -9,6 +9,7 @@ from p2pl.algorithms.centralized import Centralized
 from p2pl.algorithms.fedavg import FedAvg
 from p2pl.algorithms.local import Local
 from p2pl.algorithms.p2pl import P2PL
+from p2pl.config import ALGORITHM_NAMES
 from p2pl.errors import choose
 
 #: algorithm name -> builder (``algorithm`` in a config).
@@ -18,6 +19,9 @@ ALGORITHMS: dict[str, Callable[[], Algorithm]] = {
     "centralized": Centralized,
     "local": Local,
 }
+
+
+assert tuple(ALGORITHMS) == ALGORITHM_NAMES  # the names the config and the CLI know
 
 
 def make_algorithm(name: str) -> Algorithm:

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from p2pl.algorithms import ALGORITHMS
 from p2pl.cli.common import add_config_arguments, add_output_arguments, config_from_args, out_dir
+from p2pl.config import ALGORITHM_NAMES as ALGORITHMS
 from p2pl.config import ExperimentConfig, OutputConfig
 from p2pl.report import accuracy_curves, console, plot_accuracy, progress_console, round_progress, summary_table
 
