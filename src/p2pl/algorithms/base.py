@@ -59,11 +59,6 @@ def gossip_stages(consensus: ConsensusConfig) -> tuple[Gossip, ...]:
     return (stage,) * consensus.steps
 
 
-def largest_norm(norms: torch.Tensor) -> int:
-    """The device whose initialization has the largest norm (ties: lowest id)."""
-    return int(torch.nonzero(norms == norms.max())[0, 0])
-
-
 def no_sync(owner: np.ndarray | list[int], num_devices: int) -> SyncOutcome:
     """A start that needs no messages: device i adopts ``owner[i]``'s init."""
     return SyncOutcome(np.asarray(owner, dtype=np.int64), np.ones(len(owner)), 0, np.zeros(num_devices, dtype=np.int64))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from p2pl.algorithms.base import Algorithm, Setting, largest_norm, no_sync
+from p2pl.algorithms.base import Algorithm, Setting, no_sync
 from p2pl.core.cooperate import Cooperation
-from p2pl.core.sync import SyncOutcome
+from p2pl.core.sync import SyncOutcome, largest_norm
 
 
 class Centralized(Algorithm):

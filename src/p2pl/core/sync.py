@@ -33,11 +33,26 @@ class SyncResult:
     steps: int  # steps in which some device changed (communication rounds used)
 
 
+def better_claim(a: tuple[float, int], b: tuple[float, int]) -> bool:
+    """The sync order on (norm, device id) pairs: larger norm wins, ties go to the lower id."""
+    return a[0] > b[0] or (a[0] == b[0] and a[1] < b[1])
+
+
+def norm_order(norms: torch.Tensor) -> np.ndarray:
+    """Device ids best first in the sync order (:func:`better_claim`)."""
+    return np.lexsort((np.arange(norms.shape[0]), -norms.double().numpy()))
+
+
+def largest_norm(norms: torch.Tensor) -> int:
+    """The device whose initialization wins max-norm sync (largest norm, ties: lowest id)."""
+    return int(norm_order(norms)[0])
+
+
 def max_norm_owner(norms: torch.Tensor, edges: np.ndarray, max_steps: int = 0) -> SyncResult:
     """Run the max-norm flood over undirected ``edges`` [E, 2]; ``max_steps`` 0 = until stable."""
     n = norms.shape[0]
-    # Rank devices by (-norm, id): "largest norm, ties to the lowest id" becomes "smallest rank".
-    order = torch.from_numpy(np.lexsort((np.arange(n), -norms.double().numpy())))
+    # Rank devices in the sync order: "largest norm, ties to the lowest id" becomes "smallest rank".
+    order = torch.from_numpy(norm_order(norms))
     rank = torch.empty(n, dtype=torch.int64)
     rank[order] = torch.arange(n)
     e = torch.from_numpy(np.asarray(edges, dtype=np.int64).reshape(-1, 2))

@@ -75,6 +75,7 @@ from p2pl.core.device import resolve_device
 from p2pl.core.evaluate import evaluate
 from p2pl.core.params import ParamSpec, init_device_params
 from p2pl.core.schedule import Partition
+from p2pl.core.sync import better_claim
 from p2pl.core.train import VectorizedTrainer
 from p2pl.data.base import Dataset
 from p2pl.errors import P2PLError
@@ -156,11 +157,6 @@ def mix_row(
     return gossip(own.reshape(1, -1), pool, one_row(self_weight, weights), stage)[0]
 
 
-def _better(a: tuple[float, int], b: tuple[float, int]) -> bool:
-    """Max norm synchronization order: larger norm wins, ties go to the lower device index."""
-    return a[0] > b[0] or (a[0] == b[0] and a[1] < b[1])
-
-
 @dataclass(frozen=True)
 class SyncOutcome:
     owner: str
@@ -182,7 +178,7 @@ class Claim:
     owner: str
 
     def beats(self, other: Claim) -> bool:
-        return _better((self.norm, self.index), (other.norm, other.index))
+        return better_claim((self.norm, self.index), (other.norm, other.index))
 
     def extras(self) -> dict[str, Any]:
         return {"norm": self.norm, "owner": self.owner, "owner_index": self.index}

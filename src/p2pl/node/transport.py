@@ -247,9 +247,6 @@ class PeerServer:
             host = "127.0.0.1"
         return f"{host}:{self.port}"
 
-    def set_fetch_handler(self, fetch_handler: FetchHandler | None) -> None:
-        self._fetch_handler = fetch_handler
-
     def stats(self) -> dict[str, int]:
         """Counters: ``send.received``, ``send.accepted``, ``send.rejected.<category>``, ``fetch.*``,
         ``bytes.sent`` (the bytes of the fetch replies this server sent)."""
