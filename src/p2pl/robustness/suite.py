@@ -15,27 +15,23 @@ compares one set of devices.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
-import multiprocessing
 import time
-import traceback
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from p2pl import atomic
-from p2pl.config import ExperimentConfig, dumps_config
+from p2pl import atomic, sweeps
+from p2pl.config import ExperimentConfig
 from p2pl.errors import P2PLError
 from p2pl.robustness.grid import NO_ATTACK, GridSettings, RunSpec
+from p2pl.sweeps import FAILED, RAN, REUSED
 
-RAN, REUSED, FAILED = "ran", "reused", "failed"
 LogFn = Callable[[str], None]
 
 
@@ -119,49 +115,11 @@ def load_measured(directory: Path) -> Measured:
 # running
 
 
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or "(no message)"
-    return f"{type(err).__name__}: {text}"
-
-
-def _finished(directory: Path, text: str, rounds: int) -> bool:
-    config_file, summary_file = directory / "config.toml", directory / "summary.json"
-    if not (config_file.is_file() and summary_file.is_file()):
-        return False
-    if config_file.read_text(encoding="utf-8") != text:
-        return False
-    with contextlib.suppress(ValueError, OSError):
-        return bool(json.loads(summary_file.read_text(encoding="utf-8")).get("rounds_done") == rounds)
-    return False
-
-
 def execute(cfg: ExperimentConfig, directory: Path, fresh: bool) -> tuple[str, str | None]:
-    """Reuse, resume or run one experiment: (status, one-line error). Never raises for a failing
-    run (it runs in a worker process too, so it returns plain values)."""
-    from p2pl.sim.simulator import run_experiment  # heavy: only where a run really happens
-
-    try:
-        text = dumps_config(cfg)
-        if not fresh and _finished(directory, text, cfg.rounds):
-            return REUSED, None
-        config_file = directory / "config.toml"
-        same = config_file.is_file() and config_file.read_text(encoding="utf-8") == text
-        # A stale summary must not survive a rerun that fails midway (it would be reused next time).
-        (directory / "summary.json").unlink(missing_ok=True)
-        (directory / "error.txt").unlink(missing_ok=True)
-        run_experiment(cfg, directory, resume=same and not fresh)
-        return RAN, None
-    except Exception as err:  # one run's failure is a finding of the grid, not its end
-        message = _one_line(err)
-        with contextlib.suppress(OSError):  # the report still carries the message
-            atomic.write_text(directory / "error.txt", message + "\n\n" + traceback.format_exc())
-        return FAILED, message
-
-
-def _timed_execute(cfg: ExperimentConfig, directory: Path, fresh: bool) -> tuple[str, str | None, float]:
-    t0 = time.perf_counter()
-    status, error = execute(cfg, directory, fresh)
-    return status, error, time.perf_counter() - t0
+    """Reuse, resume or run one experiment: (status, one-line error); never raises for a failing
+    run. The sweep's own runner (``p2pl.sweeps``), so both decide "finished" the same way."""
+    outcome = sweeps.execute(sweeps.Job(directory, cfg), fresh)
+    return outcome.status, outcome.error
 
 
 def _outcome(spec: RunSpec, directory: Path, status: str, error: str | None, seconds: float) -> RunOutcome:
@@ -170,52 +128,22 @@ def _outcome(spec: RunSpec, directory: Path, status: str, error: str | None, sec
     try:
         return RunOutcome(spec, directory, status, seconds, None, load_measured(directory))
     except (OSError, ValueError, KeyError, P2PLError) as err:
-        return RunOutcome(spec, directory, FAILED, seconds, f"unreadable results: {_one_line(err)}")
-
-
-def _describe(o: RunOutcome) -> str:
-    if o.measured is None:
-        return f"FAILED ({o.error})"
-    acc = o.measured.summary["final"]["accuracy"]
-    return f"{o.status} in {o.seconds:.1f} s, honest accuracy mean {acc['mean']:.3f} worst {acc['min']:.3f}"
+        return RunOutcome(spec, directory, FAILED, seconds, f"unreadable results: {type(err).__name__}: {err}")
 
 
 def run_grid(
     out: str | Path, settings: GridSettings, workers: int = 1, fresh: bool = False, log: LogFn | None = None
 ) -> GridResult:
-    """Run every (scenario, rule) of the grid into ``out/runs`` and read the results back."""
-    if workers < 1:
-        raise P2PLError(f"--workers must be a positive integer, got {workers}")
+    """Run every (scenario, rule) of the grid into ``out/runs`` (in ``workers`` processes, by the
+    sweep runner: resumable, a failing run is an outcome) and read the results back."""
     out = Path(out)
     specs = settings.specs()
     t0 = time.perf_counter()
-    done: dict[str, RunOutcome] = {}
-    total = len(specs)
-
-    def record(spec: RunSpec, status: str, error: str | None, seconds: float) -> None:
-        done[spec.key] = _outcome(spec, out / "runs" / spec.key, status, error, seconds)
-        if log is not None:
-            log(f"[{len(done)}/{total}] {spec.key}: {_describe(done[spec.key])}")
-
-    if workers == 1:
-        for spec in specs:
-            record(spec, *_timed_execute(settings.config(spec), out / "runs" / spec.key, fresh))
-    else:
-        # spawn: a fresh interpreter per worker, no forked torch thread pools or locks.
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(workers, total), mp_context=context) as pool:
-            pending: dict[Future[tuple[str, str | None, float]], RunSpec] = {
-                pool.submit(_timed_execute, settings.config(s), out / "runs" / s.key, fresh): s for s in specs
-            }
-            while pending:
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    spec = pending.pop(future)
-                    try:
-                        record(spec, *future.result())
-                    except Exception as err:  # the worker process itself died
-                        record(spec, FAILED, f"worker failed: {_one_line(err)}", 0.0)
-    outcomes = {s.key: done[s.key] for s in specs}
+    jobs = [sweeps.Job(out / "runs" / s.key, settings.config(s), label=s.key) for s in specs]
+    done = sweeps.run_jobs(jobs, workers=workers, fresh=fresh, log=log)
+    outcomes = {
+        s.key: _outcome(s, o.job.directory, o.status, o.error, o.seconds) for s, o in zip(specs, done, strict=True)
+    }
     return GridResult(out, settings, outcomes, time.perf_counter() - t0)
 
 
