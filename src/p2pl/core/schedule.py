@@ -11,6 +11,7 @@ holding only its own data all walk exactly the same batches.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -38,6 +39,34 @@ class Partition:
     def sizes(self) -> np.ndarray:
         return np.array([len(p) for p in self.indices], dtype=np.int64)
 
+    @cached_property
+    def _layout(self) -> _SampleLayout:
+        """What every epoch's plan reuses (computed once per partition: a plan is built every
+        local epoch of every round, and these parts were half of its cost)."""
+        return _SampleLayout.of(self)
+
+
+@dataclass(frozen=True)
+class _SampleLayout:
+    """Every device's samples one after another (device rows in order), with the part of each
+    sample's shuffle key that does not depend on the round or epoch."""
+
+    sizes: np.ndarray  # int64 [N]
+    segment: np.ndarray  # int64 [total]: the device row of each sample
+    within: np.ndarray  # int64 [total]: its position in its device's data
+    samples: np.ndarray  # int64 [total]: its global training index
+    fixed_key: np.ndarray  # uint64 [total]: hash(device id) ^ hash(position), see shuffle_keys
+
+    @staticmethod
+    def of(partition: Partition) -> _SampleLayout:
+        sizes = partition.sizes
+        total = int(sizes.sum())
+        segment = np.repeat(np.arange(len(sizes)), sizes)
+        within = np.arange(total) - np.repeat(np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes)
+        device = np.asarray(partition.device_ids, dtype=np.int64)[segment]
+        samples = np.concatenate(partition.indices) if total else np.zeros(0, dtype=np.int64)
+        return _SampleLayout(sizes, segment, within, samples, _fixed_keys(device, within))
+
 
 def _mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64 finalizer: a fast, well-mixed 64-bit hash (uint64 arithmetic wraps)."""
@@ -46,12 +75,22 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def shuffle_keys(seed: int, round_index: int, epoch: int, device: np.ndarray, position: np.ndarray) -> np.ndarray:
-    """Sort keys for samples at ``position`` of ``device``'s data in this (round, epoch)."""
-    base = np.uint64(derive_seed(seed, "shuffle", round_index, epoch))
+def _fixed_keys(device: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """The round- and epoch-independent part of :func:`shuffle_keys`."""
     with np.errstate(over="ignore"):
         dev = _mix64(device.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15))
-        return _mix64(base ^ dev ^ _mix64(position.astype(np.uint64)))
+        return dev ^ _mix64(position.astype(np.uint64))
+
+
+def _keys(seed: int, round_index: int, epoch: int, fixed_key: np.ndarray) -> np.ndarray:
+    base = np.uint64(derive_seed(seed, "shuffle", round_index, epoch))
+    with np.errstate(over="ignore"):
+        return _mix64(base ^ fixed_key)
+
+
+def shuffle_keys(seed: int, round_index: int, epoch: int, device: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """Sort keys for samples at ``position`` of ``device``'s data in this (round, epoch)."""
+    return _keys(seed, round_index, epoch, _fixed_keys(device, position))
 
 
 @dataclass(frozen=True)
@@ -85,17 +124,15 @@ class EpochPlan:
 
 
 def epoch_plan(partition: Partition, seed: int, round_index: int, epoch: int, batch_size: int) -> EpochPlan:
-    sizes = partition.sizes
-    n_dev, total = len(sizes), int(sizes.sum())
+    layout = partition._layout
+    sizes = layout.sizes
+    n_dev, total = len(sizes), len(layout.samples)
     max_size = int(sizes.max()) if n_dev else 0
-    order = torch.zeros(n_dev, max_size, dtype=torch.int64)
-    if total == 0:
-        return EpochPlan(order, torch.from_numpy(sizes), batch_size)
-    segment = np.repeat(np.arange(n_dev), sizes)
-    within = np.arange(total) - np.repeat(np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes)
-    keys = shuffle_keys(seed, round_index, epoch, np.asarray(partition.device_ids)[segment], within)
-    # One sort orders every device's samples by its own keys (segments never interleave).
-    rank = np.lexsort((within, keys, segment))
-    samples = np.concatenate(partition.indices)
-    order[torch.from_numpy(segment), torch.from_numpy(within)] = torch.from_numpy(samples[rank])
-    return EpochPlan(order, torch.from_numpy(sizes), batch_size)
+    order = np.zeros((n_dev, max_size), dtype=np.int64)
+    if total:
+        keys = _keys(seed, round_index, epoch, layout.fixed_key)
+        # One stable sort orders every device's samples by its own keys (segments never
+        # interleave; equal keys keep their positions' order).
+        rank = np.lexsort((keys, layout.segment))
+        order[layout.segment, layout.within] = layout.samples[rank]
+    return EpochPlan(torch.from_numpy(order), torch.from_numpy(sizes.copy()), batch_size)

@@ -122,24 +122,35 @@ class _Workspace:
         return buf[:n]
 
 
+BlockSink = Callable[[int, int, torch.Tensor], None]  # (first column, end column, gradient block [n, width])
+
+
 class _MlpLossGrad:
     """A plain MLP's batched forward and hand-written backward: each weight gradient is one
-    batched matmul in its own [n, out, in] layout, written into its slice of a reused [n, P]
-    gradient buffer. Autograd's version transposed every weight gradient back into row layout
-    and concatenated the pieces: ~60 % of a step (BENCHMARKS.md). Same sums as autograd, so
-    results agree with it to float rounding (tests compare both and the reference engine)."""
+    batched matmul in its own [n, out, in] layout into a reused buffer. ``__call__`` assembles
+    them into a reused [n, P] gradient (what the other strategies return); ``train_step`` hands
+    each block straight to the optimizer instead (:class:`p2pl.core.optim.Update`), so no
+    gradient is assembled at all. Autograd's version transposed every weight gradient back into
+    row layout and concatenated the pieces: ~60 % of a step (BENCHMARKS.md). Same sums as
+    autograd, so results agree with it to float rounding (tests compare both and the reference
+    engine)."""
 
     def __init__(self, model: nn.Module, spec: ParamSpec) -> None:
         self.spec = spec
         self.layers = list(model)  # type: ignore[call-overload]
         self.first_linear = min(i for i, layer in enumerate(self.layers) if isinstance(layer, nn.Linear))
+        ends = np.cumsum(spec.numels).tolist()
+        self.columns = {name: (end - size, end) for name, size, end in zip(spec.names, spec.numels, ends, strict=True)}
+        if self.columns[f"{self.first_linear}.weight"][0] != 0:  # a plain MLP's parameters start with it
+            raise P2PLError("the bmm strategy expects the first Linear's weight to lead the parameters")
         self.work = _Workspace()
         self._views: dict[tuple[int, tuple[int, ...], tuple[int, ...]], dict[str, torch.Tensor]] = {}
+        self._minus_one: torch.Tensor | None = None
 
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """``spec.unflatten(flat)``, kept while the same tensor comes back (the parameters when
-        every device steps, the gradient buffer): rebuilding them was 8 % of a step. A kept view
-        holds its storage alive, so no other tensor can take its address until ``release``."""
+        every device steps): rebuilding them was 8 % of a step. A kept view holds its storage
+        alive, so no other tensor can take its address until ``release``."""
         key = (flat.data_ptr(), tuple(flat.shape), tuple(flat.stride()))
         found = self._views.get(key)
         if found is None:
@@ -155,9 +166,21 @@ class _MlpLossGrad:
     def __call__(
         self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        grads = self.work.get("grads", flat)
+
+        def into_buffer(lo: int, hi: int, block: torch.Tensor) -> None:
+            grads[:, lo:hi].copy_(block)
+
+        return grads, self.train_step(flat, x, y, mask, into_buffer)
+
+    def train_step(
+        self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, sink: BlockSink
+    ) -> torch.Tensor:
+        """Forward and backward of every device; each gradient block goes to ``sink`` once the
+        parameters it belongs to are no longer needed (so ``sink`` may update them in place).
+        Returns the losses [n]."""
         layers, work = self.layers, self.work
-        grads = work.get("grads", flat)
-        p, g = self.views(flat), self.views(grads)
+        p = self.views(flat)
         h = x.flatten(2)  # [n, b, features]
         inputs: dict[int, torch.Tensor] = {}  # each Linear's input, for its weight gradient
         relu_out: dict[int, torch.Tensor] = {}  # each ReLU's output, for its backward
@@ -174,23 +197,40 @@ class _MlpLossGrad:
         losses = (per_sample * mask).sum(1) / count
         # d(masked mean cross-entropy)/d(logits) = (softmax - onehot) * mask / count
         delta = log_probs.exp_()
-        delta.scatter_add_(2, target, torch.full_like(per_sample, -1.0).unsqueeze(2))
+        delta.scatter_add_(2, target, self._minus_ones(target))
         delta.mul_((mask / count.unsqueeze(1)).unsqueeze(2))
-        for i in range(len(layers) - 1, self.first_linear - 1, -1):
+        n, first = flat.shape[0], self.first_linear
+        # The first layer's weight is the leading column block and most of the parameters: its
+        # gradient goes to the sink as it comes out of its matmul. Every later column (that
+        # layer's bias and the later layers) is gathered in one small contiguous block, so
+        # the sink sees two blocks per step rather than two per layer.
+        tail_start = self.columns[f"{first}.weight"][1]
+        tail = work.get("tail", flat[:, tail_start:])
+        for i in range(len(layers) - 1, first - 1, -1):
             if i in relu_out:
                 # autograd's own ReLU backward: one fused op (a bool mask and a fill were 10x slower)
                 delta = torch.ops.aten.threshold_backward(delta, relu_out[i], 0)
             elif i in inputs:
-                weight_grad = g[f"{i}.weight"]
-                scratch = work.get(f"{i}.weight", weight_grad)
-                # bmm cannot write into a row-strided view without a copy of its own: a
-                # contiguous scratch, then one plain copy into the [n, P] buffer.
-                torch.bmm(delta.transpose(1, 2), inputs[i], out=scratch)
-                weight_grad.copy_(scratch)
-                g[f"{i}.bias"].copy_(delta.sum(1))
-                if i != self.first_linear:
-                    delta = torch.bmm(delta, p[f"{i}.weight"])
-        return grads, losses
+                weight = p[f"{i}.weight"]
+                weight_grad = work.get(f"{i}.weight", weight)
+                torch.bmm(delta.transpose(1, 2), inputs[i], out=weight_grad)
+                lo, hi = self.columns[f"{i}.bias"]
+                torch.sum(delta, 1, out=tail[:, lo - tail_start : hi - tail_start])
+                if i != first:
+                    delta = torch.bmm(delta, weight)
+                    lo, hi = self.columns[f"{i}.weight"]
+                    tail[:, lo - tail_start : hi - tail_start].copy_(weight_grad.view(n, -1))
+        # Only now are the parameters no longer needed: the sink may update them in place.
+        sink(0, tail_start, work.get(f"{first}.weight", p[f"{first}.weight"]).view(n, -1))
+        sink(tail_start, flat.shape[1], tail)
+        return losses
+
+    def _minus_ones(self, like: torch.Tensor) -> torch.Tensor:
+        """-1 at every (device, sample): the one-hot subtracted from the softmax (reused)."""
+        ones = self._minus_one
+        if ones is None or ones.shape != like.shape or ones.device != like.device:
+            ones = self._minus_one = torch.full(like.shape, -1.0, device=like.device)
+        return ones
 
 
 def _loop_loss_grad(model: nn.Module, spec: ParamSpec) -> LossGrad:
@@ -292,42 +332,56 @@ class VectorizedTrainer:
 
     def train(self, params: torch.Tensor, round_index: int, work: np.ndarray | None = None) -> RoundStats:
         """Run this round's local epochs, updating ``params [N, P]`` in place."""
-        limits = step_limits(self.partition.sizes, self.cfg, work)
-        taken = torch.zeros(self.num_devices, dtype=torch.int64)
+        limits = step_limits(self.partition.sizes, self.cfg, work).numpy()
+        sizes = self.partition.sizes
+        per_epoch = (sizes + self.cfg.batch_size - 1) // self.cfg.batch_size
+        taken = np.zeros(self.num_devices, dtype=np.int64)
         loss_sum = torch.zeros(self.num_devices, dtype=torch.float64)
         for epoch in range(self.cfg.local_epochs):
-            if not bool((taken < limits).any()):
+            # Steps each device takes this epoch: its batches, or fewer once its limit is reached.
+            steps = np.minimum(per_epoch, np.maximum(limits - taken, 0))
+            if not steps.any():
                 break
             plan = epoch_plan(self.partition, self.seed, round_index, epoch, self.cfg.batch_size)
-            for t in range(plan.max_steps):
-                active = (t < plan.steps) & (taken < limits)
-                if not bool(active.any()):
-                    break
-                self._step(params, plan, t, active, loss_sum)
-                taken += active.long()
+            everyone = int(steps.min())
+            for t in range(int(steps.max())):
+                rows = None if t < everyone else torch.from_numpy(np.flatnonzero(steps > t))
+                self._step(params, plan, t, rows, loss_sum)
+            taken += steps
         if isinstance(self.loss_grad, _MlpLossGrad):
             self.loss_grad.release()
-        mean = torch.where(taken > 0, loss_sum / taken.clamp_min(1), torch.full_like(loss_sum, float("nan")))
-        return RoundStats(mean.float(), taken)
+        steps_taken = torch.from_numpy(taken)
+        mean = torch.where(
+            steps_taken > 0, loss_sum / steps_taken.clamp_min(1), torch.full_like(loss_sum, float("nan"))
+        )
+        return RoundStats(mean.float(), steps_taken)
 
     def _step(
-        self, params: torch.Tensor, plan: EpochPlan, t: int, active: torch.Tensor, loss_sum: torch.Tensor
+        self, params: torch.Tensor, plan: EpochPlan, t: int, rows: torch.Tensor | None, loss_sum: torch.Tensor
     ) -> None:
-        idx, mask = plan.batch(t)
-        everyone = bool(active.all())
-        rows = None if everyone else active.nonzero().squeeze(1)
+        """Step ``t`` of an epoch for every device (``rows`` None) or for ``rows`` only."""
+        lo = t * plan.batch_size
+        sizes = plan.sizes if rows is None else plan.sizes[rows]
+        order = plan.order[:, lo : lo + plan.batch_size]
         if rows is not None:
-            idx, mask = idx[rows], mask[rows]
+            order = order[rows]
         # Trim padding columns nobody in this step uses (keeps batch tensors tight).
-        width = int(mask.sum(1).max())
-        idx, mask = idx[:, :width], mask[:, :width]
+        width = min(plan.batch_size, int(sizes.max()) - lo)
+        idx = order[:, :width]
+        mask = torch.arange(lo, lo + width).unsqueeze(0) < sizes.unsqueeze(1)
         on_device = rows if rows is None or self.device.type == "cpu" else rows.to(self.device)
         if self.device.type != "cpu":  # the schedule is CPU bookkeeping: ship this step's part
             idx, mask = idx.to(self.device), mask.to(self.device)
-        x, y = self.x_train[idx], self.y_train[idx]
-        flat = params if on_device is None else params[on_device]
-        grads, losses = self.loss_grad(flat, x, y, mask.to(x.dtype))
-        optim.step(self.cfg, params, grads, self.state, on_device)
+        flat_idx = idx.reshape(-1)
+        x = self.x_train.index_select(0, flat_idx).view(*idx.shape, *self.x_train.shape[1:])
+        y = self.y_train.index_select(0, flat_idx).view(idx.shape)
+        update = optim.Update(self.cfg, params, self.state, on_device)
+        if isinstance(self.loss_grad, _MlpLossGrad):
+            losses = self.loss_grad.train_step(update.params, x, y, mask.to(x.dtype), update.columns)
+        else:
+            grads, losses = self.loss_grad(update.params, x, y, mask.to(x.dtype))
+            update.columns(0, params.shape[1], grads)
+        update.finish()
         if rows is None:
             loss_sum += losses.double().cpu()
         else:
