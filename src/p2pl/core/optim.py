@@ -47,14 +47,18 @@ class Update:
     together must cover every column once. The bmm training strategy hands each layer's
     gradient over as soon as its matmul has produced it, so no ``[n, P]`` gradient is assembled
     (the copy into one was ~10 % of a step). The arithmetic per element is the same whatever the
-    blocks, so results do not depend on them. With ``rows``, only those devices step: their
-    parameters and state are gathered into ``params`` / ``tensors`` here (the rows a loss
-    is computed on) and written back by ``finish``; an idle device's parameters and optimizer
-    state (incl. Adam's step count) stay untouched.
+    blocks, so results do not depend on them. With ``rows``, only those devices step: a slice
+    of rows is updated in place (views), an index tensor's rows are gathered into ``params`` /
+    ``tensors`` here (the rows a loss is computed on) and written back by ``finish``; an idle
+    device's parameters and optimizer state (incl. Adam's step count) stay untouched.
     """
 
     def __init__(
-        self, cfg: TrainingConfig, params: torch.Tensor, state: OptimizerState, rows: torch.Tensor | None = None
+        self,
+        cfg: TrainingConfig,
+        params: torch.Tensor,
+        state: OptimizerState,
+        rows: torch.Tensor | slice | None = None,
     ) -> None:
         self.cfg = cfg
         self.rows = rows
@@ -79,8 +83,8 @@ class Update:
         _step_rows(self.cfg, p, grads, st, self._adam)
 
     def finish(self) -> None:
-        """Write gathered rows back (nothing to do when every row stepped in place)."""
-        if self.rows is None:
+        """Write gathered rows back (nothing to do when the rows stepped in place)."""
+        if self.rows is None or isinstance(self.rows, slice):
             return
         self.target[self.rows] = self.params
         for key, value in self.tensors.items():

@@ -45,6 +45,11 @@ def _is_plain_mlp(model: nn.Module) -> bool:
 # up to 1.5x); the loop won for the 'cnn' on 28x28 / 32x32 (19k / 25k) and the ResNet (>100k).
 VMAP_MAX_CONV_OUTPUTS = 10_000
 
+# Parameters of the devices one chunk of a bmm step holds (1M floats = 4 MiB each for the rows,
+# their optimizer state and their gradient: together they stay in cache). The default
+# experiment's 100 devices are one chunk; 10,000 devices are ~46.
+CHUNK_FLOATS = 1 << 20
+
 
 def conv_outputs_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Elements all convolution layers output for one input sample (a forward on zeros)."""
@@ -359,7 +364,30 @@ class VectorizedTrainer:
     def _step(
         self, params: torch.Tensor, plan: EpochPlan, t: int, rows: torch.Tensor | None, loss_sum: torch.Tensor
     ) -> None:
-        """Step ``t`` of an epoch for every device (``rows`` None) or for ``rows`` only."""
+        """Step ``t`` of an epoch for every device (``rows`` None) or for ``rows`` only, in chunks
+        of devices when the strategy allows (see :meth:`chunk_rows`)."""
+        count = self.num_devices if rows is None else len(rows)
+        size = self.chunk_rows(count)
+        for lo in range(0, count, size):
+            part: torch.Tensor | slice | None
+            if size >= count:
+                part = rows
+            else:
+                part = slice(lo, lo + size) if rows is None else rows[lo : lo + size]
+            self._step_part(params, plan, t, part, loss_sum)
+
+    def chunk_rows(self, count: int) -> int:
+        """Devices per chunk of a step. The bmm strategy steps chunks whose parameters, optimizer
+        state and gradient stay in cache between its forward, backward and update (at 10,000
+        devices these no longer fit, and each pass over them went to memory); a device's numbers
+        do not depend on its chunk. Other strategies step every device at once."""
+        if self.strategy != "bmm":
+            return max(count, 1)
+        return max(1, CHUNK_FLOATS // max(self.spec.total, 1))
+
+    def _step_part(
+        self, params: torch.Tensor, plan: EpochPlan, t: int, rows: torch.Tensor | slice | None, loss_sum: torch.Tensor
+    ) -> None:
         lo = t * plan.batch_size
         sizes = plan.sizes if rows is None else plan.sizes[rows]
         order = plan.order[:, lo : lo + plan.batch_size]
@@ -369,7 +397,7 @@ class VectorizedTrainer:
         width = min(plan.batch_size, int(sizes.max()) - lo)
         idx = order[:, :width]
         mask = torch.arange(lo, lo + width).unsqueeze(0) < sizes.unsqueeze(1)
-        on_device = rows if rows is None or self.device.type == "cpu" else rows.to(self.device)
+        on_device = rows if not isinstance(rows, torch.Tensor) or self.device.type == "cpu" else rows.to(self.device)
         if self.device.type != "cpu":  # the schedule is CPU bookkeeping: ship this step's part
             idx, mask = idx.to(self.device), mask.to(self.device)
         flat_idx = idx.reshape(-1)
