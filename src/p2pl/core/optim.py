@@ -96,7 +96,7 @@ def step(
     params: torch.Tensor,
     grads: torch.Tensor,
     state: OptimizerState,
-    rows: torch.Tensor | None = None,
+    rows: torch.Tensor | slice | None = None,
 ) -> None:
     """Update ``params`` (and ``state``) in place; with ``rows``, only those devices step and
     ``grads`` holds just their rows (an idle device's parameters and state stay untouched).

@@ -114,6 +114,12 @@ class EpochPlan:
     def max_steps(self) -> int:
         return int(self.steps.max()) if len(self.sizes) else 0
 
+    @cached_property
+    def valid(self) -> torch.Tensor:
+        """float32 [N, max_size]: 1 where ``order`` holds a real sample, 0 on padding (each
+        step's mask is a slice of it)."""
+        return (torch.arange(self.order.shape[1]).unsqueeze(0) < self.sizes.unsqueeze(1)).float()
+
     def batch(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample indices ``[N, b]`` and validity mask ``[N, b]`` for step t."""
         lo = t * self.batch_size
@@ -131,8 +137,12 @@ def epoch_plan(partition: Partition, seed: int, round_index: int, epoch: int, ba
     order = np.zeros((n_dev, max_size), dtype=np.int64)
     if total:
         keys = _keys(seed, round_index, epoch, layout.fixed_key)
-        # One stable sort orders every device's samples by its own keys (segments never
-        # interleave; equal keys keep their positions' order).
-        rank = np.lexsort((keys, layout.segment))
-        order[layout.segment, layout.within] = layout.samples[rank]
+        if total == n_dev * max_size:  # equal sizes: a stable sort of each device's row of keys
+            rank = np.argsort(keys.reshape(n_dev, max_size), axis=1, kind="stable")
+            order[:] = np.take_along_axis(layout.samples.reshape(n_dev, max_size), rank, axis=1)
+        else:
+            # One stable sort orders every device's samples by its own keys (segments never
+            # interleave; equal keys keep their positions' order).
+            rank = np.lexsort((keys, layout.segment))
+            order[layout.segment, layout.within] = layout.samples[rank]
     return EpochPlan(torch.from_numpy(order), torch.from_numpy(sizes.copy()), batch_size)

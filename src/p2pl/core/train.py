@@ -367,6 +367,10 @@ class VectorizedTrainer:
         """Step ``t`` of an epoch for every device (``rows`` None) or for ``rows`` only, in chunks
         of devices when the strategy allows (see :meth:`chunk_rows`)."""
         count = self.num_devices if rows is None else len(rows)
+        # The batch width (padding trimmed) is the step's, whatever the chunk: a device's sums
+        # then run over the same samples in the same order in every chunk.
+        top = plan.order.shape[1] if rows is None else int(plan.sizes[rows].max())
+        width = min(plan.batch_size, top - t * plan.batch_size)
         size = self.chunk_rows(count)
         for lo in range(0, count, size):
             part: torch.Tensor | slice | None
@@ -374,7 +378,7 @@ class VectorizedTrainer:
                 part = rows
             else:
                 part = slice(lo, lo + size) if rows is None else rows[lo : lo + size]
-            self._step_part(params, plan, t, part, loss_sum)
+            self._step_part(params, plan, t, width, part, loss_sum)
 
     def chunk_rows(self, count: int) -> int:
         """Devices per chunk of a step. The bmm strategy steps chunks whose parameters, optimizer
@@ -386,34 +390,39 @@ class VectorizedTrainer:
         return max(1, CHUNK_FLOATS // max(self.spec.total, 1))
 
     def _step_part(
-        self, params: torch.Tensor, plan: EpochPlan, t: int, rows: torch.Tensor | slice | None, loss_sum: torch.Tensor
+        self,
+        params: torch.Tensor,
+        plan: EpochPlan,
+        t: int,
+        width: int,
+        rows: torch.Tensor | slice | None,
+        loss_sum: torch.Tensor,
     ) -> None:
         lo = t * plan.batch_size
-        sizes = plan.sizes if rows is None else plan.sizes[rows]
-        order = plan.order[:, lo : lo + plan.batch_size]
+        order, valid = plan.order, plan.valid
         if rows is not None:
-            order = order[rows]
-        # Trim padding columns nobody in this step uses (keeps batch tensors tight).
-        width = min(plan.batch_size, int(sizes.max()) - lo)
-        idx = order[:, :width]
-        mask = torch.arange(lo, lo + width).unsqueeze(0) < sizes.unsqueeze(1)
+            order, valid = order[rows], valid[rows]
+        idx, mask = order[:, lo : lo + width], valid[:, lo : lo + width]
         on_device = rows if not isinstance(rows, torch.Tensor) or self.device.type == "cpu" else rows.to(self.device)
         if self.device.type != "cpu":  # the schedule is CPU bookkeeping: ship this step's part
             idx, mask = idx.to(self.device), mask.to(self.device)
         flat_idx = idx.reshape(-1)
         x = self.x_train.index_select(0, flat_idx).view(*idx.shape, *self.x_train.shape[1:])
         y = self.y_train.index_select(0, flat_idx).view(idx.shape)
+        mask = mask.to(x.dtype)
         update = optim.Update(self.cfg, params, self.state, on_device)
         if isinstance(self.loss_grad, _MlpLossGrad):
-            losses = self.loss_grad.train_step(update.params, x, y, mask.to(x.dtype), update.columns)
+            losses = self.loss_grad.train_step(update.params, x, y, mask, update.columns)
         else:
-            grads, losses = self.loss_grad(update.params, x, y, mask.to(x.dtype))
+            grads, losses = self.loss_grad(update.params, x, y, mask)
             update.columns(0, params.shape[1], grads)
         update.finish()
+        if self.device.type != "cpu":
+            losses = losses.cpu()
         if rows is None:
-            loss_sum += losses.double().cpu()
+            loss_sum += losses
         else:
-            loss_sum[rows] += losses.double().cpu()
+            loss_sum[rows] += losses
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The optimizer state on the CPU (for checkpoints; a copy only when it lives elsewhere)."""
