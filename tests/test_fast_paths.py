@@ -41,7 +41,7 @@ def test_bmm_step_in_chunks_of_devices_is_bit_identical(
         assert isinstance(trainer, train.VectorizedTrainer)
         if chunk_devices:
             monkeypatch.setattr(train, "CHUNK_FLOATS", chunk_devices * exp.spec.total)
-            assert trainer.chunk_rows(exp.num_devices) == chunk_devices
+            assert trainer.chunks(exp.num_devices)[0] == chunk_devices  # 4 chunks, over the free cores
         params = exp.device_inits()
         losses = [trainer.train(params, k, work).mean_loss for k, work in enumerate(WORKS, start=1)]
         runs.append((params, losses, trainer.state_tensors()))
@@ -133,9 +133,17 @@ def test_scores_keep_argmax_ties_nan_and_the_loss() -> None:
     assert not bool(finite.all()) and not bool(torch.isfinite(loss[~finite]).any())  # NaN stays NaN
 
 
-def test_chunk_rows_only_chunks_the_bmm_strategy(tiny_config: Callable[..., ExperimentConfig]) -> None:
+def test_only_the_bmm_strategy_steps_in_chunks(
+    tiny_config: Callable[..., ExperimentConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
     exp = build_experiment(dataclasses.replace(tiny_config(), devices=10))
     bmm, vmap = exp.trainer("bmm"), exp.trainer("vmap")
     assert isinstance(bmm, train.VectorizedTrainer) and isinstance(vmap, train.VectorizedTrainer)
-    assert bmm.chunk_rows(10_000) == train.CHUNK_FLOATS // exp.spec.total < 10_000
-    assert vmap.chunk_rows(10_000) == 10_000
+    monkeypatch.setattr(train, "free_cores", lambda device=None: 1)
+    assert bmm.chunks(10_000) == (train.CHUNK_FLOATS // exp.spec.total, 1)
+    assert bmm.chunks(100) == (100, 1)  # the default experiment: one chunk on one core
+    monkeypatch.setattr(train, "free_cores", lambda device=None: 2)
+    assert bmm.chunks(100) == (100, 2)  # too few devices to split
+    assert bmm.chunks(600) == (217, 2)  # chunks of 217, over two free cores
+    assert bmm.chunks(300) == (217, 2)  # cache-sized chunks, also over the free cores
+    assert vmap.chunks(10_000) == (10_000, 1)

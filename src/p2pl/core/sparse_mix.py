@@ -2,24 +2,24 @@
 
 scipy's CSR product is the fastest exact kernel measured for it (7x torch's gather + index_add at
 10,000 devices; torch's own CSR product was slower on one core and did not use the second). It
-runs here over blocks of receiving rows, spread over every CPU core (scipy releases the GIL in
-its sparse kernels), each block finishing with its own rows' self term while they are still in
-cache. Every output element is the same sum in the same order as one product over all rows, so
-the result is bit-identical to it. The per-block matrices are built once per neighbourhood
-object: the simulator keeps one while the live links stay put.
+runs here over blocks of receiving rows, spread over the free CPU cores (scipy releases the GIL
+in its sparse kernels; :mod:`p2pl.core.parallel`), each block finishing with its own rows' self
+term while they are still in cache. Every output element is the same sum in the same order as
+one product over all rows, so the result is bit-identical to it. The per-block matrices are
+built once per neighbourhood object: the simulator keeps one while the live links stay put.
 """
 
 from __future__ import annotations
 
-import os
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
 import torch
+
+from p2pl.core.parallel import free_cores, run_jobs
 
 if TYPE_CHECKING:
     from p2pl.core.cooperate import Neighbourhoods
@@ -58,17 +58,10 @@ def csr_mean(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods) -> to
     sent = pool.detach().numpy()
     out = torch.empty_like(own)
 
-    def run(block: int) -> None:
+    def run(worker: int, block: int) -> None:
         lo, hi = blocks.bounds[block]
         mixed = torch.from_numpy(np.asarray(blocks.matrices[block] @ sent, dtype=np.float32))
         torch.addcmul(mixed, self_w[lo:hi], own[lo:hi], out=out[lo:hi])
 
-    jobs = range(len(blocks.bounds))
-    workers = min(os.cpu_count() or 1, len(jobs))
-    if workers > 1:
-        with ThreadPoolExecutor(max_workers=workers) as threads:
-            list(threads.map(run, jobs))
-    else:
-        for job in jobs:
-            run(job)
+    run_jobs(run, range(len(blocks.bounds)), free_cores())
     return out

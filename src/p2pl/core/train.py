@@ -19,6 +19,7 @@ from torch.func import functional_call, vmap
 
 from p2pl.config import TrainingConfig
 from p2pl.core import optim
+from p2pl.core.parallel import free_cores, run_jobs
 from p2pl.core.params import ParamSpec
 from p2pl.core.probe import outputs_per_sample
 from p2pl.core.schedule import EpochPlan, Partition, epoch_plan
@@ -49,6 +50,11 @@ VMAP_MAX_CONV_OUTPUTS = 10_000
 # their optimizer state and their gradient: together they stay in cache). The default
 # experiment's 100 devices are one chunk; 10,000 devices are ~46.
 CHUNK_FLOATS = 1 << 20
+# Fewest devices worth a thread of their own in a step split over cores. Splitting the default
+# experiment's 100 devices made its round 1.16x slower on the shared 2-core box (thread hand-off
+# and the GIL between ~1 ms halves, while other processes held the second core); chunks of a
+# 10,000-device step take ~5 ms each, where the hand-off is noise.
+MIN_CHUNK_DEVICES = 256
 
 
 def conv_outputs_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -321,6 +327,8 @@ class VectorizedTrainer:
         self.seed = seed
         self.strategy = choose_strategy(model, strategy, tuple(x_train.shape[1:]))
         self.loss_grad = make_loss_grad(model, spec, self.strategy)
+        self._model = model
+        self._helpers: list[LossGrad] = []  # workers 1.. of a step split over cores (own scratch)
         self.state = optim.init_state(cfg, len(partition.indices), spec.total)
         self.device = torch.device("cpu")
 
@@ -353,8 +361,9 @@ class VectorizedTrainer:
                 rows = None if t < everyone else torch.from_numpy(np.flatnonzero(steps > t))
                 self._step(params, plan, t, rows, loss_sum)
             taken += steps
-        if isinstance(self.loss_grad, _MlpLossGrad):
-            self.loss_grad.release()
+        for loss_grad in (self.loss_grad, *self._helpers):
+            if isinstance(loss_grad, _MlpLossGrad):
+                loss_grad.release()
         steps_taken = torch.from_numpy(taken)
         mean = torch.where(
             steps_taken > 0, loss_sum / steps_taken.clamp_min(1), torch.full_like(loss_sum, float("nan"))
@@ -364,30 +373,40 @@ class VectorizedTrainer:
     def _step(
         self, params: torch.Tensor, plan: EpochPlan, t: int, rows: torch.Tensor | None, loss_sum: torch.Tensor
     ) -> None:
-        """Step ``t`` of an epoch for every device (``rows`` None) or for ``rows`` only, in chunks
-        of devices when the strategy allows (see :meth:`chunk_rows`)."""
+        """Step ``t`` of an epoch for every device (``rows`` None) or for ``rows`` only: in chunks
+        of devices spread over the free cores when the strategy allows (see :meth:`chunks`)."""
         count = self.num_devices if rows is None else len(rows)
         # The batch width (padding trimmed) is the step's, whatever the chunk: a device's sums
         # then run over the same samples in the same order in every chunk.
         top = plan.order.shape[1] if rows is None else int(plan.sizes[rows].max())
         width = min(plan.batch_size, top - t * plan.batch_size)
-        size = self.chunk_rows(count)
-        for lo in range(0, count, size):
-            part: torch.Tensor | slice | None
-            if size >= count:
-                part = rows
-            else:
-                part = slice(lo, lo + size) if rows is None else rows[lo : lo + size]
-            self._step_part(params, plan, t, width, part, loss_sum)
+        size, workers = self.chunks(count)
+        if size >= count:
+            self._step_part(params, plan, t, width, rows, loss_sum, self.loss_grad)
+            return
+        parts = [slice(lo, lo + size) if rows is None else rows[lo : lo + size] for lo in range(0, count, size)]
+        while len(self._helpers) < workers - 1:
+            self._helpers.append(make_loss_grad(self._model, self.spec, self.strategy))
+        helpers = [self.loss_grad, *self._helpers]
 
-    def chunk_rows(self, count: int) -> int:
-        """Devices per chunk of a step. The bmm strategy steps chunks whose parameters, optimizer
-        state and gradient stay in cache between its forward, backward and update (at 10,000
-        devices these no longer fit, and each pass over them went to memory); a device's numbers
-        do not depend on its chunk. Other strategies step every device at once."""
-        if self.strategy != "bmm":
-            return max(count, 1)
-        return max(1, CHUNK_FLOATS // max(self.spec.total, 1))
+        def run(worker: int, part: torch.Tensor | slice) -> None:
+            self._step_part(params, plan, t, width, part, loss_sum, helpers[worker])
+
+        run_jobs(run, parts, workers)
+
+    def chunks(self, count: int) -> tuple[int, int]:
+        """(devices per chunk, worker threads) for a step of ``count`` devices. The bmm strategy
+        steps chunks whose parameters, optimizer state and gradient stay in cache between its
+        forward, backward and update (at 10,000 devices these no longer fit, and each pass over
+        them went to memory), and splits a step over the cores torch leaves free (a device's
+        numbers do not depend on its chunk). Other strategies step every device at once."""
+        if self.strategy != "bmm" or count <= 1:
+            return max(count, 1), 1
+        size = min(count, max(1, CHUNK_FLOATS // max(self.spec.total, 1)))
+        workers = free_cores(self.device)
+        if workers > 1 and count >= workers * MIN_CHUNK_DEVICES:
+            size = min(size, -(-count // workers))  # at least one chunk per worker
+        return size, workers
 
     def _step_part(
         self,
@@ -397,6 +416,7 @@ class VectorizedTrainer:
         width: int,
         rows: torch.Tensor | slice | None,
         loss_sum: torch.Tensor,
+        loss_grad: LossGrad,
     ) -> None:
         lo = t * plan.batch_size
         order, valid = plan.order, plan.valid
@@ -411,10 +431,10 @@ class VectorizedTrainer:
         y = self.y_train.index_select(0, flat_idx).view(idx.shape)
         mask = mask.to(x.dtype)
         update = optim.Update(self.cfg, params, self.state, on_device)
-        if isinstance(self.loss_grad, _MlpLossGrad):
-            losses = self.loss_grad.train_step(update.params, x, y, mask, update.columns)
+        if isinstance(loss_grad, _MlpLossGrad):
+            losses = loss_grad.train_step(update.params, x, y, mask, update.columns)
         else:
-            grads, losses = self.loss_grad(update.params, x, y, mask)
+            grads, losses = loss_grad(update.params, x, y, mask)
             update.columns(0, params.shape[1], grads)
         update.finish()
         if self.device.type != "cpu":
