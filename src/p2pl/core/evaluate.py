@@ -126,13 +126,15 @@ def _scores(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.
     a short last dim was 2-4x slower on CPU). ``max`` returns the first maximal class, as argmax.
     """
     n = logits.shape[0]
-    # amax, not max: max over a non-last dim with indices was 14x slower than amax (BENCHMARKS.md).
+    # amax, not max: max over a non-last dim with indices was 13x slower than amax (BENCHMARKS.md).
     best = logits.amax(1)
     target = logits.gather(1, y.view(1, 1, -1).expand(n, 1, -1)).squeeze(1)
+    shifted = logits - best.unsqueeze(1)  # 0 exactly where a class attains the maximum
     # argmax's rule: the first maximal class (NaN counts as maximal). The target is predicted when
-    # it is the only class attaining the maximum; ties and NaN (rare) ask argmax itself.
+    # it is the only class attaining the maximum; ties and NaN (no exact 0: rare) ask argmax itself.
     hit = target == best
-    unclear = (logits == best.unsqueeze(1)).sum(1) != 1
+    maxima = (shifted == 0).view(torch.uint8).sum(1, dtype=torch.uint8)
+    unclear = maxima != 1
     if bool(unclear.any()):
         device, sample = unclear.nonzero(as_tuple=True)
         hit[device, sample] = logits[device, :, sample].argmax(1) == y[sample]
@@ -141,8 +143,7 @@ def _scores(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.
     # Shifted logits are clamped at -80 before exp: exp below ~-87 gives a subnormal, which the
     # CPU computes 15x slower, and a term under 2e-35 cannot change a sum that holds the max's
     # exp(0) = 1 in float32, so the loss is the same.
-    shifted = (logits - best.unsqueeze(1)).clamp_min_(-80.0)
-    ce = shifted.exp_().sum(1).log_().add_(best).sub_(target)
+    ce = shifted.clamp_min_(-80.0).exp_().sum(1).log_().add_(best).sub_(target)
     return hits, ce.sum(1, dtype=torch.float64)
 
 
