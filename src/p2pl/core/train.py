@@ -127,10 +127,10 @@ class _Workspace:
 
     def get(self, name: str, like: torch.Tensor) -> torch.Tensor:
         buf = self._buffers.get(name)
-        n, rest = like.shape[0], tuple(like.shape[1:])
-        if buf is None or buf.shape[0] < n or tuple(buf.shape[1:]) != rest or buf.device != like.device:
+        n = like.shape[0]
+        if buf is None or buf.shape[0] < n or buf.shape[1:] != like.shape[1:] or buf.device != like.device:
             buf = self._buffers[name] = torch.empty(like.shape, dtype=like.dtype, device=like.device)
-        return buf[:n]
+        return buf if buf.shape[0] == n else buf[:n]
 
 
 BlockSink = Callable[[int, int, torch.Tensor], None]  # (first column, end column, gradient block [n, width])
@@ -157,6 +157,14 @@ class _MlpLossGrad:
         self.work = _Workspace()
         self._views: dict[tuple[int, tuple[int, ...], tuple[int, ...]], dict[str, torch.Tensor]] = {}
         self._minus_one: torch.Tensor | None = None
+        # Per layer, what a step needs (names and column offsets), so a step builds no strings:
+        # (layer index, is a Linear, weight name, bias name)
+        self._plan = [
+            (i, isinstance(layer, nn.Linear), f"{i}.weight", f"{i}.bias")
+            for i, layer in enumerate(self.layers)
+            if isinstance(layer, (nn.Linear, nn.ReLU))
+        ]
+        self._tail_start = self.columns[f"{self.first_linear}.weight"][1]
 
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """``spec.unflatten(flat)``, kept while the same tensor comes back (the parameters when
@@ -190,16 +198,16 @@ class _MlpLossGrad:
         """Forward and backward of every device; each gradient block goes to ``sink`` once the
         parameters it belongs to are no longer needed (so ``sink`` may update them in place).
         Returns the losses [n]."""
-        layers, work = self.layers, self.work
+        work, columns = self.work, self.columns
         p = self.views(flat)
         h = x.flatten(2)  # [n, b, features]
         inputs: dict[int, torch.Tensor] = {}  # each Linear's input, for its weight gradient
         relu_out: dict[int, torch.Tensor] = {}  # each ReLU's output, for its backward
-        for i, layer in enumerate(layers):
-            if isinstance(layer, nn.Linear):
+        for i, linear, weight, bias in self._plan:
+            if linear:
                 inputs[i] = h
-                h = torch.baddbmm(p[f"{i}.bias"].unsqueeze(1), h, p[f"{i}.weight"].transpose(1, 2))
-            elif isinstance(layer, nn.ReLU):
+                h = torch.baddbmm(p[bias].unsqueeze(1), h, p[weight].transpose(1, 2))
+            else:
                 h = relu_out[i] = torch.relu(h)
         log_probs = torch.log_softmax(h, dim=2)  # [n, b, C]
         target = y.unsqueeze(2)
@@ -210,36 +218,36 @@ class _MlpLossGrad:
         delta = log_probs.exp_()
         delta.scatter_add_(2, target, self._minus_ones(target))
         delta.mul_((mask / count.unsqueeze(1)).unsqueeze(2))
-        n, first = flat.shape[0], self.first_linear
+        n, first, tail_start = flat.shape[0], self.first_linear, self._tail_start
         # The first layer's weight is the leading column block and most of the parameters: its
         # gradient goes to the sink as it comes out of its matmul. Every later column (that
         # layer's bias and the later layers) is gathered in one small contiguous block, so
         # the sink sees two blocks per step rather than two per layer.
-        tail_start = self.columns[f"{first}.weight"][1]
         tail = work.get("tail", flat[:, tail_start:])
-        for i in range(len(layers) - 1, first - 1, -1):
-            if i in relu_out:
+        weight_grad = tail  # (set by the first Linear met below, the last layer)
+        for i, linear, weight, bias in reversed(self._plan):
+            if not linear:
                 # autograd's own ReLU backward: one fused op (a bool mask and a fill were 10x slower)
                 delta = torch.ops.aten.threshold_backward(delta, relu_out[i], 0)
-            elif i in inputs:
-                weight = p[f"{i}.weight"]
-                weight_grad = work.get(f"{i}.weight", weight)
-                torch.bmm(delta.transpose(1, 2), inputs[i], out=weight_grad)
-                lo, hi = self.columns[f"{i}.bias"]
-                torch.sum(delta, 1, out=tail[:, lo - tail_start : hi - tail_start])
-                if i != first:
-                    delta = torch.bmm(delta, weight)
-                    lo, hi = self.columns[f"{i}.weight"]
-                    tail[:, lo - tail_start : hi - tail_start].copy_(weight_grad.view(n, -1))
+                continue
+            weight_grad = work.get(weight, p[weight])
+            torch.bmm(delta.transpose(1, 2), inputs[i], out=weight_grad)
+            lo, hi = columns[bias]
+            torch.sum(delta, 1, out=tail[:, lo - tail_start : hi - tail_start])
+            if i != first:
+                delta = torch.bmm(delta, p[weight])
+                lo, hi = columns[weight]
+                tail[:, lo - tail_start : hi - tail_start].copy_(weight_grad.view(n, -1))
         # Only now are the parameters no longer needed: the sink may update them in place.
-        sink(0, tail_start, work.get(f"{first}.weight", p[f"{first}.weight"]).view(n, -1))
+        sink(0, tail_start, weight_grad.view(n, -1))
         sink(tail_start, flat.shape[1], tail)
         return losses
 
     def _minus_ones(self, like: torch.Tensor) -> torch.Tensor:
-        """-1 at every (device, sample): the one-hot subtracted from the softmax (reused)."""
+        """-1 at every (device, sample): the one-hot subtracted from the softmax. Kept at the
+        largest shape seen: scatter_add_ reads only the part its index covers."""
         ones = self._minus_one
-        if ones is None or ones.shape != like.shape or ones.device != like.device:
+        if ones is None or ones.device != like.device or ones.shape[0] < like.shape[0] or ones.shape[1] < like.shape[1]:
             ones = self._minus_one = torch.full(like.shape, -1.0, device=like.device)
         return ones
 
