@@ -48,24 +48,27 @@ class Partition:
 
 @dataclass(frozen=True)
 class _SampleLayout:
-    """Every device's samples one after another (device rows in order), with the part of each
-    sample's shuffle key that does not depend on the round or epoch."""
+    """Every device's samples in its row of a padded ``[N, max_size]`` rectangle, with the part of
+    each sample's shuffle key that does not depend on the round or epoch."""
 
     sizes: np.ndarray  # int64 [N]
-    segment: np.ndarray  # int64 [total]: the device row of each sample
-    within: np.ndarray  # int64 [total]: its position in its device's data
-    samples: np.ndarray  # int64 [total]: its global training index
-    fixed_key: np.ndarray  # uint64 [total]: hash(device id) ^ hash(position), see shuffle_keys
+    samples: np.ndarray  # int64 [N, max_size]: global training indices, 0 on padding
+    fixed_key: np.ndarray  # uint64 [N, max_size]: hash(device id) ^ hash(position), see shuffle_keys
+    padding: np.ndarray | None  # bool [N, max_size], None when every device has max_size samples
+    valid: torch.Tensor  # float32 [N, max_size]: 1 on a real sample, 0 on padding
 
     @staticmethod
     def of(partition: Partition) -> _SampleLayout:
         sizes = partition.sizes
-        total = int(sizes.sum())
-        segment = np.repeat(np.arange(len(sizes)), sizes)
-        within = np.arange(total) - np.repeat(np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes)
-        device = np.asarray(partition.device_ids, dtype=np.int64)[segment]
-        samples = np.concatenate(partition.indices) if total else np.zeros(0, dtype=np.int64)
-        return _SampleLayout(sizes, segment, within, samples, _fixed_keys(device, within))
+        n_dev, width = len(sizes), int(sizes.max()) if len(sizes) else 0
+        position = np.broadcast_to(np.arange(width), (n_dev, width))
+        real = position < sizes[:, None]
+        samples = np.zeros((n_dev, width), dtype=np.int64)
+        if real.any():
+            samples[real] = np.concatenate(partition.indices)
+        device = np.broadcast_to(np.asarray(partition.device_ids, dtype=np.int64)[:, None], (n_dev, width))
+        valid = torch.from_numpy(real.astype(np.float32))
+        return _SampleLayout(sizes, samples, _fixed_keys(device, position), None if real.all() else ~real, valid)
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -104,6 +107,7 @@ class EpochPlan:
     order: torch.Tensor  # int64 [N, max_size]
     sizes: torch.Tensor  # int64 [N]
     batch_size: int
+    valid: torch.Tensor  # float32 [N, max_size]: 1 where ``order`` holds a real sample, 0 on padding
 
     @property
     def steps(self) -> torch.Tensor:
@@ -113,12 +117,6 @@ class EpochPlan:
     @property
     def max_steps(self) -> int:
         return int(self.steps.max()) if len(self.sizes) else 0
-
-    @cached_property
-    def valid(self) -> torch.Tensor:
-        """float32 [N, max_size]: 1 where ``order`` holds a real sample, 0 on padding (each
-        step's mask is a slice of it)."""
-        return (torch.arange(self.order.shape[1]).unsqueeze(0) < self.sizes.unsqueeze(1)).float()
 
     def batch(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample indices ``[N, b]`` and validity mask ``[N, b]`` for step t."""
@@ -131,18 +129,11 @@ class EpochPlan:
 
 def epoch_plan(partition: Partition, seed: int, round_index: int, epoch: int, batch_size: int) -> EpochPlan:
     layout = partition._layout
-    sizes = layout.sizes
-    n_dev, total = len(sizes), len(layout.samples)
-    max_size = int(sizes.max()) if n_dev else 0
-    order = np.zeros((n_dev, max_size), dtype=np.int64)
-    if total:
+    order = layout.samples
+    if order.size:
         keys = _keys(seed, round_index, epoch, layout.fixed_key)
-        if total == n_dev * max_size:  # equal sizes: a stable sort of each device's row of keys
-            rank = np.argsort(keys.reshape(n_dev, max_size), axis=1, kind="stable")
-            order[:] = np.take_along_axis(layout.samples.reshape(n_dev, max_size), rank, axis=1)
-        else:
-            # One stable sort orders every device's samples by its own keys (segments never
-            # interleave; equal keys keep their positions' order).
-            rank = np.lexsort((keys, layout.segment))
-            order[layout.segment, layout.within] = layout.samples[rank]
-    return EpochPlan(torch.from_numpy(order), torch.from_numpy(sizes.copy()), batch_size)
+        if layout.padding is not None:  # padding sorts after every real sample (stable on ties)
+            keys[layout.padding] = np.iinfo(np.uint64).max
+        # A stable sort of each device's row of keys: equal keys keep their positions' order.
+        order = np.take_along_axis(order, np.argsort(keys, axis=1, kind="stable"), axis=1)
+    return EpochPlan(torch.from_numpy(order.copy()), torch.from_numpy(layout.sizes.copy()), batch_size, layout.valid)
