@@ -71,6 +71,9 @@ class TopologyConfig:
     rows: int = 0  # grid/torus rows (0: most square)
     area_m: float = 0.0  # random-geometric in metres: side of the square area (0: unit square)
     range_m: float = 0.0  # random-geometric in metres: radio range
+    # directed-random-geometric: each device's radio range is drawn uniformly in
+    # [radius * (1 - range_spread), radius * (1 + range_spread)] (keyed by the seed)
+    range_spread: float = 0.5
     path: str = ""  # edge-list file for name = "edge-list"
     allow_disconnected: bool = False
 
@@ -93,7 +96,7 @@ class LinksConfig:
 
 
 #: the algorithms (p2pl.algorithms.ALGORITHMS builds them; named here so the CLI need not import torch)
-ALGORITHM_NAMES = ("p2pl", "fedavg", "centralized", "local")
+ALGORITHM_NAMES = ("p2pl", "fedavg", "centralized", "local", "dpsgd", "gossip", "push-sum")
 SYNC_MODES = ("verified", "flood")
 AGGREGATIONS = ("mean", "trimmed-mean", "median", "clipped")
 ATTACKS = ("none", "sync-hijack", "scale", "sign-flip", "gaussian", "alie", "label-flip", "silent", "data-size")
@@ -260,7 +263,7 @@ class OutputConfig:
 
 @dataclass
 class ExperimentConfig:
-    algorithm: str = "p2pl"  # p2pl | fedavg | centralized | local
+    algorithm: str = "p2pl"  # p2pl | fedavg | centralized | local | dpsgd | gossip | push-sum
     devices: int = 100
     rounds: int = 50
     seed: int = 0

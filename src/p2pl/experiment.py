@@ -127,6 +127,12 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
     algorithm = make_algorithm(cfg.algorithm)
     if algorithm.uses_graph:
         choose("weights", cfg.consensus.weights, WEIGHT_RULES)
+    algorithm.check(cfg.consensus, cfg.engine)
+    if cfg.topology.name == "directed-random-geometric" and not algorithm.directed:
+        raise P2PLError(
+            f"topology 'directed-random-geometric' has one-way links, which only algorithm = 'push-sum' "
+            f"runs over; {cfg.algorithm!r} needs both directions: use topology 'random-geometric'"
+        )
     torch.manual_seed(cfg.seed)  # only for code that ignores our explicit generators
     dataset, assignment = load_dataset_with_assignment(cfg.data, cfg.seed)
     device_parts = _partition(cfg, dataset, assignment)
@@ -155,6 +161,7 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         sync=cfg.sync,
         model_bytes=spec.nbytes,
         adversary=adversary,
+        base_arcs=topology.arcs,
     )
     if n > 1 and not algorithm.uses_graph and cfg.links.mobility_speed > 0:
         raise P2PLError(f"links.mobility_speed applies to P2PL's device graph, not to {algorithm.name!r}")

@@ -133,6 +133,13 @@ class Gossip:
     trim: float = 0.2  # trimmed-mean: share cut at each end
     clip_quantile: float = 0.8  # clipped: share of the neighbour weight trusted to set the radius
     max_norm_ratio: float = MAX_NORM_RATIO  # see unsound_rows
+    # Who sends to whom (GOSSIP_PEERS): "all" live neighbours with W's weights, or "one-random":
+    # every device sends to one live neighbour drawn by keyed randomness and each receiver
+    # weighs itself and what it received equally (core.neighbours.one_peer_neighbourhoods).
+    peers: str = "all"
+
+
+GOSSIP_PEERS = ("all", "one-random")
 
 
 @dataclass(frozen=True)
@@ -140,7 +147,24 @@ class GlobalMean:
     """FedAvg's server step: Σ w_n θ_n / Σ w_n over the present devices, sent back to them."""
 
 
-Stage = Gossip | GlobalMean
+@dataclass(frozen=True)
+class PushSum:
+    """Push-sum over directed links (Kempe et al. 2003; SGP, Assran et al. 2019).
+
+    Every device holds a push-sum weight ``w`` (the runtime keeps it across rounds) and splits
+    ``(w θ, w)`` equally among itself and its live out-neighbours; a receiver's new weight is the
+    sum of the shares it got, and its new row the share-weighted mean of the rows
+    (:func:`p2pl.core.neighbours.push_sum_neighbourhoods` builds that row of weights). The rows
+    are the de-biased models ``z = x / w`` devices train, so the mix is a plain weighted mean
+    (:meth:`as_gossip`) with the shared safety net."""
+
+    max_norm_ratio: float = MAX_NORM_RATIO
+
+    def as_gossip(self) -> Gossip:
+        return Gossip("mean", max_norm_ratio=self.max_norm_ratio)
+
+
+Stage = Gossip | GlobalMean | PushSum
 
 
 @dataclass(frozen=True)
@@ -150,6 +174,9 @@ class Cooperation:
     stages: tuple[Stage, ...] = ()
     affinity: float = 1.0
     max_norm_ratio: float = MAX_NORM_RATIO  # the guard after cooperation (see unsound_rows)
+    # D-PSGD: the stages run after every local SGD step of the round instead of once after
+    # local training (the runtimes pass a step hook to core.train; see docs/baselines.md).
+    every_local_step: bool = False
 
 
 def _mean(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip) -> torch.Tensor:
@@ -406,9 +433,11 @@ __all__ = [
     "AGGREGATION_RULES",
     "MAX_NORM_RATIO",
     "Cooperation",
+    "GOSSIP_PEERS",
     "GlobalMean",
     "Gossip",
     "Neighbourhoods",
+    "PushSum",
     "Stage",
     "aggregate",
     "clip_radius",
