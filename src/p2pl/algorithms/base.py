@@ -82,7 +82,7 @@ class Algorithm(ABC):
     uses_graph: bool = False
     directed: bool = False  # runs over one-way links (a directed topology's arcs)
 
-    def check(self, consensus: ConsensusConfig, engine: str) -> None:
+    def check(self, consensus: ConsensusConfig, engine: str) -> None:  # noqa: B027 (optional hook)
         """Refuse, in one line, a configuration this algorithm cannot run (default: all run)."""
 
     def num_devices(self, devices: int) -> int:

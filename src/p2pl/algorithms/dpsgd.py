@@ -20,10 +20,10 @@ class DPSGD(GraphAlgorithm):
 
     def check(self, consensus: ConsensusConfig, engine: str) -> None:
         if engine != "vectorized":
-            raise P2PLError(f"algorithm 'dpsgd' mixes between local steps on the vectorized engine; drop engine = {engine!r}")
+            raise P2PLError(
+                f"algorithm 'dpsgd' mixes between local steps, on the vectorized engine; drop engine = {engine!r}"
+            )
 
     def cooperation_for(self, consensus: ConsensusConfig) -> Cooperation:
         stages = gossip_stages(consensus)
-        return replace(
-            Cooperation(stages, consensus.affinity, consensus.max_norm_ratio), every_local_step=True
-        )
+        return replace(Cooperation(stages, consensus.affinity, consensus.max_norm_ratio), every_local_step=True)

@@ -431,9 +431,9 @@ def finish(coop: Cooperation, after: torch.Tensor, before: torch.Tensor, active:
 
 __all__ = [
     "AGGREGATION_RULES",
+    "GOSSIP_PEERS",
     "MAX_NORM_RATIO",
     "Cooperation",
-    "GOSSIP_PEERS",
     "GlobalMean",
     "Gossip",
     "Neighbourhoods",

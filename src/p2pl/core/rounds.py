@@ -9,8 +9,8 @@ backend runs the same stages shard by shard, a node for its one row.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -172,9 +172,7 @@ def train_with_rollback(
     return stats, roll_back_training(trainer, params, before, ratio)
 
 
-def roll_back_training(
-    trainer: Trainer, params: torch.Tensor, before: torch.Tensor | None, ratio: float
-) -> np.ndarray:
+def roll_back_training(trainer: Trainer, params: torch.Tensor, before: torch.Tensor | None, ratio: float) -> np.ndarray:
     """Restore the unsound rows of ``params`` from ``before`` (None: no guard) and reset their
     optimizer state; returns the rolled-back rows."""
     if before is None:

@@ -164,8 +164,10 @@ def directed_arcs(positions: np.ndarray, ranges: np.ndarray) -> np.ndarray:
     pos = np.asarray(positions, dtype=np.float64)
     reach = np.asarray(ranges, dtype=np.float64)
     tree = cKDTree(pos)
-    pairs = tree.query_pairs(r=float(reach.max()), output_type="ndarray").reshape(-1, 2) if len(pos) > 1 else (
-        np.zeros((0, 2), dtype=np.int64)
+    pairs = (
+        tree.query_pairs(r=float(reach.max()), output_type="ndarray").reshape(-1, 2)
+        if len(pos) > 1
+        else (np.zeros((0, 2), dtype=np.int64))
     )
     both = np.concatenate([pairs, pairs[:, ::-1]]).astype(np.int64)
     dist = np.linalg.norm(pos[both[:, 0]] - pos[both[:, 1]], axis=1)
@@ -194,12 +196,12 @@ def _directed_geometric(cfg: TopologyConfig, n: int, rng: np.random.Generator) -
     so the search ends."""
     positions = rng.random((n, 2))
     draws = rng.random(n)  # after the positions: the same seed places devices as random-geometric does
-    radius = cfg.radius
+    radius, spread = cfg.radius, cfg.range_spread
     if radius == 0:
         radius = auto_radius(n)
-        while n > 1 and strongly_connected(n, directed_arcs(positions, radio_ranges(radius, cfg.range_spread, draws))) > 1:
+        while n > 1 and strongly_connected(n, directed_arcs(positions, radio_ranges(radius, spread, draws))) > 1:
             radius *= 1.02
-    return positions, radius, radio_ranges(radius, cfg.range_spread, draws)
+    return positions, radius, radio_ranges(radius, spread, draws)
 
 
 def read_edge_list(path: str | Path, num_devices: int) -> nx.Graph:
@@ -379,7 +381,7 @@ def build_topology(cfg: TopologyConfig, num_devices: int, seed: int) -> Topology
         if components > 1:
             detail, fix = _disconnected_hint(cfg, name)
             raise P2PLError(
-                f"{name} graph{detail} is disconnected ({components} {'strongly connected ' if arcs is not None else ''}"
+                f"{name} graph{detail} is disconnected ({components} {'strong ' if arcs is not None else ''}"
                 f"components); "
                 f"{fix} or set topology.allow_disconnected = true"
             )
