@@ -69,14 +69,17 @@ import numpy as np
 import torch
 
 from p2pl import atomic
-from p2pl.algorithms.base import gossip_stages
-from p2pl.core.cooperate import Cooperation, Gossip, finish, gossip, one_row, unsound_rows
+from p2pl.algorithms import make_algorithm
+from p2pl.algorithms.base import GraphAlgorithm
+from p2pl.core.cooperate import Gossip, PushSum, Stage, finish, gossip, one_row, unsound_rows
 from p2pl.core.device import resolve_device
 from p2pl.core.evaluate import evaluate
+from p2pl.core.neighbours import peer_choice, push_sum_row, push_sum_shares
 from p2pl.core.params import ParamSpec, init_device_params
+from p2pl.core.rounds import PUSH_SUM_WEIGHT
 from p2pl.core.schedule import Partition
 from p2pl.core.sync import better_claim
-from p2pl.core.train import VectorizedTrainer
+from p2pl.core.train import VectorizedTrainer, round_schedule
 from p2pl.data.base import Dataset
 from p2pl.errors import P2PLError
 from p2pl.graph.weights import row_weights
@@ -84,7 +87,7 @@ from p2pl.models import build_model
 from p2pl.node import checkpoint, wire
 from p2pl.node.certs import TlsConfig, load_tls_config
 from p2pl.node.checkpoint import NodeCheckpoint, NodeHistory
-from p2pl.node.config import NodeConfig
+from p2pl.node.config import NodeConfig, PeerConfig
 from p2pl.node.mailbox import Mailbox
 from p2pl.node.transport import PeerClient, PeerServer
 
@@ -191,6 +194,7 @@ class _Row:
     flat: torch.Tensor
     degree: int
     data_size: float
+    weight: float = 0.0  # push-sum: the share of its weight it sent with the row
 
 
 def _norm(x: torch.Tensor) -> float:
@@ -251,6 +255,7 @@ class NodeRuntime:
             self.trainer.to(self.device)
         self.peers: dict[str, str] = {p.id: p.address for p in cfg.peers}
         self.peer_index: dict[str, int] = {p.id: p.index for p in cfg.peers}
+        self.peer_cfg: dict[str, PeerConfig] = {p.id: p for p in cfg.peers}
         self.data_size = len(self.data.y_train)
         self.tls: TlsConfig | None = None
         if not cfg.tls.insecure:
@@ -263,12 +268,20 @@ class NodeRuntime:
         limit = max(wire.PREFIX_SIZE + wire.MAX_HEADER_BYTES,
                     min(cfg.network.max_message_bytes, self.wire_spec.max_message_bytes()))  # fmt: skip
         # The cooperation a simulator would run for this device (one row of it).
-        self.cooperation = Cooperation(
-            gossip_stages(cfg.consensus), cfg.consensus.affinity, cfg.consensus.max_norm_ratio
-        )
+        algorithm = make_algorithm(cfg.algorithm)
+        assert isinstance(algorithm, GraphAlgorithm)  # NodeConfig.validate admits only those
+        algorithm.check(cfg.consensus, "vectorized")
+        self.cooperation = algorithm.cooperation_for(cfg.consensus)
+        # D-PSGD: the network's local steps each round (every device mixes after each of them)
+        self.span: list[tuple[int, int]] = []
+        if self.cooperation.every_local_step:
+            self.span = round_schedule(np.array([cfg.network.max_data_size]), cfg.training, None)
+        self.push_weight = 1.0  # push-sum: this device's weight w (checkpointed)
+        self._step_mixed: list[str] = []  # D-PSGD: the neighbours mixed with after the first local step
+        exchanges = max(1, len(self.span)) * cfg.consensus.steps  # params messages per round and sender
         self.mailbox = Mailbox(
             max_rounds_ahead=cfg.network.max_rounds_ahead,
-            consensus_steps=cfg.consensus.steps,
+            consensus_steps=exchanges,
             sync_steps_ahead=cfg.network.max_rounds_ahead,
             params_message_bytes=limit,
             allowed_senders=self.peers,
@@ -448,6 +461,8 @@ class NodeRuntime:
     def _resume(self, ckpt: NodeCheckpoint) -> int:
         self.params = ckpt.params.reshape(1, -1).clone()
         self.trainer.load_state_tensors(ckpt.optimizer)
+        if PUSH_SUM_WEIGHT in ckpt.optimizer:
+            self.push_weight = float(ckpt.optimizer[PUSH_SUM_WEIGHT][0])
         torch.set_rng_state(ckpt.rng_state)
         self.history = ckpt.history
         meta = ckpt.meta
@@ -658,7 +673,10 @@ class NodeRuntime:
         before = self.params.clone()
         opt_before = {name: t.clone() for name, t in self.trainer.state_tensors().items()}
         row = self.params.to(self.device)  # train on the configured device; rows live on the CPU
-        stats = self.trainer.train(row, k)
+        if self.cooperation.every_local_step and self._cooperates(k):
+            stats = self.trainer.train(row, k, span=self.span, after_step=lambda j: self._mix_step(k, j, row))
+        else:
+            stats = self.trainer.train(row, k)
         self.params = row.cpu()
         if self._sane(self.params[0], before[0]):
             return float(stats.mean_loss[0])
@@ -671,6 +689,28 @@ class NodeRuntime:
         )
         return float("nan")
 
+    def _cooperates(self, k: int) -> bool:
+        return k % self.cfg.consensus.every == 0 and bool(self.peers) and bool(self.cooperation.stages)
+
+    def _cooperate(self, k: int, first: int, own: torch.Tensor, loss: float) -> tuple[torch.Tensor, list[str]]:
+        """The cooperation's stages for this row (numbered from ``first``), then the affinity
+        blend and the guard, as every runtime finishes a cooperation step; returns the new row
+        and the neighbours mixed with in the first stage."""
+        before = own.clone()
+        mixed: list[str] = []
+        for c, stage in enumerate(self.cooperation.stages):
+            own, live = self._consensus_step(k, first + c, own, loss, stage)
+            if c == 0:
+                mixed = live
+        return finish(self.cooperation, own.reshape(1, -1), before.reshape(1, -1), None)[0].clone(), mixed
+
+    def _mix_step(self, k: int, j: int, row: torch.Tensor) -> None:
+        """D-PSGD: the cooperation after local step ``j``, written into the training row in place."""
+        mixed, live = self._cooperate(k, j * len(self.cooperation.stages), row[0].cpu(), float("nan"))
+        row[0].copy_(mixed)
+        if j == 0:
+            self._step_mixed = live
+
     def _round(self, k: int) -> None:
         cfg = self.cfg
         t0 = time.perf_counter()
@@ -678,21 +718,16 @@ class NodeRuntime:
         self.mailbox.set_round(k)
         self.state = "training"
         sent_before = self._bytes_sent()
+        self._step_mixed = []
         train_loss = self._train(k)
         if cfg.faults.round_delay_s:
             time.sleep(cfg.faults.round_delay_s)  # injected straggler
         t_comm = time.perf_counter()
-        compute_s = t_comm - t0
-        mixed: list[str] = []
-        if k % cfg.consensus.every == 0 and self.peers:
-            before = self.params[0].clone()
-            own = self.params[0]
-            for c in range(cfg.consensus.steps):
-                own, live = self._consensus_step(k, c, own, train_loss)
-                if c == 0:
-                    mixed = live
-            # the affinity blend and the guard, as every runtime finishes a cooperation step
-            self.params = finish(self.cooperation, own.reshape(1, -1), before.reshape(1, -1), None).clone()
+        compute_s = t_comm - t0  # with D-PSGD this includes the exchanges after every local step
+        mixed: list[str] = self._step_mixed
+        if self._cooperates(k) and not self.cooperation.every_local_step:
+            own, mixed = self._cooperate(k, 0, self.params[0], train_loss)
+            self.params = own.reshape(1, -1)
         comm_s = time.perf_counter() - t_comm
         if k % cfg.eval.every == 0 or k == cfg.rounds:
             acc, loss = self._evaluate()
@@ -712,44 +747,80 @@ class NodeRuntime:
         log.info("%s round %d: mixed with %s, acc %s", cfg.id, k, mixed or "nobody",
                  f"{self.history.accuracy[-1]:.4f}" if self.history.eval_rounds[-1] == k else "-")  # fmt: skip
 
-    def _encode_params(self, k: int, c: int, own: torch.Tensor, loss: float) -> bytes | None:
+    def _encode_params(self, k: int, c: int, own: torch.Tensor, loss: float, **extra: Any) -> bytes | None:
         try:
             row = self.outgoing(own, k, c)
-            return wire.encode(self._header("params", k, c, **self.params_extras(loss)), self._tensors(row))
+            extras = self.params_extras(loss) | extra
+            return wire.encode(self._header("params", k, c, **extras), self._tensors(row))
         except wire.WireError as err:  # e.g. non-finite values: say so, send nothing, keep going
             log.error("%s round %d: not sending parameters: %s", self.cfg.id, k, err)
             return None
 
-    def _consensus_step(self, k: int, c: int, own: torch.Tensor, loss: float) -> tuple[torch.Tensor, list[str]]:
-        cfg = self.cfg
-        message = self._encode_params(k, c, own, loss)
+    def _exchange_plan(self, k: int, c: int, stage: Stage) -> tuple[dict[str, str], set[str]]:
+        """Whom this node sends to in consensus step ``c`` of round ``k``, and whom it hears.
+
+        Every live neighbour both ways for P2PL's gossip; the out-neighbours and in-neighbours of
+        a one-way topology for push-sum; for random gossip the one neighbour this node draws
+        and the neighbours whose own (public, keyed) draw is this node."""
         targets = self._targets(k)
-        for peer in targets:
+        if isinstance(stage, PushSum):
+            sends = {p: a for p, a in targets.items() if self.peer_cfg[p].sends}
+            return sends, {p for p in targets if self.peer_cfg[p].hears}
+        if stage.peers == "one-random":
+            mine = self._draw(k, c, self.cfg.index, sorted(self.peer_index[p] for p in targets))
+            sends = {p: a for p, a in targets.items() if self.peer_index[p] == mine}
+            hears = set()
+            for p in targets:
+                theirs = sorted(self.peer_cfg[p].neighbours)  # its links, as the simulator has them
+                if self._draw(k, c, self.peer_index[p], theirs) == self.cfg.index:
+                    hears.add(p)
+            return sends, hears
+        return targets, set(targets)
+
+    def _draw(self, k: int, c: int, device: int, candidates: list[int]) -> int:
+        indptr = np.array([0, len(candidates)], dtype=np.int64)
+        return int(peer_choice(self.cfg.seed, k, c, np.array([device]), indptr, np.asarray(candidates))[0])
+
+    def _consensus_step(
+        self, k: int, c: int, own: torch.Tensor, loss: float, stage: Stage
+    ) -> tuple[torch.Tensor, list[str]]:
+        cfg = self.cfg
+        targets, hears = self._exchange_plan(k, c, stage)
+        extra: dict[str, Any] = {}
+        if isinstance(stage, PushSum):
+            share = float(push_sum_shares(np.array([self.push_weight]), np.array([len(targets)]))[0])
+            extra["weight"] = share
+        message = self._encode_params(k, c, own, loss, **extra) if targets else None
+        for peer in set(targets) | hears:
             # It spoke to us lately (it is back): do not skip it because of an old failure.
             if self.client.is_down(peer) and self.mailbox.latest_round(peer) >= k - 1:
                 self.client.reset_backoff(peer)
         accepted = self.broadcast(targets, message) if message is not None else {}
-        # Wait for those that took ours; a peer that refused it (already past round k, down, or
+        # Wait for those that took ours (or, on one-way or one-peer steps, those due to send to
+        # us that are not known down); a peer that refused ours (already past round k, down, or
         # cut) will not send a round-k message we could still use -- but take one that is here.
         # A neighbour silent for network.max_missed_rounds rounds is not waited for until it
         # speaks again, so one staller cannot slow every round.
-        waiting = {p for p, ok in accepted.items() if ok and not self._skipped(p, k)}
+        due = {p for p in hears if accepted.get(p, not self.client.is_down(p))}
+        waiting = {p for p in due if not self._skipped(p, k)}
         got = self._wait_params(k, c, waiting)
-        for peer in targets:
+        for peer in hears:
             if peer not in got and (m := self.mailbox.get("params", k, c, peer)) is not None:
                 got[peer] = m
         if c == 0:
-            self._count_missed(f"round {k}", targets, got)
+            self._count_missed(f"round {k}", {p: self.peers[p] for p in hears}, got)
         rows: dict[str, _Row] = {}
         for peer in sorted(got, key=lambda p: self.peer_index[p]):
             try:
-                row = self._read_row(peer, got[peer])
+                row = self._read_row(peer, got[peer], isinstance(stage, PushSum))
             except Exception as err:  # nothing a neighbour says may crash the node
                 log.warning("%s round %d: dropped %s for the round: %s", cfg.id, k, peer, err)
                 continue
             if row is not None:
                 rows[peer] = row
-        return self._mix(k, own, rows)
+        if isinstance(stage, PushSum):
+            return self._push_sum_mix(k, own, rows, extra.get("weight", self.push_weight), stage)
+        return self._mix(k, own, rows, stage)
 
     def _skipped(self, peer: str, k: int = 0) -> bool:
         """True while ``peer`` is not waited for: it sent nothing for network.max_missed_rounds
@@ -779,13 +850,24 @@ class NodeRuntime:
                 log.warning("%s %s: %s sent nothing %d times in a row; not waiting for it until it speaks",
                             self.cfg.id, when, peer, limit)  # fmt: skip
 
-    def _read_row(self, peer: str, msg: wire.Message) -> _Row | None:
+    def _read_row(self, peer: str, msg: wire.Message, push_sum: bool = False) -> _Row | None:
         """A neighbour's parameters with its metadata validated (None, logged, if it is invalid):
         degree in [1, network size - 1]; data size a positive integer (the weights count it
-        within [own / r, own * r], r = consensus.max_size_ratio: ``graph.weights.bounded_claims``)."""
+        within [own / r, own * r], r = consensus.max_size_ratio: ``graph.weights.bounded_claims``);
+        for push-sum a weight share that is finite, > 0 and at most the network size (the whole
+        network's weight: honest shares never exceed it)."""
         ex = msg.header.extras
         degree, size = ex.get("degree"), ex.get("data_size")
         max_degree = self.cfg.network.devices - 1 if self.cfg.network.devices else 2**20
+        weight = 0.0
+        if push_sum:
+            claimed = ex.get("weight")
+            limit = float(self.cfg.network.devices or 2**20)
+            if not isinstance(claimed, float) or not (math.isfinite(claimed) and 0 < claimed <= limit):
+                log.warning("%s: %s claims push-sum weight %r (must be in (0, %g]); dropped for the round",
+                            self.cfg.id, peer, claimed, limit)  # fmt: skip
+                return None
+            weight = claimed
         if not isinstance(degree, int) or not 1 <= degree <= max_degree:
             log.warning("%s: %s claims degree %r (must be 1..%d); dropped for the round",
                         self.cfg.id, peer, degree, max_degree)  # fmt: skip
@@ -794,33 +876,56 @@ class NodeRuntime:
             log.warning("%s: %s claims data size %r (must be a positive integer); dropped for the round",
                         self.cfg.id, peer, size)  # fmt: skip
             return None
-        return _Row(self._flat(msg), degree, float(size))
+        return _Row(self._flat(msg), degree, float(size), weight)
 
-    def _mix(self, k: int, own: torch.Tensor, rows: Mapping[str, _Row]) -> tuple[torch.Tensor, list[str]]:
-        """One consensus step: this device's row of W over the live neighbours, then the shared
-        gossip step (``core.cooperate.gossip``: the aggregation rule, and the safety net that
-        retries without out-of-bounds neighbours and keeps the own row if that is not enough)."""
+    def _mix(
+        self, k: int, own: torch.Tensor, rows: Mapping[str, _Row], stage: Stage | None = None
+    ) -> tuple[torch.Tensor, list[str]]:
+        """One consensus step: this device's row of W over the live neighbours (equal weights
+        for random gossip), then the shared gossip step (``core.cooperate.gossip``: the
+        aggregation rule, and the safety net that retries without out-of-bounds neighbours and
+        keeps the own row if that is not enough)."""
         cfg = self.cfg
         live = list(rows)
-        max_degree = max(cfg.network.max_degree or len(self.peers), len(live))
-        self_w, row = row_weights(
-            cfg.consensus.weights,
-            cfg.index,
-            len(live),
-            [self.peer_index[p] for p in live],
-            [rows[p].degree for p in live],
-            float(self.data_size),
-            [rows[p].data_size for p in live],
-            max_degree,
-            cfg.consensus.max_size_ratio,
-        )
-        stage = self.cooperation.stages[0] if self.cooperation.stages else Gossip()
+        stage = stage or (self.cooperation.stages[0] if self.cooperation.stages else Gossip())
         assert isinstance(stage, Gossip)
+        if stage.peers == "one-random":
+            self_w = 1.0 / (1 + len(live))
+            weights = [self_w] * len(live)
+        else:
+            max_degree = max(cfg.network.max_degree or len(self.peers), len(live))
+            self_w, row = row_weights(
+                cfg.consensus.weights,
+                cfg.index,
+                len(live),
+                [self.peer_index[p] for p in live],
+                [rows[p].degree for p in live],
+                float(self.data_size),
+                [rows[p].data_size for p in live],
+                max_degree,
+                cfg.consensus.max_size_ratio,
+            )
+            weights = [row[self.peer_index[p]] for p in live]
+        return self._mix_weighted(k, own, rows, self_w, weights, stage)
+
+    def _mix_weighted(
+        self, k: int, own: torch.Tensor, rows: Mapping[str, _Row], self_w: float, weights: list[float], stage: Gossip
+    ) -> tuple[torch.Tensor, list[str]]:
+        live = list(rows)
         suspects = [p for p in live if not self._sane(rows[p].flat, own)]
         if suspects:
-            log.warning("%s round %d: parameters of %s are out of bounds", cfg.id, k, suspects)
-        mixed = mix_row(own, [rows[p].flat for p in live], self_w, [row[self.peer_index[p]] for p in live], stage)
+            log.warning("%s round %d: parameters of %s are out of bounds", self.cfg.id, k, suspects)
+        mixed = mix_row(own, [rows[p].flat for p in live], self_w, weights, stage)
         return mixed, [p for p in live if p not in suspects]
+
+    def _push_sum_mix(
+        self, k: int, own: torch.Tensor, rows: Mapping[str, _Row], own_share: float, stage: PushSum
+    ) -> tuple[torch.Tensor, list[str]]:
+        """Push-sum: the share-weighted mean of this row and the rows heard; the new push-sum
+        weight is the sum of the shares (``core.neighbours.push_sum_row``)."""
+        live = list(rows)
+        self_w, weights, self.push_weight = push_sum_row(own_share, [rows[p].weight for p in live])
+        return self._mix_weighted(k, own, rows, self_w, weights, stage.as_gossip())
 
     def _wait_params(self, k: int, c: int, waiting: set[str]) -> dict[str, wire.Message]:
         """Wait for the round-k step-c parameters of ``waiting`` until the round deadline; a silent
@@ -866,9 +971,10 @@ class NodeRuntime:
             "index": self.cfg.index,
         }
         held = self._held[1] if self._held is not None and self.sync is not None else None
-        ckpt = NodeCheckpoint(
-            k, self.params[0], self.trainer.state_tensors(), held, torch.get_rng_state(), self.history, meta
-        )
+        state = self.trainer.state_tensors()
+        if any(isinstance(stage, PushSum) for stage in self.cooperation.stages):
+            state = state | {PUSH_SUM_WEIGHT: torch.tensor([self.push_weight], dtype=torch.float64)}
+        ckpt = NodeCheckpoint(k, self.params[0], state, held, torch.get_rng_state(), self.history, meta)
         checkpoint.save(self.dir, ckpt)
 
     def _write_status(self, error: str = "") -> None:

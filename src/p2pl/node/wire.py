@@ -99,6 +99,7 @@ EXTRA_FIELDS: dict[str, type] = {
     "data_size": int,  # |D_n| of the sender (data-size consensus weights)
     "degree": int,  # d_n of the sender (metropolis weights)
     "loss": float,  # sender's last training loss (logging only)
+    "weight": float,  # push-sum: the share of its push-sum weight the sender sends with these parameters
 }
 
 #: dtypes a model tensor may have on the wire (parameters are float32 by convention).
