@@ -1,4 +1,5 @@
-"""``p2pl compare``: P2PL, FedAvg, centralized and local on the same data, model and seeds."""
+"""``p2pl compare``: P2PL, FedAvg, centralized and local (or the algorithms asked for, such as the
+decentralized baselines dpsgd, gossip and push-sum) on the same data, model and seeds."""
 
 from __future__ import annotations
 
@@ -16,14 +17,35 @@ from p2pl.report import accuracy_curves, console, plot_accuracy, progress_consol
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("compare", help="run p2pl, fedavg, centralized and local side by side")
+    parser = sub.add_parser("compare", help="run p2pl, fedavg, centralized and local (or --algorithms) side by side")
     add_config_arguments(parser)
     add_output_arguments(parser, "runs/compare")
     parser.add_argument("--seeds", type=int, default=1,
                         help="run each algorithm with seeds SEED..SEED+K-1 (into OUT/<algorithm>/seed-<s>/) and "
                         "report mean ± 95%% CI over seeds (default 1)")  # fmt: skip
     parser.add_argument("--workers", type=int, default=1, help="runs in parallel processes (with --seeds > 1)")
+    parser.add_argument("--algorithms", default=",".join(DEFAULT_ALGORITHMS), metavar="A,B,...",
+                        help=f"comma-separated algorithms to run, from {', '.join(ALGORITHMS)} "
+                        f"(default {','.join(DEFAULT_ALGORITHMS)})")  # fmt: skip
     parser.set_defaults(func=main)
+
+
+#: what ``p2pl compare`` runs unless --algorithms says otherwise: the paper's comparison
+DEFAULT_ALGORITHMS = ("p2pl", "fedavg", "centralized", "local")
+
+
+def chosen_algorithms(text: str) -> tuple[str, ...]:
+    """The --algorithms list, checked: known names, each once, at least one."""
+    from p2pl.errors import P2PLError
+
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in ALGORITHMS]
+    if unknown or not names:
+        raise P2PLError(
+            f"--algorithms {text!r}: {'unknown ' + repr(unknown[0]) if unknown else 'names no algorithm'}; "
+            f"choose from {', '.join(ALGORITHMS)} (comma-separated)"
+        )
+    return names
 
 
 def main(args: argparse.Namespace) -> int:
@@ -34,23 +56,25 @@ def main(args: argparse.Namespace) -> int:
         raise P2PLError(f"--seeds must be a positive integer, got {args.seeds}")
     # A config's own output.dir wins over the compare default; --out wins over both.
     directory = out_dir(args, base) if args.out or base.output.dir != OutputConfig().dir else Path("runs/compare")
+    names = chosen_algorithms(args.algorithms)
     if args.seeds == 1:
-        curves, finals = _one_seed(base, directory, args)
+        curves, finals = _one_seed(base, directory, args, names)
     else:
-        curves, finals = _many_seeds(base, directory, args)
-    plot_accuracy(curves, directory / "accuracy.png", title=figure_title(base, args.seeds),
+        curves, finals = _many_seeds(base, directory, args, names)
+    plot_accuracy(curves, directory / "accuracy.png", title=figure_title(base, args.seeds, names),
                   caption=figure_caption(args.seeds))  # fmt: skip
-    p2pl, fedavg = finals["p2pl"], finals["fedavg"]
-    from p2pl.stats import paired_difference
+    if "p2pl" in finals and "fedavg" in finals:
+        p2pl, fedavg = finals["p2pl"], finals["fedavg"]
+        from p2pl.stats import paired_difference
 
-    mean_gap = paired_difference(p2pl["mean"], fedavg["mean"]).format(100, sign=True)
-    min_gap = paired_difference(p2pl["min"], fedavg["mean"]).format(100, sign=True)
-    over = f" (mean ± 95% CI over {args.seeds} seeds)" if args.seeds > 1 else ""
-    console.print(f"P2PL vs FedAvg{over}: mean {mean_gap} points, min {min_gap} points")
+        mean_gap = paired_difference(p2pl["mean"], fedavg["mean"]).format(100, sign=True)
+        min_gap = paired_difference(p2pl["min"], fedavg["mean"]).format(100, sign=True)
+        over = f" (mean ± 95% CI over {args.seeds} seeds)" if args.seeds > 1 else ""
+        console.print(f"P2PL vs FedAvg{over}: mean {mean_gap} points, min {min_gap} points")
     if args.seeds == 1:
         from p2pl.system.plots import plot_compare_costs
 
-        if plot_compare_costs(directory, ALGORITHMS) is not None:  # [system] on: accuracy vs seconds and joules
+        if plot_compare_costs(directory, names) is not None:  # [system] on: accuracy vs seconds and joules
             console.print(f"accuracy against simulated seconds and joules: {directory}/cost.png")
     console.print(f"results in {directory}/ (one folder per algorithm, accuracy.png)")
     return 0
@@ -59,13 +83,15 @@ def main(args: argparse.Namespace) -> int:
 Finals = dict[str, dict[str, list[float]]]  # algorithm -> mean/min -> final accuracy per seed
 
 
-def _one_seed(base: ExperimentConfig, directory: Path, args: argparse.Namespace) -> tuple[dict[str, Any], Finals]:
+def _one_seed(
+    base: ExperimentConfig, directory: Path, args: argparse.Namespace, names: tuple[str, ...]
+) -> tuple[dict[str, Any], Finals]:
     from p2pl.sim.simulator import run_experiment
 
     summaries: dict[str, dict[str, Any]] = {}
     curves = {}
     enabled = base.output.progress and not args.quiet
-    for name in ALGORITHMS:
+    for name in names:
         cfg = replace(base, algorithm=name)
         with round_progress(name, cfg.rounds, enabled) as update:
             result = run_experiment(cfg, directory / name, progress=update, resume=not args.fresh)
@@ -76,7 +102,9 @@ def _one_seed(base: ExperimentConfig, directory: Path, args: argparse.Namespace)
     return curves, finals
 
 
-def _many_seeds(base: ExperimentConfig, directory: Path, args: argparse.Namespace) -> tuple[dict[str, Any], Finals]:
+def _many_seeds(
+    base: ExperimentConfig, directory: Path, args: argparse.Namespace, names: tuple[str, ...]
+) -> tuple[dict[str, Any], Finals]:
     from rich.table import Table
 
     from p2pl.reproduce.suite import read_curves
@@ -84,7 +112,7 @@ def _many_seeds(base: ExperimentConfig, directory: Path, args: argparse.Namespac
     from p2pl.sweeps import FAILED, Job, run_jobs, seed_list
 
     jobs = []
-    for name in ALGORITHMS:
+    for name in names:
         for seed in seed_list(base.seed, args.seeds):
             cfg = replace(base, algorithm=name, seed=seed, output=replace(base.output, progress=False))
             jobs.append(Job(directory / name / f"seed-{seed}", cfg, seed=seed, label=f"{name}/seed-{seed}"))
@@ -104,7 +132,7 @@ def _many_seeds(base: ExperimentConfig, directory: Path, args: argparse.Namespac
         table.add_column(col, justify="right" if col != "run" else "left", no_wrap=True)
     curves: dict[str, Any] = {}
     finals: Finals = {}
-    for name in ALGORITHMS:
+    for name in names:
         mine = [o for o in outcomes if o.job.config.algorithm == name]
         summaries = [o.summary for o in mine if o.summary is not None]
         finals[name] = {w: [s["final"]["accuracy"][w] for s in summaries] for w in ("mean", "min")}
@@ -130,14 +158,16 @@ def _seed_curves(per_seed: list[Any]) -> dict[str, np.ndarray]:
     }  # fmt: skip
 
 
-def figure_title(cfg: ExperimentConfig, seeds: int) -> str:
+def figure_title(cfg: ExperimentConfig, seeds: int, names: tuple[str, ...] = DEFAULT_ALGORITHMS) -> str:
     """What was run, in one or two lines: algorithms, N, data, graph, weights, rounds, seeds."""
     seed_text = f"seed {cfg.seed}" if seeds == 1 else f"seeds {cfg.seed}-{cfg.seed + seeds - 1}"
     radius = f" r={cfg.topology.radius:g}" if cfg.topology.radius > 0 else " (automatic radius)"
     graph = cfg.topology.name + (radius if cfg.topology.name == "random-geometric" else "")
     partition = cfg.partition.scheme + (f" a={cfg.partition.alpha:g}" if cfg.partition.scheme == "dirichlet" else "")
-    return (f"P2PL vs FedAvg, centralized, local: {cfg.devices} devices, {cfg.data.name} ({partition}), "
-            f"{cfg.model.factory or cfg.model.name}\nP2PL on {graph} graph, {cfg.consensus.weights} weights, "
+    who = "P2PL vs FedAvg, centralized, local" if names == DEFAULT_ALGORITHMS else ", ".join(names)
+    on = "P2PL" if names == DEFAULT_ALGORITHMS else "graph algorithms"
+    return (f"{who}: {cfg.devices} devices, {cfg.data.name} ({partition}), "
+            f"{cfg.model.factory or cfg.model.name}\n{on} on {graph} graph, {cfg.consensus.weights} weights, "
             f"sync {'on' if cfg.sync.enabled else 'off'}; {cfg.rounds} rounds x {cfg.training.local_epochs} "
             f"local epochs; {seed_text}")  # fmt: skip
 

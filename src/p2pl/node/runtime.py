@@ -766,6 +766,7 @@ class NodeRuntime:
         if isinstance(stage, PushSum):
             sends = {p: a for p, a in targets.items() if self.peer_cfg[p].sends}
             return sends, {p for p in targets if self.peer_cfg[p].hears}
+        assert isinstance(stage, Gossip)  # a node has no server step
         if stage.peers == "one-random":
             mine = self._draw(k, c, self.cfg.index, sorted(self.peer_index[p] for p in targets))
             sends = {p: a for p, a in targets.items() if self.peer_index[p] == mine}
