@@ -98,6 +98,7 @@ __all__ = [
     "SyncOutcome",
     "load_node_data",
     "mix_row",
+    "push_sum_share",
     "resume_target",
     "run_node",
 ]
@@ -158,6 +159,18 @@ def mix_row(
     stage = stage or Gossip()
     pool = torch.stack(neighbours) if neighbours else own.new_zeros(0, own.shape[-1])
     return gossip(own.reshape(1, -1), pool, one_row(self_weight, weights), stage)[0]
+
+
+def push_sum_share(claimed: object, devices: int) -> float | None:
+    """A neighbour's push-sum weight share if it is believable, else None: a finite number in
+    (0, N] (N = ``network.devices``; 2**20 when unknown). All devices' weights sum to N, so no
+    honest share exceeds it; the bound keeps a liar from overflowing or zeroing the mix, and the
+    norm guard still rolls back an exploding row. Within it a liar can outweigh the receiver for
+    a round, as a liar can under the plain mean: push-sum has no robust aggregation rule."""
+    if isinstance(claimed, bool) or not isinstance(claimed, (int, float)):
+        return None
+    value = float(claimed)
+    return value if math.isfinite(value) and 0 < value <= float(devices or 2**20) else None
 
 
 @dataclass(frozen=True)
@@ -862,11 +875,10 @@ class NodeRuntime:
         max_degree = self.cfg.network.devices - 1 if self.cfg.network.devices else 2**20
         weight = 0.0
         if push_sum:
-            claimed = ex.get("weight")
-            limit = float(self.cfg.network.devices or 2**20)
-            if not isinstance(claimed, float) or not (math.isfinite(claimed) and 0 < claimed <= limit):
-                log.warning("%s: %s claims push-sum weight %r (must be in (0, %g]); dropped for the round",
-                            self.cfg.id, peer, claimed, limit)  # fmt: skip
+            claimed = push_sum_share(ex.get("weight"), self.cfg.network.devices)
+            if claimed is None:
+                log.warning("%s: %s claims push-sum weight %r (must be in (0, number of devices]); dropped "
+                            "for the round", self.cfg.id, peer, ex.get("weight"))  # fmt: skip
                 return None
             weight = claimed
         if not isinstance(degree, int) or not 1 <= degree <= max_degree:
