@@ -185,6 +185,11 @@ EXAMPLES: dict[str, tuple[list[Step] | Elsewhere, Check | None, str]] = {
         _has("runs/noniid/local/summary.json"),
         "",
     ),
+    "p2pl compare --algorithms p2pl,dpsgd,gossip,push-sum --out runs/baselines": (
+        [["compare", "--algorithms", "p2pl,dpsgd,gossip,push-sum", "--out", "runs/baselines", *SMALL, "--quiet"]],
+        _has("runs/baselines/push-sum/summary.json", "runs/baselines/dpsgd/summary.json"),
+        "",
+    ),
     # the example that used to fail (10 devices left the old fixed-radius graph disconnected): as written
     "p2pl run --engine reference --set devices=10 --set rounds=2": (
         [["run", "--engine", "reference", "--set", "devices=10", "--set", "rounds=2"]],
