@@ -104,9 +104,10 @@ class StagePlanner:
         n = self.num_devices
         if isinstance(stage, PushSum):
             assert self.push_weight is not None
-            arcs = both_directions(live_edges) if self.facts.arcs is None else self.facts.arcs
-            heard = live_arcs(arcs, heard_edges(live_edges, self.facts.adversary), n)
-            hoods, self.push_weight = push_sum_neighbourhoods(n, heard, self.push_weight)
+            heard = heard_edges(live_edges, self.facts.adversary)
+            # undirected: both ways of every link heard; directed: the arcs whose pair is heard
+            arcs = both_directions(heard) if self.facts.arcs is None else live_arcs(self.facts.arcs, heard, n)
+            hoods, self.push_weight = push_sum_neighbourhoods(n, arcs, self.push_weight)
             return hoods
         if isinstance(stage, Gossip) and stage.peers == "one-random":
             adversary = self.facts.adversary
