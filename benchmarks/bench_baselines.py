@@ -77,7 +77,8 @@ def round_time(args: argparse.Namespace) -> None:
 
 def neighbourhoods(args: argparse.Namespace) -> None:
     n = args.scale_devices
-    print(f"\n3. one round's neighbourhoods at {n} devices (random geometric, automatic radius), {args.repeats} repeats")
+    print(f"\n3. one round's neighbourhoods at {n} devices (random geometric, automatic radius), "
+          f"{args.repeats} repeats")  # fmt: skip
     cfg = load_config(None, [f"devices={n}", "algorithm='push-sum'", "partition.samples_per_device=16"])
     exp = build_experiment(cfg)
     live = exp.topology.edges

@@ -196,6 +196,14 @@ def test_directed_random_geometric_links_each_device_within_its_own_range() -> N
     assert again.arcs is not None and np.array_equal(again.arcs, topo.arcs)
 
 
+def test_topology_command_reports_the_one_way_links(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["topology", "--set", "topology.name='directed-random-geometric'", "--set", "devices=30"]) == 0
+    out = capsys.readouterr().out
+    topo = build_topology(TopologyConfig(name="directed-random-geometric"), 30, seed=0)
+    assert topo.arcs is not None
+    assert f"one-way       {len(topo.arcs)} arcs" in out
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

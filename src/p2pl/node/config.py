@@ -8,6 +8,7 @@ whole. Example (what ``p2pl launch`` writes)::
 
     id = "dev-003"            # device id = certificate CN
     index = 3                 # global device index: keys its init and its data shuffles
+    algorithm = "p2pl"        # p2pl | dpsgd | gossip | push-sum
     rounds = 20
     seed = 0
     listen = "127.0.0.1:7003"
@@ -25,6 +26,8 @@ whole. Example (what ``p2pl launch`` writes)::
     id = "dev-002"
     index = 2
     address = "127.0.0.1:7002"
+    # sends = false / hears = false: a one-way link (push-sum on a directed topology);
+    # neighbours = [1, 3]: dev-002's own neighbours (gossip: when it sends here)
 
     [faults]                  # optional fault injection (tests, experiments)
     drop_links = [{peer = "dev-002", from_round = 3, to_round = 5}]

@@ -28,6 +28,12 @@ What the network adds, with no coordinator anywhere:
   then mix with those that arrived: the row of W is recomputed over the live neighbours, so a
   missing one is renormalized away. Late and replayed messages are dropped by the mailbox
   (stale round) and duplicates cannot replace what was accepted.
+* **Baselines** (``algorithm``, docs/baselines.md): the same exchange with other partners and
+  weights, decided by the cooperation's stages, never by the algorithm's name. Randomized
+  gossip sends to the one neighbour this node draws and waits for the neighbours whose public
+  draw is this node; push-sum sends to its out-neighbours with its weight share (``weight``,
+  bounded by :func:`push_sum_share`) and hears its in-neighbours; D-PSGD exchanges after every
+  local step of the network's step schedule (``step`` = local step x consensus steps + c).
 * **Faults.** An unreachable neighbour is skipped with exponential backoff (PeerClient) and
   mixed in again as soon as it answers. While waiting, a silent neighbour is probed with
   ``hello``: one that is down, or says it is already past this round, is not waited for; one that
