@@ -288,3 +288,27 @@ def test_node_configs_of_the_baselines_reject_what_they_cannot_run(change: dict[
     assert "\n" not in str(err.value)
     ok = {"algorithm": "push-sum", "peers": [PEER | {"sends": False}]}  # one-way: push-sum only
     assert node_config_from_dict({**data, **ok}).peers[0].hears
+
+
+def test_a_push_sum_node_checkpoints_its_weight(tmp_path: Path) -> None:
+    from p2pl.node import checkpoint as node_checkpoint
+    from p2pl.node.runtime import NodeRuntime
+    from test_node_runtime import node_config, tiny_data
+
+    tiny_data(tmp_path, 2)
+    cfg = node_config(tmp_path, 0, 0, {1: 1}, {"algorithm": "push-sum", "network": {"devices": 2}})
+    rt = NodeRuntime(cfg)
+    try:
+        rt.params = rt.init_of(0).reshape(1, -1)
+        rt.push_weight = 0.625
+        rt._checkpoint(1)
+    finally:
+        rt.close()
+    saved = node_checkpoint.load(Path(cfg.dir))
+    assert saved is not None
+    again = NodeRuntime(cfg)
+    try:
+        assert again.push_weight == 1.0 and again._resume(saved) == 2
+        assert again.push_weight == 0.625
+    finally:
+        again.close()
