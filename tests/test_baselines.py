@@ -53,7 +53,7 @@ def test_push_sum_preserves_the_weighted_sum_and_converges_to_the_average() -> N
     weight = np.ones(4)
     average, mass = z.mean(0), (z * torch.from_numpy(weight).unsqueeze(1)).sum(0)
     stage = PushSum().as_gossip()
-    for _ in range(200):
+    for _ in range(100):
         hoods, weight = push_sum_neighbourhoods(4, ARCS, weight)
         z = gossip(z, z, hoods, stage)
         assert weight.sum() == pytest.approx(4.0)
@@ -158,7 +158,8 @@ def test_the_step_schedule_is_the_plain_loop_and_a_subset_walks_the_networks_ste
 
 def test_dpsgd_mixes_after_every_local_step(tiny_config: Callable[..., ExperimentConfig]) -> None:
     cfg = tiny_config("algorithm='dpsgd'", "rounds=1", "topology.name='complete'", "devices=2",
-                      "training.optimizer='sgd'", "consensus.weights='uniform'")  # fmt: skip
+                      "training.optimizer='sgd'", "consensus.weights='uniform'",
+                      "partition.samples_per_device=40")  # fmt: skip
     result = run_experiment(cfg)
     exp = result.experiment
     steps = round_schedule(exp.setting.data_sizes, cfg.training, None)
@@ -312,3 +313,12 @@ def test_a_push_sum_node_checkpoints_its_weight(tmp_path: Path) -> None:
         assert again.push_weight == 0.625
     finally:
         again.close()
+
+
+def test_nodes_run_exactly_the_serverless_algorithms() -> None:
+    from p2pl.algorithms import ALGORITHMS
+    from p2pl.algorithms.base import GraphAlgorithm
+    from p2pl.node.config import NODE_ALGORITHMS
+
+    serverless = {name for name, build in ALGORITHMS.items() if isinstance(build(), GraphAlgorithm)}
+    assert serverless == set(NODE_ALGORITHMS) == {"p2pl", "dpsgd", "gossip", "push-sum"}
