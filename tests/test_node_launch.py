@@ -243,12 +243,13 @@ BASELINES = {
 @pytest.mark.timeout(300)
 def test_launched_baselines_equal_the_simulator(tmp_path: Path) -> None:
     """dpsgd, gossip and push-sum networks as ``p2pl launch`` writes them (node configs, data,
-    certificates), side by side, their nodes over gRPC with mutual TLS: every node's parameters
-    after 3 rounds equal the simulator's (a node exchanges after each local step for dpsgd, draws
-    the simulator's peer for gossip, sends one way on a directed graph for push-sum). The nodes
-    run on threads of this process: twelve node processes would spend most of a minute starting
-    Python and torch on a 2-core machine; test_launched_nodes_equal_the_simulator runs processes."""
-    from p2pl.node.launch import prepare_launch
+    certificates), side by side, over gRPC with mutual TLS: every node's parameters after 3
+    rounds equal the simulator's (a node exchanges after each local step for dpsgd, draws the
+    simulator's peer for gossip, sends one way on a directed graph for push-sum). Push-sum runs
+    as real node processes; dpsgd and gossip, meanwhile, as node runtimes on threads of this
+    process (eight more processes would spend most of a minute starting Python and torch on a
+    2-core machine)."""
+    from p2pl.node.launch import Launcher, prepare_launch
     from p2pl.node.runtime import NodeRuntime
     from p2pl.sim.simulator import run_experiment
     from test_node_runtime import run_in_threads
@@ -257,13 +258,28 @@ def test_launched_baselines_equal_the_simulator(tmp_path: Path) -> None:
              "partition.samples_per_device=16", "consensus.weights='metropolis'"]  # fmt: skip
     configs = {name: load_config(None, [*small, *extra]) for name, extra in BASELINES.items()}
     plans = {name: prepare_launch(cfg, tmp_path / name) for name, cfg in configs.items()}
-    nodes = {name: [load_node_config(c) for c in plan.configs] for name, plan in plans.items()}
-    assert [p for n in nodes["push-sum"] for p in n.peers if not (p.sends and p.hears)]  # one-way links
-    runtimes = {name: [NodeRuntime(n) for n in group] for name, group in nodes.items()}
-    assert not run_in_threads([rt for group in runtimes.values() for rt in group], timeout=240)
+    one_way = [p for c in plans["push-sum"].configs for p in load_node_config(c).peers if not (p.sends and p.hears)]
+    assert one_way  # the directed graph's one-way links reach the node configs
+    processes = Launcher(plans["push-sum"])
+    processes.start()
+    try:
+        threaded = {
+            name: [NodeRuntime(load_node_config(c)) for c in plans[name].configs] for name in ("dpsgd", "gossip")
+        }
+        assert not run_in_threads([rt for group in threaded.values() for rt in group], timeout=240)
+        assert processes.wait(timeout=240)
+    finally:
+        processes.stop()
     for name, cfg in configs.items():
         sim = run_experiment(cfg)
-        worst = max(float((rt.params[0] - sim.params[i]).abs().max()) for i, rt in enumerate(runtimes[name]))
+        if name in threaded:
+            final = [rt.params[0] for rt in threaded[name]]
+        else:
+            saved = [checkpoint.load(d) for d in plans[name].node_dirs]
+            assert all(c is not None and c.round == cfg.rounds for c in saved)
+            final = [c.params for c in saved if c is not None]
+        worst = max(float((row - sim.params[i]).abs().max()) for i, row in enumerate(final))
         print(f"{name}: max |node - simulator| = {worst:.3g}")
         assert worst <= 1e-5
-        assert all(len(rt.history.round_time_s) == cfg.rounds for rt in runtimes[name])
+    summary = processes.collect()
+    assert summary["algorithm"] == "push-sum" and not summary["devices_missing"]
