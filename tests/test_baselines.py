@@ -252,6 +252,8 @@ def test_interrupted_and_resumed_runs_end_with_the_same_numbers(
         assert float(weight.sum()) == pytest.approx(cfg.devices) and not torch.allclose(weight, torch.ones(10).double())
     resumed = run_experiment(cfg, tmp_path)
     assert torch.equal(resumed.params, straight.params)
+    weights = {"push-sum": "push-sum", "gossip": "equal", "dpsgd": cfg.consensus.weights}[cfg.algorithm]
+    assert resumed.summary["weights"] == weights  # what the mix really used
     for a, b in zip(resumed.history.bytes_sent, straight.history.bytes_sent, strict=True):
         assert np.array_equal(a, b)
 

@@ -81,6 +81,8 @@ class Algorithm(ABC):
     name: str
     uses_graph: bool = False
     directed: bool = False  # runs over one-way links (a directed topology's arcs)
+    # the mixing weights it uses when not consensus.weights (for summary.json): "equal", "push-sum"
+    own_weights: str | None = None
 
     def check(self, consensus: ConsensusConfig, engine: str) -> None:  # noqa: B027 (optional hook)
         """Refuse, in one line, a configuration this algorithm cannot run (default: all run)."""

@@ -16,6 +16,7 @@ from p2pl.core.cooperate import Cooperation
 
 class RandomGossip(GraphAlgorithm):
     name = "gossip"
+    own_weights = "equal"
 
     def cooperation_for(self, consensus: ConsensusConfig) -> Cooperation:
         stages = tuple(replace(stage, peers="one-random") for stage in gossip_stages(consensus))

@@ -17,6 +17,7 @@ from p2pl.errors import P2PLError
 class PushSumAlgorithm(GraphAlgorithm):
     name = "push-sum"
     directed = True
+    own_weights = "push-sum"
 
     def check(self, consensus: ConsensusConfig, engine: str) -> None:
         if consensus.aggregation != "mean":

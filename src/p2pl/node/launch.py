@@ -42,6 +42,7 @@ import tomli_w
 import torch
 
 from p2pl import atomic
+from p2pl.algorithms import make_algorithm
 from p2pl.config import ExperimentConfig, config_to_dict, dumps_config
 from p2pl.core.consensus import consensus_distance
 from p2pl.errors import P2PLError
@@ -481,7 +482,7 @@ def collect_results(
         "parameters": plan.num_params,
         "topology": plan.topology,
         "edges": len(plan.edges),
-        "weights": cfg.consensus.weights,
+        "weights": make_algorithm(cfg.algorithm).own_weights or cfg.consensus.weights,
         "sync": bool(cfg.sync.enabled),
         "sync_mode": cfg.sync.mode,
         "sync_steps": max((int(s.get("steps", 0)) for s in syncs), default=0),

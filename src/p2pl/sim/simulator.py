@@ -387,7 +387,7 @@ def _run(
         "parameters": exp.spec.total,
         "topology": exp.topology.name,
         "edges": len(exp.topology.edges),
-        "weights": cfg.consensus.weights if exp.algorithm.uses_graph else None,
+        "weights": (exp.algorithm.own_weights or cfg.consensus.weights) if exp.algorithm.uses_graph else None,
         "sync": bool(cfg.sync.enabled and exp.algorithm.uses_graph),
         "sync_mode": cfg.sync.mode if cfg.sync.enabled and exp.algorithm.uses_graph else None,
         "aggregation": cfg.consensus.aggregation if exp.algorithm.uses_graph else None,
