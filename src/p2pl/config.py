@@ -174,7 +174,7 @@ class CompressionConfig:
     bits: int = 0  # 8 | 4: quantized values; 32: float32 values; 0: 8 for quantize, 32 otherwise
     block_size: int = 256  # values per quantization scale
     granularity: str = "block"  # quantize: one scale per block | per model tensor ("tensor")
-    gamma: float = 0.5  # choco: consensus step size
+    gamma: float = 0.1  # choco: consensus step size
 
     def validate(self) -> None:
         choose("compression.method", self.method, COMPRESSION_METHODS)
@@ -185,7 +185,9 @@ class CompressionConfig:
         _require({"compression.bits": self.bits}, lambda v: v in (0, 4, 8, 32), "8, 4 or 32 (0: the method's default)",
                  "8")  # fmt: skip
         if self.method == "quantize" and self.bits == 32:
-            raise P2PLError("compression.method = 'quantize' needs compression.bits = 8 or 4; set --set compression.bits=8")
+            raise P2PLError(
+                "compression.method = 'quantize' needs compression.bits = 8 or 4; set --set compression.bits=8"
+            )
 
 
 @dataclass

@@ -66,7 +66,7 @@ class Compression:
     bits: int = 0  # 8 or 4: quantized values; 32: float32 values; 0: 8 for quantize, 32 otherwise
     block_size: int = 256  # coordinates (or sent values) per quantization scale
     granularity: str = "block"  # quantize: one scale per block, or per model tensor ("tensor")
-    gamma: float = 0.5  # choco: consensus step size
+    gamma: float = 0.1  # choco: consensus step size
     segments: tuple[int, ...] = ()  # the model tensors' sizes (for granularity = "tensor")
 
     @classmethod
@@ -78,7 +78,9 @@ class Compression:
         choose("compression.method", self.method, METHODS)
         choose("compression.granularity", self.granularity, GRANULARITIES)
         if not 0 < self.ratio <= 1:
-            raise P2PLError(f"compression.ratio must be in (0, 1], got {self.ratio}; set e.g. --set compression.ratio=0.01")
+            raise P2PLError(
+                f"compression.ratio must be in (0, 1], got {self.ratio}; set e.g. --set compression.ratio=0.01"
+            )
         if self.bits not in (0, *VALUE_BITS):
             raise P2PLError(f"compression.bits must be 8, 4 or 32 (0: the method's default), got {self.bits}")
         if self.method == "quantize" and self.value_bits == 32:
@@ -86,7 +88,9 @@ class Compression:
         if self.block_size < 1:
             raise P2PLError(f"compression.block_size must be a positive integer, got {self.block_size}")
         if not 0 < self.gamma <= 1:
-            raise P2PLError(f"compression.gamma must be in (0, 1], got {self.gamma}; set e.g. --set compression.gamma=0.5")
+            raise P2PLError(
+                f"compression.gamma must be in (0, 1], got {self.gamma}; set e.g. --set compression.gamma=0.5"
+            )
 
     @property
     def active(self) -> bool:
@@ -183,13 +187,13 @@ def message_layout(compression: Compression, num_params: int) -> MessageLayout:
 # ------------------------------------------------------------------------ keyed random draws
 
 
-def _generators(seed: int, device_ids: Sequence[int], round_index: int, step: int) -> list[np.random.Generator]:
+def _generators(
+    seed: int, device_ids: Sequence[int] | np.ndarray, round_index: int, step: int
+) -> list[np.random.Generator]:
     return [numpy_generator(seed, _PURPOSE, round_index, step, int(d)) for d in device_ids]
 
 
-def random_indices(
-    num_params: int, k: int, gens: Sequence[np.random.Generator]
-) -> torch.Tensor:
+def random_indices(num_params: int, k: int, gens: Sequence[np.random.Generator]) -> torch.Tensor:
     """random-k: each row's k coordinates (sorted), the first draw of its keyed generator."""
     if k >= num_params:
         return torch.arange(num_params, dtype=torch.int64).expand(len(gens), num_params).clone()
@@ -306,7 +310,7 @@ class Compressor:
         return dequantize(arrays["codes"], arrays["scales"].float(), self._value_groups, bits)
 
     def encode(
-        self, rows: torch.Tensor, device_ids: Sequence[int], round_index: int, step: int,
+        self, rows: torch.Tensor, device_ids: Sequence[int] | np.ndarray, round_index: int, step: int,
         senders: np.ndarray | None = None,
     ) -> dict[str, torch.Tensor]:  # fmt: skip
         """The messages of ``rows [R, P]`` (the rows as sent) as arrays ``[R, ...]`` laid out as
@@ -337,7 +341,7 @@ class Compressor:
         return arrays
 
     def decode(
-        self, arrays: Mapping[str, torch.Tensor], device_ids: Sequence[int], round_index: int, step: int
+        self, arrays: Mapping[str, torch.Tensor], device_ids: Sequence[int] | np.ndarray, round_index: int, step: int
     ) -> Decoded:
         """Rows of messages (arrays ``[R, ...]``) back to dense values; stateless. Indices must be
         strictly increasing within [0, P) (a payload that breaks this raises P2PLError)."""
@@ -359,7 +363,7 @@ class Compressor:
     # -- what gossip uses ------------------------------------------------------------------
 
     def publish(
-        self, rows: torch.Tensor, device_ids: Sequence[int], round_index: int, step: int,
+        self, rows: torch.Tensor, device_ids: Sequence[int] | np.ndarray, round_index: int, step: int,
         senders: np.ndarray | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
         """What receivers use of the rows ``[R, P]`` these devices send: (rows, sent mask or None).

@@ -532,7 +532,8 @@ class NodeRuntime:
         if self.compressor.compression.method == "choco":
             synced = self.cfg.sync.enabled
             self.copies = {
-                p: (self.params if synced else self.init_of(i).reshape(1, -1)).clone() for p, i in self.peer_index.items()
+                p: (self.params if synced else self.init_of(i).reshape(1, -1)).clone()
+                for p, i in self.peer_index.items()
             }
 
     def _compression_state(self) -> dict[str, torch.Tensor]:

@@ -371,6 +371,7 @@ def _run(
         "sync_mode": cfg.sync.mode if cfg.sync.enabled and exp.algorithm.uses_graph else None,
         "aggregation": cfg.consensus.aggregation if exp.algorithm.uses_graph else None,
         "attack": exp.setting.adversary.attack if exp.setting.adversary.active else None,
+        "compression": cfg.compression.method if exp.setting.compression is not None else None,
         "sync_steps": sync_steps,
         "sync_bytes_per_device": sync_bytes,
         "wall_time_s": float(sum(history.round_time_s)),
