@@ -145,21 +145,22 @@ class MessageLayout:
         return tuple(a.name for a in self.arrays)
 
 
-def _groups(compression: Compression, n: int, over_params: bool) -> np.ndarray:
-    """The quantization group of each of ``n`` values: blocks, or model tensors (``over_params``:
-    the values are the P parameters in model order, as ``quantize`` sends them)."""
+def _groups(compression: Compression, n: int, over_params: bool) -> tuple[int, ...]:
+    """The sizes of the consecutive quantization groups of ``n`` values: blocks, or model tensors
+    (``over_params``: the values are the P parameters in model order, as ``quantize`` sends them)."""
     if compression.granularity == "tensor" and over_params and compression.segments:
         if sum(compression.segments) != n:
             raise P2PLError(f"compression segments cover {sum(compression.segments)} parameters, the model has {n}")
-        return np.repeat(np.arange(len(compression.segments)), compression.segments).astype(np.int64)
-    return np.arange(n, dtype=np.int64) // compression.block_size
+        return tuple(compression.segments)
+    full, rest = divmod(n, compression.block_size)
+    return (compression.block_size,) * full + ((rest,) if rest else ())
 
 
 def _value_arrays(compression: Compression, n: int, over_params: bool) -> tuple[ArraySpec, ...]:
     bits = compression.value_bits
     if bits == 32:
         return (ArraySpec("values", "float32", (n,)),)
-    groups = int(_groups(compression, n, over_params)[-1]) + 1 if n else 0
+    groups = len(_groups(compression, n, over_params))
     codes = ArraySpec("codes", "int8", (n,)) if bits == 8 else ArraySpec("codes", "uint8", ((n + 1) // 2,))
     return codes, ArraySpec("scales", "float32", (groups,))
 
@@ -202,9 +203,10 @@ def random_indices(num_params: int, k: int, gens: Sequence[np.random.Generator])
 
 
 def _uniforms(n: int, gens: Sequence[np.random.Generator]) -> torch.Tensor:
-    if not gens:
-        return torch.zeros(0, n)
-    return torch.from_numpy(np.stack([g.random(n, dtype=np.float32) for g in gens]))
+    out = np.empty((len(gens), n), dtype=np.float32)
+    for row, g in zip(out, gens, strict=True):
+        g.random(dtype=np.float32, out=row)
+    return torch.from_numpy(out)
 
 
 # ------------------------------------------------------------------------------- quantization
@@ -214,18 +216,28 @@ def _levels(bits: int) -> int:
     return 2 ** (bits - 1) - 1  # symmetric signed levels: 127 at 8 bits, 7 at 4 bits
 
 
-def quantize(values: torch.Tensor, groups: np.ndarray, bits: int, uniforms: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Stochastic rounding of ``values [R, n]`` to ``bits`` with one absmax scale per group:
-    ``codes`` (int8 [R, n], or uint8 [R, ceil(n/2)] at 4 bits) and ``scales`` (float32 [R, G])."""
+def _per_value(per_group: torch.Tensor, groups: tuple[int, ...]) -> torch.Tensor:
+    """[R, G] -> [R, n]: each group's value repeated over its values."""
+    size = groups[0] if groups else 0
+    if all(g == size for g in groups[:-1]) and groups[-1] <= size:  # blocks: a broadcast view, one copy
+        r, g = per_group.shape
+        return per_group.unsqueeze(2).expand(r, g, size).reshape(r, g * size)[:, : sum(groups)]
+    return torch.repeat_interleave(per_group, torch.tensor(groups), dim=1)
+
+
+def quantize(
+    values: torch.Tensor, groups: tuple[int, ...], bits: int, uniforms: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Stochastic rounding of ``values [R, n]`` to ``bits`` with one absmax scale per group of
+    consecutive values (``groups``: their sizes): ``codes`` (int8 [R, n], or uint8 [R, ceil(n/2)]
+    at 4 bits) and ``scales`` (float32 [R, G])."""
     r, n = values.shape
     levels = _levels(bits)
-    g = torch.from_numpy(groups)
-    num_groups = int(groups[-1]) + 1 if n else 0
-    absmax = torch.zeros(r, num_groups, dtype=torch.float32).scatter_reduce_(
-        1, g.expand(r, n), values.abs().float(), "amax", include_self=True
-    )
+    values = values.float()
+    parts = torch.split(values.abs(), list(groups), dim=1)
+    absmax = torch.stack([part.amax(dim=1) for part in parts], dim=1) if parts else torch.zeros(r, 0)
     inverse = torch.where(absmax > 0, levels / absmax.clamp_min(1e-38), torch.zeros_like(absmax))
-    codes = torch.floor(values.float() * inverse[:, g] + uniforms).clamp_(-levels, levels)
+    codes = torch.floor(values * _per_value(inverse, groups) + uniforms).clamp_(-levels, levels)
     scales = absmax / levels
     if bits == 8:
         return {"codes": codes.to(torch.int8), "scales": scales}
@@ -235,16 +247,16 @@ def quantize(values: torch.Tensor, groups: np.ndarray, bits: int, uniforms: torc
     return {"codes": nibbles[:, 0::2] | (nibbles[:, 1::2] << 4), "scales": scales}
 
 
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, groups: np.ndarray, bits: int) -> torch.Tensor:
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, groups: tuple[int, ...], bits: int) -> torch.Tensor:
     """float32 [R, n] from :func:`quantize`'s arrays (4-bit codes decode to -8..7 x scale)."""
-    n = len(groups)
+    n = sum(groups)
     if bits == 8:
         levels = codes.to(torch.float32)
     else:
         packed = codes.to(torch.int16)
         both = torch.stack([packed & 0x0F, packed >> 4], dim=2).reshape(codes.shape[0], -1)[:, :n]
         levels = (both - 8).to(torch.float32)
-    return levels * scales[:, torch.from_numpy(groups)]
+    return levels * _per_value(scales, groups)
 
 
 # ------------------------------------------------------------------------------ the compressor
