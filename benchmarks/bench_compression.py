@@ -37,7 +37,7 @@ METHODS: dict[str, list[str]] = {
         "compression.ratio=0.08",
         "compression.bits=8",
         "compression.gamma=0.5",
-    ],  # fmt: skip
+    ],
 }
 TIMED = ("none", "top-k 1% (EF)", "choco top-k 1%", "random-k 1%", "quantize 8-bit", "quantize 4-bit")
 TOPK_GAP, TOPK_RATIO, Q8_GAP, Q8_RATIO, ROUND_RATIO = 0.02, 10.0, 0.005, 4.0, 1.5
