@@ -265,3 +265,15 @@ def test_launched_nodes_send_compressed_messages_and_equal_the_simulator(tmp_pat
     degree = 2 * len(sim.experiment.topology.edges) / cfg.devices
     full_rows = degree * cfg.rounds * sim.experiment.spec.nbytes  # the uncompressed rows
     assert 0 < summary["bytes_sent_per_device"] < full_rows / 3
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--compress", "zip"], "unknown --compress 'zip'"), (["--compress", "top-k", "--seeds", "2"], "one seed")],
+)
+def test_compare_refuses_bad_compress_lists(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    assert cli(["compare", "--out", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

@@ -194,7 +194,7 @@ def _mean_filled(
     kept = _mean(own, pool * mask, hoods, stage)  # W_nn θ_n + Σ W s ⊙ v
     heard = _mean(torch.zeros_like(own), mask, hoods, stage)  # Σ W s
     total = np.bincount(hoods.dst, weights=hoods.weight, minlength=hoods.num_rows)
-    unsent = torch.from_numpy(total).to(own.dtype).unsqueeze(1) - heard  # Σ W (1 − s)
+    unsent = torch.from_numpy(total).to(own.device, own.dtype).unsqueeze(1) - heard  # Σ W (1 − s)
     return torch.addcmul(kept, own, unsent)
 
 
