@@ -111,8 +111,8 @@ def _one_seed(
 def bytes_title(cfg: ExperimentConfig) -> str:
     c = cfg.compression
     return (f"Accuracy per byte: {cfg.devices} devices, {cfg.data.name} ({cfg.partition.scheme}), "
-            f"{cfg.topology.name} graph, {cfg.rounds} rounds; compression ratio {c.ratio:g}, bits {c.bits or 'default'}, "
-            f"choco gamma {c.gamma:g}")  # fmt: skip
+            f"{cfg.topology.name} graph, {cfg.rounds} rounds; compression ratio {c.ratio:g}, "
+            f"bits {c.bits or 'default'}, choco gamma {c.gamma:g}")  # fmt: skip
 
 
 BYTES_CAPTION = (
