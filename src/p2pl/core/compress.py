@@ -328,16 +328,23 @@ class Compressor:
         """The messages of ``rows [R, P]`` (the rows as sent) as arrays ``[R, ...]`` laid out as
         :func:`message_layout` says; updates the sender state of the rows in ``senders`` (bool
         [R], default all: a device that sends nothing keeps its state)."""
+        return self._encode(rows, device_ids, round_index, step, senders)[0]
+
+    def _encode(
+        self, rows: torch.Tensor, device_ids: Sequence[int] | np.ndarray, round_index: int, step: int,
+        senders: np.ndarray | None,
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:  # fmt: skip
+        """:meth:`encode`, and the indices sent (None when every coordinate is)."""
         c = self.compression
         rows = rows.detach().float()
         gens = _generators(self.seed, device_ids, round_index, step)
         if not c.active:
-            return {"values": rows.contiguous()}
+            return {"values": rows.contiguous()}, None
         if c.method == "quantize":
-            return self._values_arrays(rows, gens)
+            return self._values_arrays(rows, gens), None
         if c.method == "random-k":
             indices = random_indices(self.num_params, self.k, gens)
-            return self._values_arrays(rows.gather(1, indices), gens)
+            return self._values_arrays(rows.gather(1, indices), gens), indices
         assert self.state is not None, "Compressor.start was not called"
         base = self.state
         delta = rows - base
@@ -350,7 +357,7 @@ class Compressor:
             keep = torch.from_numpy(~np.asarray(senders, dtype=bool))
             updated[keep] = base[keep]
         self.state = updated
-        return arrays
+        return arrays, indices
 
     def decode(
         self, arrays: Mapping[str, torch.Tensor], device_ids: Sequence[int] | np.ndarray, round_index: int, step: int
@@ -358,7 +365,7 @@ class Compressor:
         """Rows of messages (arrays ``[R, ...]``) back to dense values; stateless. Indices must be
         strictly increasing within [0, P) (a payload that breaks this raises P2PLError)."""
         c = self.compression
-        r, p = len(device_ids), self.num_params
+        p = self.num_params
         if not c.active:
             return Decoded(arrays["values"].float(), None, None)
         if c.method == "quantize":
@@ -368,6 +375,10 @@ class Compressor:
         else:
             indices = arrays["indices"].to(torch.int64)
             check_indices(indices, p)
+        return self._sparse(arrays, indices)
+
+    def _sparse(self, arrays: Mapping[str, torch.Tensor], indices: torch.Tensor) -> Decoded:
+        r, p = indices.shape[0], self.num_params
         values = torch.zeros(r, p, dtype=torch.float32).scatter_(1, indices, self._values_of(arrays))
         mask = torch.zeros(r, p, dtype=torch.bool).scatter_(1, indices, True)
         return Decoded(values, indices, mask)
@@ -381,11 +392,12 @@ class Compressor:
         """What receivers use of the rows ``[R, P]`` these devices send: (rows, sent mask or None).
         choco: the senders' public copies after this step's update (every receiver adds the same
         q to its copy, so the copy is the same everywhere)."""
-        arrays = self.encode(rows, device_ids, round_index, step, senders)
+        arrays, indices = self._encode(rows, device_ids, round_index, step, senders)
         if self.compression.method == "choco":
             assert self.state is not None
             return self.state, None
-        decoded = self.decode(arrays, device_ids, round_index, step)
+        # what decode would give receivers, without drawing random-k's indices a second time
+        decoded = self._sparse(arrays, indices) if indices is not None else self.decode(arrays, device_ids, 0, 0)
         return decoded.values, decoded.mask
 
     def own(self, rows: torch.Tensor) -> torch.Tensor:
