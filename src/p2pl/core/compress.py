@@ -337,7 +337,9 @@ class Compressor:
         """:meth:`encode`, and the indices sent (None when every coordinate is)."""
         c = self.compression
         rows = rows.detach().float()
-        gens = _generators(self.seed, device_ids, round_index, step)
+        # keyed generators only where something is random (random-k's indices, stochastic rounding)
+        random = c.method == "random-k" or (c.active and c.value_bits < 32)
+        gens = _generators(self.seed, device_ids, round_index, step) if random else []
         if not c.active:
             return {"values": rows.contiguous()}, None
         if c.method == "quantize":
@@ -352,11 +354,10 @@ class Compressor:
         chosen = delta if c.method == "choco" else rows
         arrays = {"indices": indices.to(torch.int32), **self._values_arrays(chosen.gather(1, indices), gens)}
         sent = self._values_of(arrays)
-        updated = apply_sparse(base, indices, sent, add=c.method == "choco")
         if senders is not None and not bool(np.all(senders)):
-            keep = torch.from_numpy(~np.asarray(senders, dtype=bool))
-            updated[keep] = base[keep]
-        self.state = updated
+            quiet = torch.from_numpy(~np.asarray(senders, dtype=bool))  # sent nothing: state unchanged
+            sent = torch.where(quiet.unsqueeze(1), 0.0 if c.method == "choco" else base.gather(1, indices), sent)
+        self.state = apply_sparse(base, indices, sent, add=c.method == "choco", inplace=True)
         return arrays, indices
 
     def decode(
@@ -425,10 +426,13 @@ def check_indices(indices: torch.Tensor, num_params: int) -> None:
         raise P2PLError("compressed message indices are not strictly increasing")
 
 
-def apply_sparse(base: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, add: bool) -> torch.Tensor:
-    """``base`` with ``values`` written (or, ``add``, added) at ``indices`` per row (a new tensor).
-    The one update of top-k's memory and of every choco copy, so senders and receivers agree."""
-    out = base.clone()
+def apply_sparse(
+    base: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, add: bool, inplace: bool = False
+) -> torch.Tensor:
+    """``base`` with ``values`` written (or, ``add``, added) at ``indices`` per row (a new tensor
+    unless ``inplace``). The one update of top-k's memory and of every choco copy, so senders and
+    receivers agree."""
+    out = base if inplace else base.clone()
     if add:
         return out.scatter_add_(1, indices, values)
     return out.scatter_(1, indices, values)

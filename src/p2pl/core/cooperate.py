@@ -191,14 +191,15 @@ def _mean_filled(
     uses its own value elsewhere: ``W_nn θ_n + Σ_m W_nm (s_m v_m + (1 − s_m) θ_n)``, as two sparse
     products, ``Σ W (s ⊙ v)`` and ``Σ W s``, so no per-edge copy of the rows is made."""
     total = np.bincount(hoods.dst, weights=hoods.weight, minlength=hoods.num_rows)
-    if own.device.type == "cpu" and len(hoods.src) and int(sent.sum()) * 20 < sent.numel():
+    probe = sent[:64]  # the share sent, estimated from a few rows (it picks the faster path only)
+    if own.device.type == "cpu" and len(hoods.src) and int(probe.sum()) * 20 < probe.numel():
         kept, heard = _sparse_sums(own, pool, hoods, sent)  # few coordinates sent: walk only those
-        self_w = torch.as_tensor(hoods.self_weight, dtype=own.dtype).unsqueeze(1)
-        kept = torch.addcmul(kept, self_w, own)
-    else:
-        mask = sent.to(own.dtype)
-        kept = _mean(own, pool * mask, hoods, stage)  # W_nn θ_n + Σ W s ⊙ v
-        heard = _mean(torch.zeros_like(own), mask, hoods, stage)  # Σ W s
+        # own-value weight: W_nn + Σ W (1 − s), in place over Σ W s
+        own_weight = torch.from_numpy(total + hoods.self_weight).to(own.dtype).unsqueeze(1)
+        return torch.addcmul(kept, own, heard.neg_().add_(own_weight))
+    mask = sent.to(own.dtype)
+    kept = _mean(own, pool * mask, hoods, stage)  # W_nn θ_n + Σ W s ⊙ v
+    heard = _mean(torch.zeros_like(own), mask, hoods, stage)  # Σ W s
     unsent = torch.from_numpy(total).to(own.device, own.dtype).unsqueeze(1) - heard  # Σ W (1 − s)
     return torch.addcmul(kept, own, unsent)
 
