@@ -47,7 +47,7 @@ import torch
 
 from p2pl.config import CompressionConfig
 from p2pl.core.cooperate import Gossip, Neighbourhoods, gossip
-from p2pl.core.rng import numpy_generator
+from p2pl.core.rng import derive_seed
 from p2pl.errors import P2PLError, choose
 
 METHODS = ("none", "top-k", "random-k", "quantize", "choco")
@@ -188,25 +188,51 @@ def message_layout(compression: Compression, num_params: int) -> MessageLayout:
 # ------------------------------------------------------------------------ keyed random draws
 
 
-def _generators(
-    seed: int, device_ids: Sequence[int] | np.ndarray, round_index: int, step: int
-) -> list[np.random.Generator]:
-    return [numpy_generator(seed, _PURPOSE, round_index, step, int(d)) for d in device_ids]
+class KeyedDraws:
+    """The random draws of the rows of ``device_ids`` in consensus step ``step`` of ``round_index``.
 
+    Row ``d`` draws from Philox, a counter-based generator, with the 128-bit key
+    (``derive_seed(seed, "compress", round, step)``, d) and the stream (0: random-k's indices,
+    1: stochastic rounding) in its counter's top word: the same numbers whichever rows are drawn
+    together, so a node's one row draws what the simulator draws for it. One bit generator is
+    reused, its state set per row (building a generator per row cost 3x more)."""
 
-def random_indices(num_params: int, k: int, gens: Sequence[np.random.Generator]) -> torch.Tensor:
-    """random-k: each row's k coordinates (sorted), the first draw of its keyed generator."""
-    if k >= num_params:
-        return torch.arange(num_params, dtype=torch.int64).expand(len(gens), num_params).clone()
-    rows = [np.sort(g.choice(num_params, size=k, replace=False)) for g in gens]
-    return torch.from_numpy(np.stack(rows).astype(np.int64)) if rows else torch.zeros(0, k, dtype=torch.int64)
+    def __init__(self, seed: int, device_ids: Sequence[int] | np.ndarray, round_index: int, step: int) -> None:
+        self.base = np.uint64(derive_seed(seed, _PURPOSE, round_index, step))
+        self.device_ids = [int(d) for d in device_ids]
+        self._bits = np.random.Philox(key=0)
+        self._gen = np.random.Generator(self._bits)
 
+    def _row(self, device: int, stream: int) -> np.random.Generator:
+        self._bits.state = {
+            "bit_generator": "Philox",
+            "state": {
+                "counter": np.array([0, 0, 0, stream], dtype=np.uint64),
+                "key": np.array([self.base, device], dtype=np.uint64),
+            },
+            "buffer": np.zeros(4, dtype=np.uint64),
+            "buffer_pos": 4,
+            "has_uint32": 0,
+            "uinteger": 0,
+        }
+        return self._gen
 
-def _uniforms(n: int, gens: Sequence[np.random.Generator]) -> torch.Tensor:
-    out = np.empty((len(gens), n), dtype=np.float32)
-    for row, g in zip(out, gens, strict=True):
-        g.random(dtype=np.float32, out=row)
-    return torch.from_numpy(out)
+    def indices(self, num_params: int, k: int) -> torch.Tensor:
+        """random-k: each row's k coordinates, sorted (int64 [R, k])."""
+        r = len(self.device_ids)
+        if k >= num_params:
+            return torch.arange(num_params, dtype=torch.int64).expand(r, num_params).clone()
+        out = np.empty((r, k), dtype=np.int64)
+        for row, device in zip(out, self.device_ids, strict=True):
+            row[:] = np.sort(self._row(device, 0).choice(num_params, size=k, replace=False))
+        return torch.from_numpy(out)
+
+    def uniforms(self, n: int) -> torch.Tensor:
+        """Stochastic rounding: n uniforms in [0, 1) per row (float32 [R, n])."""
+        out = np.empty((len(self.device_ids), n), dtype=np.float32)
+        for row, device in zip(out, self.device_ids, strict=True):
+            self._row(device, 1).random(dtype=np.float32, out=row)
+        return torch.from_numpy(out)
 
 
 # ------------------------------------------------------------------------------- quantization
@@ -307,12 +333,12 @@ class Compressor:
 
     # -- encode / decode -----------------------------------------------------------------------
 
-    def _values_arrays(self, values: torch.Tensor, gens: Sequence[np.random.Generator]) -> dict[str, torch.Tensor]:
+    def _values_arrays(self, values: torch.Tensor, draws: KeyedDraws) -> dict[str, torch.Tensor]:
         bits = self.compression.value_bits
         if bits == 32:
             return {"values": values.float().contiguous()}
         assert self._value_groups is not None
-        return quantize(values, self._value_groups, bits, _uniforms(values.shape[1], gens))
+        return quantize(values, self._value_groups, bits, draws.uniforms(values.shape[1]))
 
     def _values_of(self, arrays: Mapping[str, torch.Tensor]) -> torch.Tensor:
         bits = self.compression.value_bits
@@ -337,22 +363,20 @@ class Compressor:
         """:meth:`encode`, and the indices sent (None when every coordinate is)."""
         c = self.compression
         rows = rows.detach().float()
-        # keyed generators only where something is random (random-k's indices, stochastic rounding)
-        random = c.method == "random-k" or (c.active and c.value_bits < 32)
-        gens = _generators(self.seed, device_ids, round_index, step) if random else []
+        draws = KeyedDraws(self.seed, device_ids, round_index, step)
         if not c.active:
             return {"values": rows.contiguous()}, None
         if c.method == "quantize":
-            return self._values_arrays(rows, gens), None
+            return self._values_arrays(rows, draws), None
         if c.method == "random-k":
-            indices = random_indices(self.num_params, self.k, gens)
-            return self._values_arrays(rows.gather(1, indices), gens), indices
+            indices = draws.indices(self.num_params, self.k)
+            return self._values_arrays(rows.gather(1, indices), draws), indices
         assert self.state is not None, "Compressor.start was not called"
         base = self.state
         delta = rows - base
         indices = torch.topk(delta.abs(), self.k, dim=1, sorted=False).indices.sort(dim=1).values
         chosen = delta if c.method == "choco" else rows
-        arrays = {"indices": indices.to(torch.int32), **self._values_arrays(chosen.gather(1, indices), gens)}
+        arrays = {"indices": indices.to(torch.int32), **self._values_arrays(chosen.gather(1, indices), draws)}
         sent = self._values_of(arrays)
         if senders is not None and not bool(np.all(senders)):
             quiet = torch.from_numpy(~np.asarray(senders, dtype=bool))  # sent nothing: state unchanged
@@ -372,7 +396,7 @@ class Compressor:
         if c.method == "quantize":
             return Decoded(self._values_of(arrays), None, None)
         if c.method == "random-k":
-            indices = random_indices(p, self.k, _generators(self.seed, device_ids, round_index, step))
+            indices = KeyedDraws(self.seed, device_ids, round_index, step).indices(p, self.k)
         else:
             indices = arrays["indices"].to(torch.int64)
             check_indices(indices, p)
@@ -478,6 +502,7 @@ __all__ = [
     "Compression",
     "Compressor",
     "Decoded",
+    "KeyedDraws",
     "MessageLayout",
     "apply_sparse",
     "check_compression",
@@ -486,5 +511,4 @@ __all__ = [
     "dequantize",
     "message_layout",
     "quantize",
-    "random_indices",
 ]
