@@ -160,7 +160,7 @@ def test_every_rule_fills_unsent_coordinates_with_the_receivers_own(rule: str, d
         (["compression.method=quantize", "compression.bits=32"], "bits = 8 or 4"),
         (["compression.method=top-k", "compression.ratio=0"], "compression.ratio"),
         (["compression.method=choco", "links.model=bernoulli", "links.p_up=0.5"], "every message to arrive"),
-        (["compression.method=top-k", "algorithm=fedavg"], "has none"),
+        (["compression.method=top-k", "algorithm=fedavg"], "has none (it cooperates by GlobalMean"),
     ],
 )
 def test_bad_compression_settings_are_one_line_errors(

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from p2pl.config import CompressionConfig
-from p2pl.core.cooperate import Gossip, Neighbourhoods, gossip
+from p2pl.core.cooperate import Cooperation, Gossip, Neighbourhoods, gossip
 from p2pl.core.rng import derive_seed
 from p2pl.errors import P2PLError, choose
 
@@ -477,16 +477,30 @@ def compressed_gossip(
     return compressor.finish(rows, mixed)
 
 
-def check_compression(compression: Compression, *, lossy_links: str = "", uses_gossip: bool = True) -> None:
-    """Refuse settings where compression makes no sense: no gossip stage to compress (FedAvg,
-    centralized, local), or choco where messages are lost by design (``lossy_links`` names why:
-    CHOCO's copies stay equal only if every message arrives)."""
+def incompressible(coop: Cooperation) -> str:
+    """Why ``coop`` has nothing compression applies to ("" when it can be compressed): it needs
+    gossip stages in which every device sends to all its live neighbours, once after local
+    training (FedAvg's server mean, centralized and local have none)."""
+    if not coop.stages:
+        return "it does not communicate"
+    if getattr(coop, "every_local_step", False):
+        return "it mixes after every local step"
+    for stage in coop.stages:
+        if not isinstance(stage, Gossip) or getattr(stage, "peers", "all") != "all":
+            return f"it cooperates by {type(stage).__name__}, not by gossip with every live neighbour"
+    return ""
+
+
+def check_compression(compression: Compression, *, lossy_links: str = "", incompressible: str = "") -> None:
+    """Refuse settings where compression makes no sense: an algorithm without gossip to compress
+    (``incompressible`` says why, see :func:`incompressible`), or choco where messages are lost
+    by design (``lossy_links`` names why: CHOCO's copies stay equal only if every message arrives)."""
     if not compression.active:
         return
-    if not uses_gossip:
+    if incompressible:
         raise P2PLError(
-            f"compression.method = {compression.method!r} compresses gossip between neighbours; this algorithm "
-            "has none: set compression.method = 'none' or algorithm = 'p2pl'"
+            f"compression.method = {compression.method!r} compresses P2PL's gossip, but this algorithm has none "
+            f"({incompressible}): set compression.method = 'none' or algorithm = 'p2pl'"
         )
     if compression.method == "choco" and lossy_links:
         raise P2PLError(
@@ -509,6 +523,7 @@ __all__ = [
     "check_indices",
     "compressed_gossip",
     "dequantize",
+    "incompressible",
     "message_layout",
     "quantize",
 ]
