@@ -279,3 +279,37 @@ def test_compare_refuses_bad_compress_lists(
     assert cli(["compare", "--out", str(tmp_path), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_a_node_checkpoint_carries_its_compressor_and_choco_copies(tmp_path: Path) -> None:
+    """A restarted node continues its sender state and its copies of every neighbour."""
+    from p2pl.node.runtime import NodeRuntime
+    from test_node_runtime import node_config, tiny_data
+
+    tiny_data(tmp_path, 3)
+    extra = {"compression": {"method": "choco", "ratio": 0.2, "bits": 8}, "sync": {"enabled": False}}
+    cfg = node_config(tmp_path, 0, 0, {1: 1, 2: 2}, extra)
+    node = NodeRuntime(cfg)
+    try:
+        node.params = node.init_of(0).reshape(1, -1).clone()
+        node._start_compression()
+        assert torch.equal(node.copies["dev-1"][0], node.init_of(1))  # sync off: each neighbour's public init
+        node.compressor.encode(node.params + 1.0, [0], 1, 0)  # the sender state moves
+        node.copies["dev-2"] = node.copies["dev-2"] + 0.5
+        node._checkpoint(1)
+        state = {k: v.clone() for k, v in node._compression_state().items()}
+    finally:
+        node.close()
+    restarted = NodeRuntime(cfg)
+    try:
+        from p2pl.node import checkpoint
+
+        ckpt = checkpoint.load(restarted.dir, restarted.spec.total)
+        assert ckpt is not None
+        restarted._resume(ckpt)
+        assert set(restarted._compression_state()) == set(state) == {"compress.state", "compress.copy.dev-1",
+                                                                     "compress.copy.dev-2"}  # fmt: skip
+        for key, value in restarted._compression_state().items():
+            assert torch.equal(value, state[key]), key
+    finally:
+        restarted.close()
