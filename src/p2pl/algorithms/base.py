@@ -14,13 +14,14 @@ Nothing here moves parameters, so no runtime needs to know an algorithm by name.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from p2pl.config import ConsensusConfig, SyncConfig
 from p2pl.core.adversary import Adversary
+from p2pl.core.compress import Compression, message_layout
 from p2pl.core.cooperate import Cooperation, Gossip
 from p2pl.core.rounds import NetworkFacts
 from p2pl.core.sync import SyncOutcome, synchronize
@@ -47,11 +48,14 @@ class Setting:
     model_bytes: int
     adversary: Adversary
     base_arcs: np.ndarray | None = None  # [A, 2] one-way links u -> v of a directed topology
+    compression: Compression | None = None  # what a gossip message carries (None: the plain row)
 
     def facts(self) -> NetworkFacts:
+        # model_bytes is the float32 row: 4 bytes per parameter
+        message = message_layout(self.compression, self.model_bytes // 4).nbytes if self.compression else 0
         return NetworkFacts(
             self.data_sizes, self.weights, self.consensus.max_size_ratio, self.model_bytes, self.adversary,
-            self.base_arcs,
+            self.base_arcs, message_bytes=message,
         )  # fmt: skip
 
 
@@ -111,7 +115,7 @@ class GraphAlgorithm(Algorithm):
         return graph_start(norms, setting)
 
     def cooperation(self, setting: Setting) -> Cooperation:
-        return self.cooperation_for(setting.consensus)
+        return replace(self.cooperation_for(setting.consensus), compression=setting.compression)
 
     @abstractmethod
     def cooperation_for(self, consensus: ConsensusConfig) -> Cooperation:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from p2pl.core.adversary import Adversary, SendContext
+from p2pl.core.compress import Compressor, compressed_gossip
 from p2pl.core.cooperate import (
     Cooperation,
     GlobalMean,
@@ -43,6 +44,7 @@ class NetworkFacts:
     model_bytes: int  # one parameter message
     adversary: Adversary
     arcs: np.ndarray | None = None  # int64 [A, 2] one-way links u -> v (directed topologies); None: both ways
+    message_bytes: int = 0  # one gossip message when compressed (its encoded size); 0: model_bytes
 
 
 def heard_edges(live_edges: np.ndarray, adversary: Adversary) -> np.ndarray:
@@ -72,7 +74,7 @@ def gossip_bytes(num_devices: int, live_edges: np.ndarray, facts: NetworkFacts) 
     degree = np.bincount(np.asarray(live_edges, dtype=np.int64).ravel(), minlength=num_devices)
     if facts.adversary.is_("silent"):
         degree[facts.adversary.ids[facts.adversary.ids < num_devices]] = 0
-    return degree.astype(np.int64) * facts.model_bytes
+    return degree.astype(np.int64) * (facts.message_bytes or facts.model_bytes)
 
 
 def upload_bytes(active: np.ndarray, facts: NetworkFacts) -> np.ndarray:
@@ -190,11 +192,31 @@ def roll_back_training(trainer: Trainer, params: torch.Tensor, before: torch.Ten
 class NetworkCooperation:
     """Runs an algorithm's cooperation over all N rows (a :class:`StagePlanner` says who hears whom)."""
 
-    def __init__(self, coop: Cooperation, facts: NetworkFacts, seed: int, num_devices: int | None = None) -> None:
+    def __init__(
+        self, coop: Cooperation, facts: NetworkFacts, seed: int, num_devices: int | None = None, num_params: int = 0
+    ) -> None:
         self.coop = coop
         self.facts = facts
         self.seed = seed
         self.planner = StagePlanner(coop, facts, seed, len(facts.data_sizes) if num_devices is None else num_devices)
+        # Every device's sender state for compressed gossip (start it with start_compression).
+        self.compressor = Compressor(coop.compression, num_params, seed) if coop.compression else None
+
+    def start_compression(self, rows: torch.Tensor) -> None:
+        """The compressors' state at the start of training (the devices' start rows)."""
+        if self.compressor is not None:
+            self.compressor.start(rows)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Per-device cooperation state to checkpoint (push-sum weights; compression: error
+        feedback, choco copies)."""
+        state = self.planner.state_tensors()
+        return state if self.compressor is None else state | self.compressor.state_tensors()
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.planner.load_state_tensors(tensors)
+        if self.compressor is not None:
+            self.compressor.load_state_tensors(tensors)
 
     def neighbourhoods(self, num_devices: int, live_edges: np.ndarray) -> Neighbourhoods:
         """Every device's row of W over the live links (P2PL's gossip)."""
@@ -225,7 +247,14 @@ class NetworkCooperation:
             if isinstance(stage, (Gossip, PushSum)):
                 hoods = self.planner.neighbourhoods(stage, live_edges, round_index, step)
                 mix = stage.as_gossip() if isinstance(stage, PushSum) else stage
-                rows = gossip(rows, self.sent_rows(rows, hoods, round_index, step), hoods, mix)
+                sent_rows = self.sent_rows(rows, hoods, round_index, step)
+                if self.compressor is None:
+                    rows = gossip(rows, sent_rows, hoods, mix)
+                else:  # only gossip with every live neighbour (compress.incompressible)
+                    ids = np.arange(n, dtype=np.int64)
+                    senders = gossip_bytes(n, live_edges, self.facts) > 0  # a device heard by nobody sends nothing
+                    pool, mask = self.compressor.publish(sent_rows, ids, round_index, step, senders)
+                    rows = compressed_gossip(rows, pool, mask, hoods, mix, self.compressor)
                 sent += self.planner.bytes_sent(stage, live_edges, hoods)
             elif isinstance(stage, GlobalMean):
                 rows = self.global_mean(rows, active, round_index, step)

@@ -50,6 +50,7 @@ from p2pl.config import (
     NODE_ATTACKS,
     SYNC_MODES,
     AdversaryConfig,
+    CompressionConfig,
     ConsensusConfig,
     ModelConfig,
     TrainingConfig,
@@ -175,6 +176,7 @@ class NodeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     consensus: ConsensusConfig = field(default_factory=ConsensusConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)  # what its params messages carry
     sync: NodeSyncConfig = field(default_factory=NodeSyncConfig)
     # This node's own behaviour when it plays an attacker (tests, robustness experiments);
     # fraction / count / placement are for whole experiments and are ignored here.
@@ -226,6 +228,7 @@ class NodeConfig:
         choose("algorithm (a node runs the graph algorithms)", self.algorithm, NODE_ALGORITHMS)
         self.training.validate()
         self.consensus.validate()
+        self.compression.validate()
         self.adversary.validate(ATTACKS + NODE_ATTACKS)
         choose("sync.mode", self.sync.mode, SYNC_MODES)
         if self.network.devices and not self.index < self.network.devices:
