@@ -62,7 +62,7 @@ def _raw(header: dict, payload: bytes = b"") -> bytes:
 
 def _header_dict(sender: str, payload: bytes, **kw) -> dict:
     d = {
-        "version": 1,
+        "version": wire.WIRE_VERSION,
         "kind": "params",
         "sender": sender,
         "round": 0,

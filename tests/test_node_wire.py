@@ -39,7 +39,7 @@ def _raw(header: dict, payload: bytes = b"", *, magic: bytes = b"P2PL") -> bytes
 
 def _good_header_dict(payload: bytes, **kw) -> dict:
     d = {
-        "version": 1,
+        "version": wire.WIRE_VERSION,
         "kind": "params",
         "sender": "dev-1",
         "round": 1,
@@ -161,7 +161,7 @@ def _cases() -> list[tuple[str, bytes, str]]:
             (lambda h: struct.pack("<4sI", b"P2PL", len(h)) + h + p)(json.dumps(good).encode()[:-1] + b', "round": 2}'),
             "duplicate header key",
         ),
-        ("version", _raw({**good, "version": 2}, p), "unsupported wire version"),
+        ("version", _raw({**good, "version": 1}, p), "unsupported wire version"),
         ("kind", _raw({**good, "kind": "pickle"}, p), "unknown message kind"),
         ("sender", _raw({**good, "sender": "../etc"}, p), "bad sender"),
         ("negative round", _raw({**good, "round": -1}, p), "round must be"),
