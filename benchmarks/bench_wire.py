@@ -295,6 +295,10 @@ def bench(model: str, repeats: int, seconds: float, cert_dir: Path) -> dict[str,
     return row
 
 
+def _load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -302,7 +306,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=0.4, help="time per path per repeat")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print("uptime:", open("/proc/loadavg").read().strip() if os.path.exists("/proc/loadavg") else "?", flush=True)
+    print("load average:", _load(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         certs.init_ca(root / "ca")
@@ -311,7 +315,7 @@ def main() -> None:
         for model in args.models:
             row = bench(model, args.repeats, args.seconds, root / "certs")
             print(json.dumps(row, indent=1), flush=True)
-    print("uptime:", open("/proc/loadavg").read().strip() if os.path.exists("/proc/loadavg") else "?", flush=True)
+    print("load average:", _load(), flush=True)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from p2pl.node.mailbox import (
     UNKNOWN_SENDER,
     Mailbox,
 )
-from p2pl.node.transport import SEND_METHOD, PeerClient, PeerServer
+from p2pl.node.transport import GRPC_SLACK_BYTES, SEND_METHOD, PeerClient, PeerServer
 from p2pl.node.wire import SYNC_DONE_STEP, MessageHeader, ModelSpec
 
 pytestmark = pytest.mark.integration
@@ -504,3 +504,52 @@ def test_rejections_are_logged_a_bounded_number_of_times(net, caplog):
     lines = [r for r in caplog.records if r.name == "p2pl.node.transport" and "dev-b rejected send" in r.getMessage()]
     assert srv_b.stats()["send.rejected.mailbox.stale"] == 60
     assert len(lines) == 20 and lines[-1].getMessage().endswith("(#20)")
+
+
+# ------------------------------------------------------------------------- chunked streams
+
+
+def test_large_message_streams_in_chunks_and_bad_streams_are_refused(net, pki):
+    """A message over one chunk travels as SendStream and arrives whole; unary Send cannot carry
+    it (gRPC refuses any single message over a chunk + slack); reordered, truncated or impersonated
+    streams are refused with their reason, and the mailbox stays clean."""
+    from p2pl.node.chunks import CHUNK_PREFIX, MIN_CHUNK_BYTES, split
+    from p2pl.node.transport import SEND_STREAM_METHOD
+
+    g = torch.Generator().manual_seed(5)
+    big = {"w": torch.randn(200, 100, generator=g), "b": torch.randn(200, generator=g)}  # 80 KB
+    spec = ModelSpec.from_tensors(big)
+    box = Mailbox()
+    srv = PeerServer("dev-b", "127.0.0.1:0", pki["dev-b"], box, spec, spec.max_message_bytes(),
+                     chunk_bytes=MIN_CHUNK_BYTES)  # fmt: skip
+    srv.start()
+    net.servers.append(srv)
+    cl = net.client("dev-a", chunk_bytes=MIN_CHUNK_BYTES, max_message_bytes=spec.max_message_bytes())
+
+    def message(round: int, sender: str = "dev-a") -> bytes:
+        return wire.encode(MessageHeader("params", sender, round, 0, spec.fingerprint), big)
+
+    assert len(message(0)) > MIN_CHUNK_BYTES + GRPC_SLACK_BYTES
+    assert cl.send("dev-b", srv.address, message(0), TIMEOUT)
+    got = box.get("params", 0, 0, "dev-a")
+    assert got is not None and got.tensors is not None
+    assert all(torch.equal(got.tensors[n], t) for n, t in big.items())
+
+    creds = grpc.ssl_channel_credentials(pki["dev-a"].ca_cert, pki["dev-a"].key, pki["dev-a"].cert)
+    with grpc.secure_channel(srv.address, creds, options=[("grpc.ssl_target_name_override", "dev-b")]) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            channel.unary_unary(SEND_METHOD)(message(1), timeout=TIMEOUT)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        stream = channel.stream_unary(SEND_STREAM_METHOD)
+        chunks = list(split(message(2), MIN_CHUNK_BYTES))
+        assert stream(iter([chunks[0], chunks[2]]), timeout=TIMEOUT).startswith(b"rejected: chunk for byte")
+        assert b"stream ended after" in stream(iter(chunks[:-1]), timeout=TIMEOUT)
+        extra = CHUNK_PREFIX.pack(len(message(2))) + b"\x00" * 8
+        assert b"a chunk too many" in stream(iter([*chunks, extra]), timeout=TIMEOUT)
+        forged = list(split(message(2, sender="dev-c"), MIN_CHUNK_BYTES))
+        assert b"does not match certificate CN" in stream(iter(forged), timeout=TIMEOUT)
+        assert stream(iter(chunks), timeout=TIMEOUT) == b"ok"  # still serving
+    assert sorted(k for k, _, _, _ in box._messages) == ["params", "params"]
+    stats = srv.stats()
+    assert stats["send.rejected.invalid"] == 3 and stats["send.rejected.auth"] == 1
+    assert stats["send.accepted"] == 2

@@ -13,8 +13,8 @@ Service ``p2pl.Peer`` (generic handlers; request and response are plain ``bytes`
     The same for a message larger than one chunk (:data:`~p2pl.node.chunks.CHUNK_BYTES`): its
     chunks (:mod:`p2pl.node.chunks`) are reassembled into one buffer of the size the header
     announced. The sender, the mailbox and the announced size are checked on the first chunk,
-    before that buffer exists; gRPC itself refuses any single message over one chunk, so a
-    unary ``Send`` cannot make the server buffer a large message either.
+    before that buffer exists; gRPC itself refuses any single message over one chunk (plus
+    GRPC_SLACK_BYTES), so a unary ``Send`` cannot make the server buffer a large message either.
 ``Fetch(request) -> message``
     Pull: ``request`` is a payload-free wire message (e.g. kind ``sync-fetch``), authenticated
     and validated like Send; the runtime's ``fetch_handler(request_message)`` returns the encoded
@@ -75,8 +75,8 @@ from p2pl.node.wire import (
     MAX_HEADER_BYTES,
     PREFIX_SIZE,
     Message,
-    ModelSpec,
     MessageHeader,
+    ModelSpec,
     WireError,
     check_announced,
     decode,
@@ -291,7 +291,9 @@ class PeerServer:
                 grpc.StatusCode.PERMISSION_DENIED,
             )
 
-    def _admit(self, header: MessageHeader, total: int, context: grpc.ServicerContext, limit: int, *, store: bool) -> None:
+    def _admit(
+        self, header: MessageHeader, total: int, context: grpc.ServicerContext, limit: int, *, store: bool
+    ) -> None:
         """Who sent it, then (for Send) whether the mailbox would keep it, then whether its size
         fits this model: all from the header, so nothing big is read for a refused message."""
         if total > limit:

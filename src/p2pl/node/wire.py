@@ -209,7 +209,11 @@ def _layout(rows: Rows) -> _Layout:
     position = 0
     for i in order:
         name, shape, dname = rows[i]
-        entries[name] = {"dtype": _ST_CODES[dname], "shape": list(shape), "data_offsets": [position, position + sizes[i]]}
+        entries[name] = {
+            "dtype": _ST_CODES[dname],
+            "shape": list(shape),
+            "data_offsets": [position, position + sizes[i]],
+        }
         offsets[i] = position
         position += sizes[i]
     head = _pad8(json.dumps(entries, separators=(",", ":")).encode())
@@ -382,7 +386,7 @@ def _check_header(obj: object) -> MessageHeader:
     version = obj["version"]
     if not _is_int(version) or version not in SUPPORTED_VERSIONS:
         raise WireError(
-            f"unsupported wire version {str(version)[:20]!r}: this node speaks {sorted(SUPPORTED_VERSIONS)}; "
+            f"unsupported wire version {str(version)[:20]}: this node speaks {sorted(SUPPORTED_VERSIONS)}; "
             "run the same p2pl version on every device"
         )
     kind = obj["kind"]
@@ -523,7 +527,7 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 def _raw_bytes(t: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without copying (little-endian hosts, as safetensors)."""
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def _pad8(raw: bytes) -> bytes:
@@ -546,7 +550,9 @@ def encode(header: MessageHeader, tensors: Mapping[str, torch.Tensor] | None = N
     if tensors:
         names = list(tensors)
         cpu = [tensors[name].detach().cpu().contiguous() for name in names]
-        layout = _layout(tuple((name, tuple(t.shape), _dtype_name(t.dtype)) for name, t in zip(names, cpu)))
+        layout = _layout(
+            tuple((name, tuple(t.shape), _dtype_name(t.dtype)) for name, t in zip(names, cpu, strict=True))
+        )
         if layout.fingerprint != header.fingerprint:
             raise WireError("tensors do not match the header fingerprint (wrong model or spec)")
         parts.append(layout.st_header)
@@ -691,7 +697,7 @@ def decode(
     # layout; any other is parsed and checked entry by entry.
     starts = layout.starts if canonical else [check_payload_layout(payload, spec)[t.name] for t in spec.tensors]
     payload.release()
-    tensors = {t.name: _view(buffer, start + begin, t) for t, begin in zip(spec.tensors, starts)}
+    tensors = {t.name: _view(buffer, start + begin, t) for t, begin in zip(spec.tensors, starts, strict=True)}
     if canonical:
         finite = all(_finite_run(buffer, start + begin, count, dname) for dname, begin, count in layout.float_runs)
     else:
