@@ -162,6 +162,34 @@ class ConsensusConfig:
         choose("consensus.aggregation", self.aggregation, AGGREGATIONS)
 
 
+COMPRESSION_METHODS = ("none", "top-k", "random-k", "quantize", "choco")
+
+
+@dataclass
+class CompressionConfig:
+    """What a device sends in a gossip step (p2pl.core.compress, docs/compression.md)."""
+
+    method: str = "none"  # none | top-k | random-k | quantize | choco
+    ratio: float = 0.01  # top-k / random-k / choco: share of the parameters sent per message
+    bits: int = 0  # 8 | 4: quantized values; 32: float32 values; 0: 8 for quantize, 32 otherwise
+    block_size: int = 256  # values per quantization scale
+    granularity: str = "block"  # quantize: one scale per block | per model tensor ("tensor")
+    gamma: float = 0.1  # choco: consensus step size
+
+    def validate(self) -> None:
+        choose("compression.method", self.method, COMPRESSION_METHODS)
+        choose("compression.granularity", self.granularity, ("block", "tensor"))
+        _require({"compression.ratio": self.ratio}, lambda v: 0 < v <= 1, "in (0, 1]", "0.01")
+        _require({"compression.gamma": self.gamma}, lambda v: 0 < v <= 1, "in (0, 1]", "0.5")
+        _require({"compression.block_size": self.block_size}, lambda v: v > 0, "a positive integer", "256")
+        _require({"compression.bits": self.bits}, lambda v: v in (0, 4, 8, 32), "8, 4 or 32 (0: the method's default)",
+                 "8")  # fmt: skip
+        if self.method == "quantize" and self.bits == 32:
+            raise P2PLError(
+                "compression.method = 'quantize' needs compression.bits = 8 or 4; set --set compression.bits=8"
+            )
+
+
 @dataclass
 class AdversaryConfig:
     """Byzantine devices (simulated attackers): who they are and what they do."""
@@ -276,6 +304,7 @@ class ExperimentConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     consensus: ConsensusConfig = field(default_factory=ConsensusConfig)
     adversary: AdversaryConfig = field(default_factory=AdversaryConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -307,6 +336,7 @@ class ExperimentConfig:
         self.training.validate()
         self.consensus.validate()
         self.adversary.validate()
+        self.compression.validate()
         self.system.validate()
         choose("sync.mode", self.sync.mode, SYNC_MODES)
         choose("device", self.device, DEVICES)

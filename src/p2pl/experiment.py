@@ -14,6 +14,7 @@ from p2pl.algorithms import Algorithm, make_algorithm
 from p2pl.algorithms.base import Setting
 from p2pl.config import ExperimentConfig, config_to_dict, dumps_config
 from p2pl.core.adversary import Adversary, flip_labels, place_attackers
+from p2pl.core.compress import Compression, check_compression
 from p2pl.core.optim import OPTIMIZERS
 from p2pl.core.params import ParamSpec, init_device_params
 from p2pl.core.reference import ReferenceTrainer
@@ -120,6 +121,24 @@ def _poison_labels(
     return poisoned, parts
 
 
+def lossy_links(cfg: ExperimentConfig) -> str:
+    """Why messages are lost by design in this config's network ("" when none are)."""
+    links = cfg.links
+    if links.model != "static":
+        return f"links.model = {links.model!r} takes links down"
+    if links.dropout > 0:
+        return "links.dropout takes devices away"
+    if links.mobility_speed > 0:
+        return "links.mobility_speed changes who neighbours whom"
+    return ""
+
+
+def _compression(cfg: ExperimentConfig, spec: ParamSpec, uses_graph: bool) -> Compression | None:
+    compression = Compression.of(cfg.compression, spec.numels)
+    check_compression(compression, lossy_links=lossy_links(cfg), uses_gossip=uses_graph)
+    return compression if compression.active else None
+
+
 def build_experiment(cfg: ExperimentConfig) -> Experiment:
     # Check every name before any expensive or graph-dependent work, so a typo is reported as one.
     choose("engine", cfg.engine, ENGINES)
@@ -155,6 +174,7 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         sync=cfg.sync,
         model_bytes=spec.nbytes,
         adversary=adversary,
+        compression=_compression(cfg, spec, algorithm.uses_graph),
     )
     if n > 1 and not algorithm.uses_graph and cfg.links.mobility_speed > 0:
         raise P2PLError(f"links.mobility_speed applies to P2PL's device graph, not to {algorithm.name!r}")

@@ -21,6 +21,7 @@ import torch
 
 from p2pl.config import ConsensusConfig, SyncConfig
 from p2pl.core.adversary import Adversary
+from p2pl.core.compress import Compression, message_layout
 from p2pl.core.cooperate import Cooperation, Gossip
 from p2pl.core.rounds import NetworkFacts
 from p2pl.core.sync import SyncOutcome
@@ -46,11 +47,14 @@ class Setting:
     sync: SyncConfig
     model_bytes: int
     adversary: Adversary
+    compression: Compression | None = None  # what a gossip message carries (None: the plain row)
 
     def facts(self) -> NetworkFacts:
+        message = message_layout(self.compression, self.model_bytes // 4).nbytes if self.compression else 0
         return NetworkFacts(
-            self.data_sizes, self.weights, self.consensus.max_size_ratio, self.model_bytes, self.adversary
-        )
+            self.data_sizes, self.weights, self.consensus.max_size_ratio, self.model_bytes, self.adversary,
+            message_bytes=message,
+        )  # fmt: skip
 
 
 def gossip_stages(consensus: ConsensusConfig) -> tuple[Gossip, ...]:

@@ -24,5 +24,6 @@ class P2PL(Algorithm):
 
     def cooperation(self, setting: Setting) -> Cooperation:
         return Cooperation(
-            gossip_stages(setting.consensus), setting.consensus.affinity, setting.consensus.max_norm_ratio
-        )
+            gossip_stages(setting.consensus), setting.consensus.affinity, setting.consensus.max_norm_ratio,
+            compression=setting.compression,
+        )  # fmt: skip

@@ -23,6 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="run each algorithm with seeds SEED..SEED+K-1 (into OUT/<algorithm>/seed-<s>/) and "
                         "report mean ± 95%% CI over seeds (default 1)")  # fmt: skip
     parser.add_argument("--workers", type=int, default=1, help="runs in parallel processes (with --seeds > 1)")
+    parser.add_argument("--compress", default="", metavar="METHODS",
+                        help="also run P2PL with each compression method (comma-separated: top-k, random-k, "
+                        "quantize, choco; their [compression] settings from the config), as p2pl-METHOD")  # fmt: skip
     parser.set_defaults(func=main)
 
 
@@ -32,10 +35,14 @@ def main(args: argparse.Namespace) -> int:
     base = config_from_args(args)
     if args.seeds < 1:
         raise P2PLError(f"--seeds must be a positive integer, got {args.seeds}")
+    methods = compressed_methods(args.compress)
+    if methods and args.seeds > 1:
+        raise P2PLError("--compress runs one seed; drop --seeds, or compare methods over seeds with p2pl sweep "
+                        "--grid compression.method=...")  # fmt: skip
     # A config's own output.dir wins over the compare default; --out wins over both.
     directory = out_dir(args, base) if args.out or base.output.dir != OutputConfig().dir else Path("runs/compare")
     if args.seeds == 1:
-        curves, finals = _one_seed(base, directory, args)
+        curves, finals = _one_seed(base, directory, args, methods)
     else:
         curves, finals = _many_seeds(base, directory, args)
     plot_accuracy(curves, directory / "accuracy.png", title=figure_title(base, args.seeds),
@@ -59,21 +66,53 @@ def main(args: argparse.Namespace) -> int:
 Finals = dict[str, dict[str, list[float]]]  # algorithm -> mean/min -> final accuracy per seed
 
 
-def _one_seed(base: ExperimentConfig, directory: Path, args: argparse.Namespace) -> tuple[dict[str, Any], Finals]:
+def compressed_methods(text: str) -> list[str]:
+    """The ``--compress`` list, each name checked (one-line error naming the valid ones)."""
+    from p2pl.config import COMPRESSION_METHODS
+    from p2pl.errors import choose
+
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    return [choose("--compress", m, tuple(n for n in COMPRESSION_METHODS if n != "none")) for m in names]
+
+
+def compare_runs(base: ExperimentConfig, methods: list[str]) -> dict[str, ExperimentConfig]:
+    """Run name -> config: every algorithm (only P2PL keeps the config's compression: the others
+    have no gossip to compress), then P2PL once per compression method."""
+    plain = replace(base.compression, method="none")
+    runs = {name: replace(base, algorithm=name) for name in ALGORITHMS}
+    runs |= {name: replace(cfg, compression=plain) for name, cfg in runs.items() if name != "p2pl"}
+    for method in methods:
+        runs[f"p2pl-{method}"] = replace(base, algorithm="p2pl", compression=replace(base.compression, method=method))
+    return runs
+
+
+def _one_seed(
+    base: ExperimentConfig, directory: Path, args: argparse.Namespace, methods: list[str]
+) -> tuple[dict[str, Any], Finals]:
+    from p2pl.report import bytes_curves, plot_accuracy_bytes
     from p2pl.sim.simulator import run_experiment
 
     summaries: dict[str, dict[str, Any]] = {}
-    curves = {}
+    curves, per_byte = {}, {}
     enabled = base.output.progress and not args.quiet
-    for name in ALGORITHMS:
-        cfg = replace(base, algorithm=name)
+    for name, cfg in compare_runs(base, methods).items():
         with round_progress(name, cfg.rounds, enabled) as update:
             result = run_experiment(cfg, directory / name, progress=update, resume=not args.fresh)
         summaries[name] = result.summary
         curves[name] = accuracy_curves(result.history)
+        per_byte[name] = bytes_curves(result.history, float(result.summary.get("sync_bytes_per_device", 0.0)))
     console.print(summary_table(summaries, title=f"{base.devices} devices, {base.data.name}, {base.rounds} rounds"))
+    plot_accuracy_bytes(per_byte, directory / "bytes.png", title=figure_title(base, 1).replace("\n", "; ", 1),
+                        caption=BYTES_CAPTION)  # fmt: skip
+    console.print(f"accuracy against rounds and MB sent per device: {directory}/bytes.png")
     finals = {n: {w: [s["final"]["accuracy"][w]] for w in ("mean", "min")} for n, s in summaries.items()}
     return curves, finals
+
+
+BYTES_CAPTION = (
+    "Mean device accuracy on the common test set against rounds (left) and megabytes each device sent, max-norm "
+    "sync included (right; mean over devices). Centralized and local send nothing and appear on the left only."
+)
 
 
 def _many_seeds(base: ExperimentConfig, directory: Path, args: argparse.Namespace) -> tuple[dict[str, Any], Finals]:

@@ -39,13 +39,16 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
 from p2pl.errors import P2PLError, choose
+
+if TYPE_CHECKING:  # compress builds on this module
+    from p2pl.core.compress import Compression
 
 T = TypeVar("T")
 
@@ -150,9 +153,15 @@ class Cooperation:
     stages: tuple[Stage, ...] = ()
     affinity: float = 1.0
     max_norm_ratio: float = MAX_NORM_RATIO  # the guard after cooperation (see unsound_rows)
+    # what gossip stages send (p2pl.core.compress); None or method "none": the plain rows
+    compression: Compression | None = None
 
 
-def _mean(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip) -> torch.Tensor:
+def _mean(
+    own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip, sent: torch.Tensor | None = None
+) -> torch.Tensor:
+    if sent is not None:
+        return _mean_filled(own, pool, hoods, stage, sent)
     self_w = torch.as_tensor(hoods.self_weight, dtype=own.dtype, device=own.device).unsqueeze(1)
     r, s = hoods.num_rows, pool.shape[0]
     if len(hoods.src) == 0:
@@ -175,6 +184,20 @@ def _mean(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: G
     return torch.addcmul(mixed, self_w, own)
 
 
+def _mean_filled(
+    own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip, sent: torch.Tensor
+) -> torch.Tensor:
+    """The weighted mean where pool row m carries only the coordinates ``sent[m]`` and a receiver
+    uses its own value elsewhere: ``W_nn θ_n + Σ_m W_nm (s_m v_m + (1 − s_m) θ_n)``, as two sparse
+    products, ``Σ W (s ⊙ v)`` and ``Σ W s``, so no per-edge copy of the rows is made."""
+    mask = sent.to(own.dtype)
+    kept = _mean(own, pool * mask, hoods, stage)  # W_nn θ_n + Σ W s ⊙ v
+    heard = _mean(torch.zeros_like(own), mask, hoods, stage)  # Σ W s
+    total = np.bincount(hoods.dst, weights=hoods.weight, minlength=hoods.num_rows)
+    unsent = torch.from_numpy(total).to(own.dtype).unsqueeze(1) - heard  # Σ W (1 − s)
+    return torch.addcmul(kept, own, unsent)
+
+
 def _spread(run: Callable[[T], None], jobs: list[T], device: torch.device) -> None:
     """Run independent chunk jobs over every CPU core (numpy's sort and torch's gathers release
     the GIL). Not torch's thread count: a run keeps torch at one thread for its many small
@@ -193,6 +216,7 @@ def _by_degree(
     pool: torch.Tensor,
     hoods: Neighbourhoods,
     reduce: Callable[[torch.Tensor], torch.Tensor],
+    sent: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Apply ``reduce`` to every receiver's values sorted per coordinate, ``[rows, P, d + 1]`` (its
     own row and its neighbours' rows), grouping receivers of equal degree, in chunks of at most
@@ -217,6 +241,9 @@ def _by_degree(
         # [rows, P, d + 1] with one coordinate's values contiguous: numpy sorts many short rows
         # several times faster than torch.sort does along any axis on CPU.
         stack = torch.cat([own[idx].unsqueeze(2), pool[neighbour_rows].transpose(1, 2)], dim=2)
+        if sent is not None:  # compressed messages: coordinates not sent take the receiver's own value
+            heard = sent[neighbour_rows].transpose(1, 2)
+            stack[..., 1:] = torch.where(heard, stack[..., 1:], stack[..., :1])
         if stack.device.type == "cpu":
             stack.numpy().sort(axis=-1)  # in place: no second copy of the block
             ordered = stack
@@ -233,27 +260,34 @@ def trim_count(trim: float, size: int) -> int:
     return min(math.floor(trim * size + 1e-9), (size - 1) // 2)
 
 
-def _trimmed_mean(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip) -> torch.Tensor:
+def _trimmed_mean(
+    own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip, sent: torch.Tensor | None = None
+) -> torch.Tensor:
     def reduce(ordered: torch.Tensor) -> torch.Tensor:
         size = ordered.shape[-1]
         b = trim_count(stage.trim, size)
         return ordered[..., b : size - b].mean(dim=-1)
 
-    return _by_degree(own, pool, hoods, reduce)
+    return _by_degree(own, pool, hoods, reduce, sent)
 
 
-def _median(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip) -> torch.Tensor:
+def _median(
+    own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip, sent: torch.Tensor | None = None
+) -> torch.Tensor:
     def reduce(ordered: torch.Tensor) -> torch.Tensor:
         size = ordered.shape[-1]
         if size % 2:
             return ordered[..., size // 2]
         return (ordered[..., size // 2 - 1] + ordered[..., size // 2]) * 0.5
 
-    return _by_degree(own, pool, hoods, reduce)
+    return _by_degree(own, pool, hoods, reduce, sent)
 
 
-def _edge_distances(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods) -> np.ndarray:
-    """||pool[src] − own[dst]|| per neighbourhood entry, in cache-sized chunks over CPU threads."""
+def _edge_distances(
+    own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, sent: torch.Tensor | None = None
+) -> np.ndarray:
+    """||pool[src] − own[dst]|| per neighbourhood entry (over the coordinates sent, when ``sent``
+    masks the pool), in cache-sized chunks over CPU threads."""
     dst, m = hoods.dst, len(hoods.src)
     out = np.empty(m, dtype=np.float64)
     chunk = max(1, GATHER_BUDGET // max(own.shape[1], 1))
@@ -261,7 +295,10 @@ def _edge_distances(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods
     def run(lo: int) -> None:
         s = torch.from_numpy(hoods.src[lo : lo + chunk]).to(pool.device)
         d = torch.from_numpy(dst[lo : lo + chunk]).to(own.device)
-        out[lo : lo + chunk] = torch.linalg.vector_norm(pool[s] - own[d], dim=1).double().cpu().numpy()
+        diff = pool[s] - own[d]
+        if sent is not None:
+            diff = diff * sent[s]
+        out[lo : lo + chunk] = torch.linalg.vector_norm(diff, dim=1).double().cpu().numpy()
 
     _spread(run, list(range(0, m, chunk)), own.device)
     return out
@@ -305,21 +342,25 @@ def clip_radius(distances: np.ndarray, weight: np.ndarray, indptr: np.ndarray, q
     return np.sqrt(sq / delta)
 
 
-def _clipped(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip) -> torch.Tensor:
+def _clipped(
+    own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip, sent: torch.Tensor | None = None
+) -> torch.Tensor:
     if len(hoods.src) == 0:
         return _mean(own, pool, hoods, stage)
-    distances = _edge_distances(own, pool, hoods)
+    distances = _edge_distances(own, pool, hoods, sent)
     radius = clip_radius(distances, hoods.weight, hoods.indptr, stage.clip_quantile)
     tau = np.repeat(radius, hoods.degree)
     keep = np.where(distances > tau, tau / np.maximum(distances, 1e-300), 1.0)
     # θ_n + Σ W_nm c_nm (θ_m − θ_n) is a weighted mean with weights W_nm c_nm and the rest on self.
     weight = hoods.weight * keep
     lost = np.bincount(hoods.dst, weights=hoods.weight - weight, minlength=hoods.num_rows)
-    return _mean(own, pool, hoods.with_weights(weight, hoods.self_weight + lost), stage)
+    return _mean(own, pool, hoods.with_weights(weight, hoods.self_weight + lost), stage, sent)
 
 
-#: consensus.aggregation name -> the rule, over (own rows, pool of sent rows, neighbourhoods).
-AGGREGATION_RULES: dict[str, Callable[[torch.Tensor, torch.Tensor, Neighbourhoods, Gossip], torch.Tensor]] = {
+#: consensus.aggregation name -> the rule, over (own rows, pool of sent rows, neighbourhoods, stage,
+#: sent mask). ``sent`` (bool [S, P] or None): the coordinates each pool row carries (compressed
+#: messages); a receiver uses its own value at the others.
+AGGREGATION_RULES: dict[str, Callable[..., torch.Tensor]] = {
     "mean": _mean,
     "trimmed-mean": _trimmed_mean,
     "median": _median,
@@ -327,12 +368,15 @@ AGGREGATION_RULES: dict[str, Callable[[torch.Tensor, torch.Tensor, Neighbourhood
 }
 
 
-def aggregate(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip) -> torch.Tensor:
-    """One gossip step for R receiving rows ``own [R, P]`` from the ``pool [S, P]`` of sent rows."""
+def aggregate(
+    own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip, sent: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One gossip step for R receiving rows ``own [R, P]`` from the ``pool [S, P]`` of sent rows
+    (``sent``: bool [S, P], the coordinates each pool row carries; None: all of them)."""
     rule = AGGREGATION_RULES[choose("consensus.aggregation", stage.rule, tuple(AGGREGATION_RULES))]
     if own.shape[0] != hoods.num_rows:
         raise P2PLError(f"{own.shape[0]} rows for {hoods.num_rows} neighbourhoods")  # a runtime bug
-    return rule(own, pool, hoods, stage)
+    return rule(own, pool, hoods, stage, sent)
 
 
 def weighted_average(params: torch.Tensor, weights: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
@@ -366,11 +410,13 @@ def rollback_unsound(rows: torch.Tensor, before: torch.Tensor, ratio: float = MA
     return bad
 
 
-def gossip(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip) -> torch.Tensor:
+def gossip(
+    own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip, sent: torch.Tensor | None = None
+) -> torch.Tensor:
     """One gossip step with the safety net every runtime shares: a receiver whose result is
     unsound retries without the neighbours whose own rows are out of bounds for it (their weight
     goes to itself); if that is still unsound it keeps its row."""
-    mixed = aggregate(own, pool, hoods, stage)
+    mixed = aggregate(own, pool, hoods, stage, sent)
     bad = unsound_rows(mixed, own, stage.max_norm_ratio)
     if not bool(bad.any()):
         return mixed
@@ -384,7 +430,7 @@ def gossip(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: 
     self_weight = sub.self_weight + np.bincount(dst, weights=np.where(suspect, sub.weight, 0.0), minlength=len(rows))
     reduced = Neighbourhoods.from_edges(len(rows), dst[keep], sub.src[keep], sub.weight[keep], self_weight)
     index = torch.from_numpy(rows).to(own.device)
-    retry = aggregate(own[index], pool, reduced, stage)
+    retry = aggregate(own[index], pool, reduced, stage, sent)
     rollback_unsound(retry, own[index], stage.max_norm_ratio)
     mixed[index] = retry
     return mixed

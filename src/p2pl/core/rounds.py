@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from p2pl.core.adversary import Adversary, SendContext
+from p2pl.core.compress import Compressor, compressed_gossip
 from p2pl.core.cooperate import (
     Cooperation,
     GlobalMean,
@@ -38,6 +39,7 @@ class NetworkFacts:
     max_size_ratio: float  # bound on a neighbour's claimed size (consensus.max_size_ratio)
     model_bytes: int  # one parameter message
     adversary: Adversary
+    message_bytes: int = 0  # one gossip message when compressed (its encoded size); 0: model_bytes
 
 
 def heard_edges(live_edges: np.ndarray, adversary: Adversary) -> np.ndarray:
@@ -67,7 +69,7 @@ def gossip_bytes(num_devices: int, live_edges: np.ndarray, facts: NetworkFacts) 
     degree = np.bincount(np.asarray(live_edges, dtype=np.int64).ravel(), minlength=num_devices)
     if facts.adversary.is_("silent"):
         degree[facts.adversary.ids[facts.adversary.ids < num_devices]] = 0
-    return degree.astype(np.int64) * facts.model_bytes
+    return degree.astype(np.int64) * (facts.message_bytes or facts.model_bytes)
 
 
 def upload_bytes(active: np.ndarray, facts: NetworkFacts) -> np.ndarray:
@@ -105,11 +107,26 @@ def train_with_rollback(
 class NetworkCooperation:
     """Runs an algorithm's cooperation over all N rows (caches W while the live links stay put)."""
 
-    def __init__(self, coop: Cooperation, facts: NetworkFacts, seed: int) -> None:
+    def __init__(self, coop: Cooperation, facts: NetworkFacts, seed: int, num_params: int = 0) -> None:
         self.coop = coop
         self.facts = facts
         self.seed = seed
         self._cached: tuple[bytes, Neighbourhoods] | None = None
+        # Every device's sender state for compressed gossip (start it with start_compression).
+        self.compressor = Compressor(coop.compression, num_params, seed) if coop.compression else None
+
+    def start_compression(self, rows: torch.Tensor) -> None:
+        """The compressors' state at the start of training (the devices' start rows)."""
+        if self.compressor is not None:
+            self.compressor.start(rows)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Per-device cooperation state to checkpoint (compression: error feedback, choco copies)."""
+        return {} if self.compressor is None else self.compressor.state_tensors()
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.compressor is not None:
+            self.compressor.load_state_tensors(tensors)
 
     def neighbourhoods(self, num_devices: int, live_edges: np.ndarray) -> Neighbourhoods:
         key = live_edges.tobytes()
@@ -140,7 +157,14 @@ class NetworkCooperation:
         for step, stage in enumerate(self.coop.stages):
             if isinstance(stage, Gossip):
                 hoods = self.neighbourhoods(n, live_edges)
-                rows = gossip(rows, self.sent_rows(rows, hoods, round_index, step), hoods, stage)
+                sent_rows = self.sent_rows(rows, hoods, round_index, step)
+                if self.compressor is None:
+                    rows = gossip(rows, sent_rows, hoods, stage)
+                else:
+                    ids = np.arange(n, dtype=np.int64)
+                    senders = gossip_bytes(n, live_edges, self.facts) > 0  # a device heard by nobody sends nothing
+                    pool, mask = self.compressor.publish(sent_rows, ids, round_index, step, senders)
+                    rows = compressed_gossip(rows, pool, mask, hoods, stage, self.compressor)
                 sent += gossip_bytes(n, live_edges, self.facts)
             elif isinstance(stage, GlobalMean):
                 rows = self.global_mean(rows, active, round_index, step)

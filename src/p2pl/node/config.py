@@ -47,6 +47,7 @@ from p2pl.config import (
     NODE_ATTACKS,
     SYNC_MODES,
     AdversaryConfig,
+    CompressionConfig,
     ConsensusConfig,
     ModelConfig,
     TrainingConfig,
@@ -156,6 +157,7 @@ class NodeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     consensus: ConsensusConfig = field(default_factory=ConsensusConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)  # what its params messages carry
     sync: NodeSyncConfig = field(default_factory=NodeSyncConfig)
     # This node's own behaviour when it plays an attacker (tests, robustness experiments);
     # fraction / count / placement are for whole experiments and are ignored here.
@@ -205,6 +207,7 @@ class NodeConfig:
         choose("device", self.device, experiment_config.DEVICES)
         self.training.validate()
         self.consensus.validate()
+        self.compression.validate()
         self.adversary.validate(ATTACKS + NODE_ATTACKS)
         choose("sync.mode", self.sync.mode, SYNC_MODES)
         if self.network.devices and not self.index < self.network.devices:

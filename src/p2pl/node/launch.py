@@ -206,6 +206,7 @@ def prepare_launch(
             "model": config_to_dict(cfg.model),
             "training": config_to_dict(cfg.training),
             "consensus": config_to_dict(cfg.consensus),
+            "compression": config_to_dict(cfg.compression),
             "sync": dict(sync),
             "network": dict(net),
             "tls": {"cert_dir": "certs"},

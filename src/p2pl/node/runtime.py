@@ -70,6 +70,7 @@ import torch
 
 from p2pl import atomic
 from p2pl.algorithms.base import gossip_stages
+from p2pl.core.compress import Compression, Compressor, apply_sparse, compressed_gossip
 from p2pl.core.cooperate import Cooperation, Gossip, finish, gossip, one_row, unsound_rows
 from p2pl.core.device import resolve_device
 from p2pl.core.evaluate import evaluate
@@ -191,6 +192,7 @@ class _Row:
     flat: torch.Tensor
     degree: int
     data_size: float
+    sent: torch.Tensor | None = None  # compressed top-k / random-k: the coordinates it carries
 
 
 def _norm(x: torch.Tensor) -> float:
@@ -240,6 +242,15 @@ class NodeRuntime:
         self.model = build_model(cfg.model, self.data.input_shape, self.data.num_classes)
         self.spec = ParamSpec.of(self.model)
         self.wire_spec = wire.ModelSpec.from_module(self.model)
+        # Compressed gossip: this node's sender state, its copies of the neighbours' rows (choco),
+        # and the exact arrays a params message must hold (checked before anything is decoded).
+        compression = Compression.of(cfg.compression, self.spec.numels)
+        self.compressor = Compressor(compression, self.spec.total, cfg.seed) if compression.active else None
+        self.copies: dict[str, torch.Tensor] = {}
+        self.message_spec = self.wire_spec
+        if self.compressor is not None:
+            layout = self.compressor.layout.arrays
+            self.message_spec = wire.ModelSpec(tuple(wire.TensorSpec(a.name, a.shape, a.dtype) for a in layout))
         partition = Partition(indices=(np.arange(len(self.data.y_train), dtype=np.int64),), device_ids=(cfg.index,))
         self.trainer = VectorizedTrainer(
             self.model, self.spec, self.data.x_train, self.data.y_train, partition, cfg.training, cfg.seed
@@ -278,7 +289,7 @@ class NodeRuntime:
             cfg.listen,
             self.tls,
             self.mailbox,
-            self.wire_spec,
+            self.message_spec,
             limit,
             fetch_handler=self._on_fetch,
             insecure=cfg.tls.insecure,
@@ -337,7 +348,10 @@ class NodeRuntime:
     # ------------------------------------------------------------------------ messages
 
     def _header(self, kind: str, round_index: int, step: int, **extras: Any) -> wire.MessageHeader:
-        return wire.MessageHeader(kind, self.cfg.id, round_index, step, self.wire_spec.fingerprint, extras=extras)
+        # What neighbours' servers expect (the compressed message's layout when compressing); a
+        # sync-params reply carries the model itself.
+        spec = self.wire_spec if kind == "sync-params" else self.message_spec
+        return wire.MessageHeader(kind, self.cfg.id, round_index, step, spec.fingerprint, extras=extras)
 
     def _tensors(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: t.contiguous() for name, t in self.spec.unflatten(flat).items()}
@@ -448,6 +462,7 @@ class NodeRuntime:
     def _resume(self, ckpt: NodeCheckpoint) -> int:
         self.params = ckpt.params.reshape(1, -1).clone()
         self.trainer.load_state_tensors(ckpt.optimizer)
+        self._load_compression(ckpt.optimizer)
         torch.set_rng_state(ckpt.rng_state)
         self.history = ckpt.history
         meta = ckpt.meta
@@ -500,12 +515,41 @@ class NodeRuntime:
                 # Nothing travelled: the owner's init is a public function of (seed, index).
                 init = self.init_of(self.sync.owner_index)
         self.params = init.reshape(1, -1).clone()
+        self._start_compression()
         acc, loss = self._evaluate()
         self.history.eval_rounds.append(0)
         self.history.accuracy.append(acc)
         self.history.loss.append(loss)
         self._checkpoint(0)
         return 1
+
+    def _start_compression(self) -> None:
+        """Sender state from the start row; choco's copies of the neighbours start where each of
+        them starts: the synchronized init every device adopted, or (sync off) its public init."""
+        if self.compressor is None:
+            return
+        self.compressor.start(self.params)
+        if self.compressor.compression.method == "choco":
+            synced = self.cfg.sync.enabled
+            self.copies = {
+                p: (self.params if synced else self.init_of(i).reshape(1, -1)).clone()
+                for p, i in self.peer_index.items()
+            }
+
+    def _compression_state(self) -> dict[str, torch.Tensor]:
+        if self.compressor is None:
+            return {}
+        return self.compressor.state_tensors() | {f"compress.copy.{p}": c for p, c in self.copies.items()}
+
+    def _load_compression(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        if self.compressor is None:
+            return
+        self.compressor.load_state_tensors(tensors)
+        if self.compressor.compression.method == "choco":
+            missing = [p for p in self.peers if f"compress.copy.{p}" not in tensors]
+            if missing:
+                raise P2PLError(f"the node checkpoint holds no choco copy of {missing[0]}; start it with --fresh")
+            self.copies = {p: tensors[f"compress.copy.{p}"].clone() for p in self.peers}
 
     def _served_init(self, init: torch.Tensor) -> torch.Tensor:
         """Flood sync: the parameters this node serves for its own claim (an attacker's hook)."""
@@ -715,7 +759,12 @@ class NodeRuntime:
     def _encode_params(self, k: int, c: int, own: torch.Tensor, loss: float) -> bytes | None:
         try:
             row = self.outgoing(own, k, c)
-            return wire.encode(self._header("params", k, c, **self.params_extras(loss)), self._tensors(row))
+            if self.compressor is not None:
+                arrays = self.compressor.encode(row.reshape(1, -1), [self.cfg.index], k, c)
+                tensors = {name: arrays[name][0].contiguous() for name in self.message_spec.names}
+            else:
+                tensors = self._tensors(row)
+            return wire.encode(self._header("params", k, c, **self.params_extras(loss)), tensors)
         except wire.WireError as err:  # e.g. non-finite values: say so, send nothing, keep going
             log.error("%s round %d: not sending parameters: %s", self.cfg.id, k, err)
             return None
@@ -750,6 +799,19 @@ class NodeRuntime:
             if row is not None:
                 rows[peer] = row
         return self._mix(k, own, rows)
+
+    def _decompress(self, peer: str, msg: wire.Message) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A neighbour's compressed message as the row this node uses and its sent mask (choco:
+        the message updates this node's copy of that neighbour, which is the row used)."""
+        assert self.compressor is not None and msg.tensors is not None
+        arrays = {name: t.unsqueeze(0) for name, t in msg.tensors.items()}
+        decoded = self.compressor.decode(arrays, [self.peer_index[peer]], msg.round, msg.step)
+        if self.compressor.compression.method != "choco":
+            return decoded.values[0], None if decoded.mask is None else decoded.mask[0]
+        assert decoded.indices is not None
+        q = decoded.values.gather(1, decoded.indices)
+        self.copies[peer] = apply_sparse(self.copies[peer], decoded.indices, q, add=True)
+        return self.copies[peer][0], None
 
     def _skipped(self, peer: str, k: int = 0) -> bool:
         """True while ``peer`` is not waited for: it sent nothing for network.max_missed_rounds
@@ -794,6 +856,9 @@ class NodeRuntime:
             log.warning("%s: %s claims data size %r (must be a positive integer); dropped for the round",
                         self.cfg.id, peer, size)  # fmt: skip
             return None
+        if self.compressor is not None:
+            flat, sent = self._decompress(peer, msg)
+            return _Row(flat, degree, float(size), sent)
         return _Row(self._flat(msg), degree, float(size))
 
     def _mix(self, k: int, own: torch.Tensor, rows: Mapping[str, _Row]) -> tuple[torch.Tensor, list[str]]:
@@ -819,7 +884,15 @@ class NodeRuntime:
         suspects = [p for p in live if not self._sane(rows[p].flat, own)]
         if suspects:
             log.warning("%s round %d: parameters of %s are out of bounds", cfg.id, k, suspects)
-        mixed = mix_row(own, [rows[p].flat for p in live], self_w, [row[self.peer_index[p]] for p in live], stage)
+        weights = [row[self.peer_index[p]] for p in live]
+        if self.compressor is None:
+            mixed = mix_row(own, [rows[p].flat for p in live], self_w, weights, stage)
+        else:
+            pool = torch.stack([rows[p].flat for p in live]) if live else own.new_zeros(0, own.shape[-1])
+            masks = [rows[p].sent for p in live]
+            sent = torch.stack([m for m in masks if m is not None]) if live and masks[0] is not None else None
+            hood = one_row(self_w, weights)
+            mixed = compressed_gossip(own.reshape(1, -1), pool, sent, hood, stage, self.compressor)[0]
         return mixed, [p for p in live if p not in suspects]
 
     def _wait_params(self, k: int, c: int, waiting: set[str]) -> dict[str, wire.Message]:
@@ -866,9 +939,8 @@ class NodeRuntime:
             "index": self.cfg.index,
         }
         held = self._held[1] if self._held is not None and self.sync is not None else None
-        ckpt = NodeCheckpoint(
-            k, self.params[0], self.trainer.state_tensors(), held, torch.get_rng_state(), self.history, meta
-        )
+        state = self.trainer.state_tensors() | self._compression_state()
+        ckpt = NodeCheckpoint(k, self.params[0], state, held, torch.get_rng_state(), self.history, meta)
         checkpoint.save(self.dir, ckpt)
 
     def _write_status(self, error: str = "") -> None:

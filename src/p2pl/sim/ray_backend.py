@@ -43,6 +43,7 @@ import torch
 from p2pl.algorithms.base import RoundLinks
 from p2pl.config import ExperimentConfig
 from p2pl.core.adversary import Adversary, SendContext
+from p2pl.core.compress import Compression, Compressor, compressed_gossip
 from p2pl.core.cooperate import Cooperation, GlobalMean, Gossip, Neighbourhoods, finish, gossip, weighted_average
 from p2pl.core.evaluate import evaluate
 from p2pl.core.params import ParamSpec, init_device_params
@@ -143,6 +144,7 @@ class ShardWorker:
         threads: int,
         attackers: np.ndarray | None = None,
         device: str = "cpu",
+        compression: Compression | None = None,
     ) -> None:
         torch.set_num_threads(max(1, threads))
         if isinstance(data, list):  # [object ref] from the Ray driver (see RayBackend.__init__)
@@ -171,6 +173,9 @@ class ShardWorker:
         self._plan: tuple[str, ShardPlan] | None = None
         self._before: torch.Tensor | None = None
         self._sent: torch.Tensor | None = None  # what this shard's devices send this step
+        # compressed gossip: this shard's devices' sender state, and what they published this step
+        self.compressor = Compressor(compression, self.spec.total, cfg.seed) if compression else None
+        self._published: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def ping(self) -> tuple[int, str]:
         """(pid, Ray node id) of this worker."""
@@ -189,7 +194,12 @@ class ShardWorker:
     def init_norms(self) -> np.ndarray:
         """Each device's own init (from its own seed); returns the rows' L2 norms (float64)."""
         self.params = init_device_params(self.model, self.spec, self.cfg.seed, self.device_ids.tolist())
+        self._start_compression()
         return self.params.double().norm(dim=1).numpy()
+
+    def _start_compression(self) -> None:
+        if self.compressor is not None:
+            self.compressor.start(self.params)
 
     def rows(self, local_rows: np.ndarray) -> np.ndarray:
         return self.params[torch.from_numpy(np.asarray(local_rows, dtype=np.int64))].numpy()
@@ -200,6 +210,7 @@ class ShardWorker:
         self.params = pool[torch.from_numpy(np.asarray(pick, dtype=np.int64))].clone()
         if not np.all(scale == 1.0):
             self.params *= torch.from_numpy(np.asarray(scale, dtype=np.float32)).unsqueeze(1)
+        self._start_compression()
 
     def train(self, round_index: int, work: np.ndarray | None) -> np.ndarray:
         rows = self.params.to(self.device)
@@ -229,9 +240,23 @@ class ShardWorker:
         """This step's boundary rows as sent, one block per receiving shard (Ray: one object each)."""
         assert self._plan is not None
         plan = self._plan[1]
-        rows = self.params if self._sent is None else self._sent
-        blocks = tuple(rows[torch.from_numpy(r)].numpy() for r in plan.send_rows)
+        if self._published is not None:  # compressed: (what receivers use, sent mask) per block
+            rows, mask = self._published
+            blocks: tuple[Any, ...] = tuple(
+                (rows[i].numpy(), None if mask is None else mask[i].numpy())
+                for i in (torch.from_numpy(r) for r in plan.send_rows)
+            )
+        else:
+            rows = self.params if self._sent is None else self._sent
+            blocks = tuple(rows[torch.from_numpy(r)].numpy() for r in plan.send_rows)
         return blocks[0] if len(blocks) == 1 else blocks
+
+    def compress(self, round_index: int, step: int, senders: np.ndarray) -> None:
+        """Encode what this shard's devices send this step (``senders``: bool per row, those
+        heard by somebody), updating their sender state; ``publish`` then carries the result."""
+        assert self.compressor is not None
+        rows = self.params if self._sent is None else self._sent
+        self._published = self.compressor.publish(rows, self.device_ids, round_index, step, senders)
 
     def attack(self, round_index: int, step: int, *halos: np.ndarray) -> None:
         """What this shard's attackers send this step, from the true rows they hear."""
@@ -246,6 +271,15 @@ class ShardWorker:
     def gossip(self, stage: Gossip, *halos: np.ndarray) -> None:
         """One gossip step over ``[own rows as sent; halo rows as sent]``."""
         assert self._plan is not None
+        if self._published is not None:
+            assert self.compressor is not None
+            rows, mask = self._published
+            pool = torch.cat([rows, *(_tensor(h[0]) for h in halos)])
+            sent = None if mask is None else torch.cat([mask, *(_tensor(h[1]) for h in halos)])
+            self.params = compressed_gossip(self.params, pool, sent, self._plan[1].hoods, stage, self.compressor)
+            self._published = None
+            self._sent = None
+            return
         own_sent = self.params if self._sent is None else self._sent
         pool = torch.cat([own_sent, *(_tensor(h) for h in halos)]) if halos else own_sent
         self.params = gossip(self.params, pool, self._plan[1].hoods, stage)
@@ -289,14 +323,19 @@ class ShardWorker:
     def get_state(self) -> tuple[tuple[np.ndarray, dict[str, np.ndarray]], bool]:
         """(rows, optimizer state) copies, and a small 'done' flag (a second Ray object)."""
         opt = {k: v.cpu().clone().numpy() for k, v in self.trainer.state_tensors().items()}
+        if self.compressor is not None:  # compression's per-device state rides with the optimizer's
+            opt |= {k: v.clone().numpy() for k, v in self.compressor.state_tensors().items()}
         return (self.params.clone().numpy(), opt), True
 
     def set_state(self, state: tuple[np.ndarray, dict[str, np.ndarray]]) -> None:
         params, opt = state
         self.params = _tensor(params).clone()
         self.trainer.load_state_tensors({k: _tensor(v) for k, v in opt.items()})
+        if self.compressor is not None:
+            self.compressor.load_state_tensors({k: _tensor(v) for k, v in opt.items()})
         self._before = None
         self._sent = None
+        self._published = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,6 +442,7 @@ class RayBackend:
                     threads,
                     exp.setting.adversary.ids,
                     device,
+                    exp.setting.compression,
                 )
                 for s, ids in enumerate(self.sharding.shards)
             ]
@@ -586,10 +626,17 @@ class RayBackend:
         loads = [a.load_plan.remote(key, plan_refs[s]) for s, a in enumerate(self.actors) if self._loaded[s] != key]
         self._get(loads)
         self._loaded = [key] * len(self.actors)
-        halos = self._halo_exchange(plans)
+        compressing = self.exp.setting.compression is not None
+        halos = self._halo_exchange(plans) if self._facts.adversary.rewrites_rows or not compressing else []
         if self._facts.adversary.rewrites_rows:
             # Attackers answer what they hear (ALIE): a second exchange carries the rows as sent.
             self._get([a.attack.remote(round_index, step, *h) for a, h in zip(self.actors, halos, strict=True)])
+            halos = self._halo_exchange(plans)
+        if compressing:
+            # Each shard encodes what its devices send; the exchange then carries what receivers use.
+            senders = gossip_bytes(self.sharding.num_devices, links.live_edges, self._facts) > 0
+            pairs = zip(self.actors, self.sharding.shards, strict=True)
+            self._get([a.compress.remote(round_index, step, senders[ids]) for a, ids in pairs])
             halos = self._halo_exchange(plans)
         self._get([a.gossip.remote(stage, *h) for a, h in zip(self.actors, halos, strict=True)])
 

@@ -70,7 +70,9 @@ class LocalBackend:
         self.exp = exp
         self.trainer = exp.trainer(strategy)
         self.strategy = getattr(self.trainer, "strategy", "reference")
-        self.cooperation = NetworkCooperation(exp.algorithm.cooperation(exp.setting), exp.setting.facts(), exp.cfg.seed)
+        self.cooperation = NetworkCooperation(
+            exp.algorithm.cooperation(exp.setting), exp.setting.facts(), exp.cfg.seed, exp.spec.total
+        )
         self.device = _engine_device(exp.cfg)
         self.x_test, self.y_test = exp.dataset.x_test, exp.dataset.y_test
         if self.device.type != "cpu":
@@ -82,11 +84,13 @@ class LocalBackend:
     def start(self) -> Started:
         params, start = self.exp.start_params()
         self._params = params.to(self.device)
+        self.cooperation.start_compression(params.cpu())
         return Started(start.steps, float(np.mean(start.bytes_sent)))
 
     def restore(self, params: torch.Tensor, optimizer: dict[str, torch.Tensor]) -> None:
         self._params = params.to(self.device)
         self.trainer.load_state_tensors(optimizer)
+        self.cooperation.load_state_tensors(optimizer)
 
     def train(self, round_index: int, work: np.ndarray | None) -> np.ndarray:
         # Under attack a neighbour's parameters can make training blow up: roll such rows back.
@@ -121,7 +125,8 @@ class LocalBackend:
         return self._params.cpu()
 
     def optimizer_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.cpu() for k, v in self.trainer.state_tensors().items()}
+        # with the cooperation's per-device state (compression), so a resumed run continues it
+        return {k: v.cpu() for k, v in self.trainer.state_tensors().items()} | self.cooperation.state_tensors()
 
     def guarded(self, step: Callable[[], T]) -> T:
         return step()
@@ -366,6 +371,7 @@ def _run(
         "sync_mode": cfg.sync.mode if cfg.sync.enabled and exp.algorithm.uses_graph else None,
         "aggregation": cfg.consensus.aggregation if exp.algorithm.uses_graph else None,
         "attack": exp.setting.adversary.attack if exp.setting.adversary.active else None,
+        "compression": cfg.compression.method if exp.setting.compression is not None else None,
         "sync_steps": sync_steps,
         "sync_bytes_per_device": sync_bytes,
         "wall_time_s": float(sum(history.round_time_s)),
