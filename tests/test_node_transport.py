@@ -553,3 +553,36 @@ def test_large_message_streams_in_chunks_and_bad_streams_are_refused(net, pki):
     stats = srv.stats()
     assert stats["send.rejected.invalid"] == 3 and stats["send.rejected.auth"] == 1
     assert stats["send.accepted"] == 2
+
+
+@pytest.mark.parametrize("method,bits", [("top-k", 4), ("quantize", 8)])
+def test_compressed_payload_round_trips_through_the_transport(net, pki, method, bits):
+    """A compressed message (int32 indices, 4-bit codes in uint8 / int8 codes, float32 scales),
+    streamed in chunks, arrives validated against the layout and decodes to what was sent."""
+    from p2pl.core.compress import Compression, Compressor
+    from p2pl.node.chunks import MIN_CHUNK_BYTES
+
+    num_params = 12_000
+    compressor = Compressor(Compression(method, ratio=0.5, bits=bits, block_size=64), num_params, seed=0)
+    row = torch.randn(1, num_params, generator=torch.Generator().manual_seed(1))
+    compressor.start(torch.zeros(1, num_params))
+    arrays = {name: a[0].contiguous() for name, a in compressor.encode(row, [0], 3, 0).items()}
+    spec = wire.ModelSpec.from_layout(compressor.layout.arrays)
+    assert {t.dtype for t in spec.tensors} >= {"float32"} and len(spec.tensors) >= 2
+    box = Mailbox()
+    box.set_round(3)
+    srv = PeerServer("dev-b", "127.0.0.1:0", pki["dev-b"], box, spec, spec.max_message_bytes(),
+                     chunk_bytes=MIN_CHUNK_BYTES)  # fmt: skip
+    srv.start()
+    net.servers.append(srv)
+    cl = net.client("dev-a", chunk_bytes=MIN_CHUNK_BYTES, max_message_bytes=spec.max_message_bytes())
+    message = wire.encode(MessageHeader("params", "dev-a", 3, 0, spec.fingerprint), arrays)
+    assert len(message) > MIN_CHUNK_BYTES  # streamed
+    assert cl.send("dev-b", srv.address, message, TIMEOUT)
+    got = box.get("params", 3, 0, "dev-a")
+    assert got is not None and got.tensors is not None
+    for name, sent in arrays.items():
+        assert got.tensors[name].dtype == sent.dtype and torch.equal(got.tensors[name], sent)
+    received = compressor.decode({n: t.unsqueeze(0) for n, t in got.tensors.items()}, [0], 3, 0)
+    expected = compressor.decode({n: t.unsqueeze(0) for n, t in arrays.items()}, [0], 3, 0)
+    assert torch.equal(received.values, expected.values)
