@@ -137,6 +137,7 @@ _ST_CODES = {
     "int8": "I8",
     "uint8": "U8",
 }
+_NP_FLOATS: dict[str, np.dtype[Any]] = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "float64": np.dtype("<f8")}
 _ST_LEN = struct.Struct("<Q")
 _HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
 _HEADER_KEYS = frozenset({"version", "kind", "sender", "round", "step", "fingerprint", "payload_size", "extras"})
@@ -525,9 +526,10 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(np.isfinite(t.numpy()).all())
 
 
-def _raw_bytes(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without copying (little-endian hosts, as safetensors)."""
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+def _raw_bytes(t: torch.Tensor) -> np.ndarray:
+    """The memory of a contiguous CPU tensor as a numpy array, without copying (little-endian
+    hosts, as safetensors); bfloat16, which numpy lacks, as its 16-bit patterns."""
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
 def _pad8(raw: bytes) -> bytes:
@@ -545,8 +547,10 @@ def encode(header: MessageHeader, tensors: Mapping[str, torch.Tensor] | None = N
     given value is ignored). When tensors are given, their fingerprint must equal
     ``header.fingerprint`` (catches sending the wrong model). Non-finite values are refused.
     """
-    parts: list[bytes | memoryview] = []
-    payload_size = 0
+    parts: list[Any] = []  # bytes and numpy arrays: buffers b"".join copies once
+    layout: _Layout | None = None
+    names: list[str] = []
+    cpu: list[torch.Tensor] = []
     if tensors:
         names = list(tensors)
         cpu = [tensors[name].detach().cpu().contiguous() for name in names]
@@ -555,20 +559,14 @@ def encode(header: MessageHeader, tensors: Mapping[str, torch.Tensor] | None = N
         )
         if layout.fingerprint != header.fingerprint:
             raise WireError("tensors do not match the header fingerprint (wrong model or spec)")
-        parts.append(layout.st_header)
-        for i in layout.order:
-            t = cpu[i]
-            if t.is_floating_point() and not _all_finite(t):
-                raise WireError(f"refusing to send non-finite values in tensor {names[i]!r}")
-            parts.append(_raw_bytes(t))
-        payload_size = layout.payload_bytes
+        parts = [layout.st_header, *(_raw_bytes(cpu[i]) for i in layout.order)]
     full = MessageHeader(
         kind=header.kind,
         sender=header.sender,
         round=header.round,
         step=header.step,
         fingerprint=header.fingerprint,
-        payload_size=payload_size,
+        payload_size=layout.payload_bytes if layout is not None else 0,
         extras=dict(header.extras),
         version=header.version,
     )
@@ -577,7 +575,13 @@ def encode(header: MessageHeader, tensors: Mapping[str, torch.Tensor] | None = N
         raise WireError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
     # Validate what we send with the same rules a receiver applies.
     _check_header(json.loads(raw))
-    return b"".join([_PREFIX.pack(MAGIC, len(raw)), raw, *parts])
+    message = b"".join([_PREFIX.pack(MAGIC, len(raw)), raw, *parts])
+    if layout is not None:  # one finiteness pass over the float data, where the layout put it
+        start = PREFIX_SIZE + len(raw)
+        if not all(_finite_run(message, start + begin, count, dname) for dname, begin, count in layout.float_runs):
+            bad = next(n for n, t in zip(names, cpu, strict=True) if t.is_floating_point() and not _all_finite(t))
+            raise WireError(f"refusing to send non-finite values in tensor {bad!r}")
+    return message
 
 
 def _check_entry(name: str, entry: object, spec: TensorSpec) -> tuple[int, int]:
@@ -721,8 +725,10 @@ def _view(buffer: bytearray, begin: int, spec: TensorSpec) -> torch.Tensor:
     return torch.frombuffer(buffer, dtype=dtype, count=count, offset=begin).view(spec.shape)
 
 
-def _finite_run(buffer: bytearray, begin: int, count: int, dtype: str) -> bool:
-    """Whether ``count`` values of float ``dtype`` at ``begin`` are all finite (one pass)."""
-    if dtype == "bfloat16" or begin % _DTYPES[dtype].itemsize:
-        return _all_finite(_view(buffer, begin, TensorSpec("", (count,), dtype)))
-    return bool(np.isfinite(np.frombuffer(buffer, dtype=np.dtype(dtype), count=count, offset=begin)).all())
+def _finite_run(buffer: bytes | bytearray, begin: int, count: int, dtype: str) -> bool:
+    """Whether ``count`` little-endian values of float ``dtype`` at ``begin`` are all finite (one
+    pass; numpy reads unaligned data too). bfloat16, which numpy lacks: not all exponent bits set."""
+    if dtype == "bfloat16":
+        bits = np.frombuffer(buffer, dtype="<u2", count=count, offset=begin)
+        return bool(((bits & 0x7F80) != 0x7F80).all())
+    return bool(np.isfinite(np.frombuffer(buffer, dtype=_NP_FLOATS[dtype], count=count, offset=begin)).all())
