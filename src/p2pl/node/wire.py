@@ -137,7 +137,11 @@ _ST_CODES = {
     "int8": "I8",
     "uint8": "U8",
 }
-_NP_FLOATS: dict[str, np.dtype[Any]] = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "float64": np.dtype("<f8")}
+_NP_FLOATS: dict[str, np.dtype[Any]] = {
+    "float16": np.dtype("<f2"),
+    "float32": np.dtype("<f4"),
+    "float64": np.dtype("<f8"),
+}
 _ST_LEN = struct.Struct("<Q")
 _HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
 _HEADER_KEYS = frozenset({"version", "kind", "sender", "round", "step", "fingerprint", "payload_size", "extras"})
