@@ -100,12 +100,12 @@ def _socket_receiver(size: int, cert_dir: str | None, ready: Any) -> None:
         conn.sendall(b"ok")
 
 
-def _grpc_receiver(cert_dir: str, limit: int, ready: Any, stop: Any) -> None:
+def _grpc_receiver(cert_dir: str, limit: int, chunk_bytes: int, ready: Any, stop: Any) -> None:
     """gRPC with the PeerServer's TLS and limits, acking without looking at the bytes."""
     import grpc
 
     tls = certs.load_tls_config(Path(cert_dir), "dev-b")
-    receive = min(limit, CHUNK_BYTES + 8) + 64 * 1024
+    receive = min(limit, chunk_bytes + 8) + 64 * 1024
     server = grpc.server(
         futures.ThreadPoolExecutor(8),
         options=[("grpc.max_receive_message_length", receive), ("grpc.max_send_message_length", limit)],
@@ -137,13 +137,13 @@ class _ConsumingMailbox(Mailbox):
         return verdict
 
 
-def _p2pl_receiver(cert_dir: str, model: str, ready: Any, stop: Any) -> None:
+def _p2pl_receiver(cert_dir: str, model: str, chunk_bytes: int, ready: Any, stop: Any) -> None:
     torch.set_num_threads(1)
     spec = wire.ModelSpec.from_tensors(_tensors(model))
     limit = spec.max_message_bytes()
     mailbox = _ConsumingMailbox(max_rounds_ahead=10**9, params_message_bytes=limit, allowed_senders=["dev-a"])
     tls = certs.load_tls_config(Path(cert_dir), "dev-b")
-    server = PeerServer("dev-b", "127.0.0.1:0", tls, mailbox, spec, limit)
+    server = PeerServer("dev-b", "127.0.0.1:0", tls, mailbox, spec, limit, chunk_bytes=chunk_bytes)
     ready.put(server.start())
     stop.get()
     print(json.dumps({"receiver": server.stats(), "mailbox": mailbox.stats()}), flush=True)
@@ -156,7 +156,7 @@ def _p2pl_receiver(cert_dir: str, model: str, ready: Any, stop: Any) -> None:
 class Link:
     """One path to one receiver process; ``send_one()`` sends one message and waits for its ack."""
 
-    def __init__(self, path: str, model: str, cert_dir: Path) -> None:
+    def __init__(self, path: str, model: str, cert_dir: Path, chunk_bytes: int = CHUNK_BYTES) -> None:
         self.path = path
         self.tensors = _tensors(model)
         self.spec = wire.ModelSpec.from_tensors(self.tensors)
@@ -169,9 +169,9 @@ class Link:
             args: tuple[Any, ...] = (len(self.message), str(cert_dir) if path == "tls" else None, ready)
             self.proc = ctx.Process(target=_socket_receiver, args=args)
         elif path == "grpc":
-            self.proc = ctx.Process(target=_grpc_receiver, args=(str(cert_dir), limit, ready, self._stop))
+            self.proc = ctx.Process(target=_grpc_receiver, args=(str(cert_dir), limit, chunk_bytes, ready, self._stop))
         else:
-            self.proc = ctx.Process(target=_p2pl_receiver, args=(str(cert_dir), model, ready, self._stop))
+            self.proc = ctx.Process(target=_p2pl_receiver, args=(str(cert_dir), model, chunk_bytes, ready, self._stop))
         self.proc.start()
         port = ready.get(timeout=120)
         self.send_one: Callable[[], None]
@@ -192,7 +192,8 @@ class Link:
 
             self.send_one = send_socket
         else:
-            self.client = PeerClient("dev-a", certs.load_tls_config(cert_dir, "dev-a"), limit)
+            tls = certs.load_tls_config(cert_dir, "dev-a")
+            self.client = PeerClient("dev-a", tls, limit, chunk_bytes=chunk_bytes)
             address = f"127.0.0.1:{port}"
 
             def send_grpc() -> None:
@@ -273,8 +274,8 @@ def breakdown(model: str) -> dict[str, float]:
     }
 
 
-def bench(model: str, repeats: int, seconds: float, cert_dir: Path) -> dict[str, Any]:
-    links = {path: Link(path, model, cert_dir) for path in PATHS}
+def bench(model: str, repeats: int, seconds: float, cert_dir: Path, chunk_bytes: int) -> dict[str, Any]:
+    links = {path: Link(path, model, cert_dir, chunk_bytes) for path in PATHS}
     per_message: dict[str, list[float]] = {path: [] for path in PATHS}
     try:
         for _ in range(repeats):
@@ -287,7 +288,7 @@ def bench(model: str, repeats: int, seconds: float, cert_dir: Path) -> dict[str,
     ms = {path: 1e3 * statistics.median(v) for path, v in per_message.items()}
     mbps = {path: size / (m / 1e3) / 1e6 for path, m in ms.items()}
     row: dict[str, Any] = {"model": model, "params": links["p2pl"].spec.numel(), "message_bytes": size,
-                           "streamed": size > CHUNK_BYTES, "repeats": repeats}  # fmt: skip
+                           "chunks": -(-size // chunk_bytes), "repeats": repeats}  # fmt: skip
     row |= {f"{p}_ms_per_msg": round(m, 4) for p, m in ms.items()}
     row |= {f"{p}_MBps": round(v, 1) for p, v in mbps.items()}
     row |= {f"p2pl_over_{p}_throughput": round(mbps["p2pl"] / mbps[p], 3) for p in ("tcp", "tls", "grpc")}
@@ -303,6 +304,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats (the median is reported)")
+    parser.add_argument("--chunk-bytes", type=int, default=CHUNK_BYTES, help="stream chunk size (both sides)")
     parser.add_argument("--seconds", type=float, default=0.4, help="time per path per repeat")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -313,7 +315,7 @@ def main() -> None:
         for dev in ("dev-a", "dev-b"):
             certs.issue_device_cert(root / "ca", dev, root / "certs")
         for model in args.models:
-            row = bench(model, args.repeats, args.seconds, root / "certs")
+            row = bench(model, args.repeats, args.seconds, root / "certs", args.chunk_bytes)
             print(json.dumps(row, indent=1), flush=True)
     print("load average:", _load(), flush=True)
 

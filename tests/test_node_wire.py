@@ -416,3 +416,11 @@ def test_old_wire_version_is_refused_with_a_clear_reason():
     p = _good_payload()
     with pytest.raises(WireError, match=r"unsupported wire version 1: this node speaks \[2\]"):
         wire.decode(_raw(_good_header_dict(p, version=1), p), SPEC)
+
+
+def test_decode_without_spec_bounds_the_payload_header_it_parses():
+    """Tools (and payload-free replies) decode without a spec: a header bomb is still refused
+    from its length alone, before parsing."""
+    bomb = _header_bomb(20_000)
+    with pytest.raises(WireError, match=r"payload header of \d+ bytes exceeds the limit of 1048576 bytes"):
+        wire.decode(bomb, None, max_bytes=len(bomb))

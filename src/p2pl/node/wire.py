@@ -137,6 +137,8 @@ _ST_CODES = {
     "int8": "I8",
     "uint8": "U8",
 }
+#: Without a receiver's spec, the largest payload header parsed (a model's is a few KiB).
+_MAX_UNCHECKED_HEADER = 1 << 20
 _NP_FLOATS: dict[str, np.dtype[Any]] = {
     "float16": np.dtype("<f2"),
     "float32": np.dtype("<f4"),
@@ -205,8 +207,16 @@ class _Layout:
         return len(self.st_header) + self.data_bytes
 
 
-@functools.lru_cache(maxsize=64)
 def _layout(rows: Rows) -> _Layout:
+    """The layout of ``rows``, cached for model-sized specs (a spec with more tensors than any
+    model here has is computed afresh, so no input can make the cache hold much)."""
+    return _cached_layout(rows) if len(rows) <= _CACHED_LAYOUT_TENSORS else _build_layout(rows)
+
+
+_CACHED_LAYOUT_TENSORS = 1024
+
+
+def _build_layout(rows: Rows) -> _Layout:
     sizes = [math.prod(shape) * _DTYPES[dname].itemsize for _, shape, dname in rows]
     order = tuple(sorted(range(len(rows)), key=lambda i: -_DTYPES[rows[i][2]].itemsize))  # stable
     entries: dict[str, dict[str, Any]] = {}
@@ -241,6 +251,9 @@ def _layout(rows: Rows) -> _Layout:
         data_bytes=position,
         float_runs=tuple(runs),
     )
+
+
+_cached_layout = functools.lru_cache(maxsize=16)(_build_layout)
 
 
 @dataclass(frozen=True)
@@ -609,7 +622,7 @@ def _payload_header(payload: bytes | bytearray | memoryview, limit: int) -> tupl
         raise WireError(f"payload of {n} bytes is too short for safetensors")
     (header_len,) = _ST_LEN.unpack_from(payload, 0)
     if header_len > limit:
-        raise WireError(f"payload header of {header_len} bytes exceeds the {limit} bytes this model needs")
+        raise WireError(f"payload header of {header_len} bytes exceeds the limit of {limit} bytes")
     if _ST_LEN.size + header_len > n:
         raise WireError(f"payload header of {header_len} bytes is longer than the {n}-byte payload")
     raw = bytes(payload[_ST_LEN.size : _ST_LEN.size + header_len])
@@ -660,8 +673,8 @@ def check_payload_layout(payload: bytes | bytearray | memoryview, expected: Mode
 
 def _spec_of_payload(payload: bytes | bytearray | memoryview, header: MessageHeader) -> ModelSpec:
     """Without a receiver's spec (tools, debugging): the spec the payload's own header describes,
-    which must match the message header's fingerprint."""
-    obj, _ = _payload_header(payload, len(payload))
+    which must match the message header's fingerprint. Its header may be at most 1 MiB."""
+    obj, _ = _payload_header(payload, min(len(payload), _MAX_UNCHECKED_HEADER))
     codes = {code: name for name, code in _ST_CODES.items()}
     tensors = []
     for name, entry in obj.items():
