@@ -206,6 +206,7 @@ class PeerServer:
             futures.ThreadPoolExecutor(self._max_workers, thread_name_prefix=f"p2pl-{self.device_id}"),
             options=options,
             maximum_concurrent_rpcs=4 * self._max_workers,
+            compression=grpc.Compression.NoCompression,
         )
         handler = grpc.method_handlers_generic_handler(
             SERVICE_NAME,
@@ -519,14 +520,15 @@ class PeerClient:
             ("grpc.min_reconnect_backoff_ms", max(100, int(self.backoff_initial * 1000))),
             ("grpc.max_reconnect_backoff_ms", max(100, int(self.backoff_max * 1000))),
         ]
+        # Parameters are incompressible floats: compressing them costs CPU and saves nothing.
         if self.tls is None:
-            return grpc.insecure_channel(address, options=options)
+            return grpc.insecure_channel(address, options=options, compression=grpc.Compression.NoCompression)
         target = peer_id if self.verify_server_identity else "localhost"
         options.append(("grpc.ssl_target_name_override", target))
         creds = grpc.ssl_channel_credentials(
             root_certificates=self.tls.ca_cert, private_key=self.tls.key, certificate_chain=self.tls.cert
         )
-        return grpc.secure_channel(address, creds, options=options)
+        return grpc.secure_channel(address, creds, options=options, compression=grpc.Compression.NoCompression)
 
     def _state(self, peer_id: str, address: str) -> tuple[_PeerState, grpc.Channel | None]:
         """The peer's state with a live channel; also returns an old channel to close (if any)."""
