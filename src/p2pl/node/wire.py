@@ -201,6 +201,7 @@ class _Layout:
     starts: tuple[int, ...]  # per row (spec order): where its data starts in the payload
     data_bytes: int
     float_runs: tuple[tuple[str, int, int], ...]  # (dtype name, payload offset, elements) to check
+    max_st_header: int  # a generous bound on any encoder's safetensors header for these tensors
 
     @property
     def payload_bytes(self) -> int:
@@ -250,6 +251,7 @@ def _build_layout(rows: Rows) -> _Layout:
         starts=tuple(len(st_header) + o for o in offsets),
         data_bytes=position,
         float_runs=tuple(runs),
+        max_st_header=256 + sum(len(name.encode()) + 96 + 24 * len(shape) for name, shape, _ in rows),
     )
 
 
@@ -324,7 +326,7 @@ class ModelSpec:
     def max_safetensors_header(self) -> int:
         """A generous bound on the JSON header safetensors writes for this model (names, dtypes,
         shapes, offsets, padding); a payload claiming a larger header is refused unread."""
-        return 256 + sum(len(t.name.encode()) + 96 + 24 * len(t.shape) for t in self.tensors)
+        return self.layout.max_st_header
 
     def max_payload_bytes(self) -> int:
         return _ST_LEN.size + self.max_safetensors_header() + self.data_bytes()
@@ -736,10 +738,12 @@ def _view(buffer: bytearray, begin: int, spec: TensorSpec) -> torch.Tensor:
     count = math.prod(spec.shape)
     if count == 0:
         return torch.empty(spec.shape, dtype=dtype)
+    flat = len(spec.shape) == 1
     if begin % dtype.itemsize:
         raw = torch.frombuffer(buffer, dtype=torch.uint8, count=count * dtype.itemsize, offset=begin)
         return raw.clone().view(dtype).view(spec.shape)
-    return torch.frombuffer(buffer, dtype=dtype, count=count, offset=begin).view(spec.shape)
+    view = torch.frombuffer(buffer, dtype=dtype, count=count, offset=begin)
+    return view if flat else view.view(spec.shape)
 
 
 def _finite_run(buffer: bytes | bytearray, begin: int, count: int, dtype: str) -> bool:
