@@ -80,6 +80,7 @@ from p2pl.node.wire import (
     WireError,
     check_announced,
     decode,
+    decode_payload,
     peek_header,
 )
 
@@ -308,8 +309,9 @@ class PeerServer:
     def _validate(self, data: bytes, context: grpc.ServicerContext, limit: int, *, store: bool) -> Message:
         """A whole message: its header admitted first, then the payload decoded."""
         try:
-            self._admit(peek_header(data, limit), len(data), context, limit, store=store)
-            return decode(data, self.spec, limit)
+            header = peek_header(data, limit)
+            self._admit(header, len(data), context, limit, store=store)
+            return decode_payload(header, data, self.spec, limit)
         except WireError as exc:
             raise _Rejected("invalid", str(exc), grpc.StatusCode.INVALID_ARGUMENT) from None
 
@@ -322,7 +324,9 @@ class PeerServer:
             )
             for chunk in chunks:
                 assembler.add(chunk)
-            return decode(assembler.finish(), self.spec, self.max_message_bytes)
+            buffer = assembler.finish()
+            assert assembler.header is not None  # finish() refuses a stream without one
+            return decode_payload(assembler.header, buffer, self.spec, self.max_message_bytes)
         except WireError as exc:
             raise _Rejected("invalid", str(exc), grpc.StatusCode.INVALID_ARGUMENT) from None
 

@@ -74,6 +74,7 @@ __all__ = [
     "WireError",
     "check_payload_layout",
     "decode",
+    "decode_payload",
     "encode",
     "fingerprint",
     "peek_header",
@@ -706,7 +707,17 @@ def decode(
     reassembles streams into): the tensors are views over it, and keep it alive. Read-only
     ``bytes`` are copied once (torch only shares writable memory).
     """
-    header = peek_header(data, max_bytes)
+    return decode_payload(peek_header(data, max_bytes), data, expected, max_bytes)
+
+
+def decode_payload(
+    header: MessageHeader,
+    data: bytes | bytearray | memoryview,
+    expected: ModelSpec | None,
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> Message:
+    """:func:`decode` for a ``header`` that ``peek_header(data)`` already returned (the transport
+    reads the header first, to authenticate the sender, and does not parse it twice)."""
     check_announced(header, len(data), expected, max_bytes)
     if header.payload_size == 0:
         return Message(header=header, tensors=None, nbytes=len(data))
