@@ -49,7 +49,7 @@ import torch
 from p2pl.config import ModelConfig
 from p2pl.models import build_model
 from p2pl.node import certs, wire
-from p2pl.node.chunks import CHUNK_BYTES
+from p2pl.node.chunks import CHUNK_BYTES, split
 from p2pl.node.mailbox import Mailbox
 from p2pl.node.transport import PeerClient, PeerServer
 
@@ -250,6 +250,7 @@ def breakdown(model: str) -> dict[str, float]:
     header = wire.MessageHeader("params", "dev-a", 1, 0, spec.fingerprint, extras={"data_size": 600, "degree": 4})
     message = wire.encode(header, tensors)
     payload = st_save(tensors)
+    received = bytearray(message)  # as a reassembled stream arrives
 
     def old_encode() -> None:
         for t in tensors.values():
@@ -264,10 +265,32 @@ def breakdown(model: str) -> dict[str, float]:
         for t in tensors.values():
             wire._all_finite(t)
 
+    class Forgetful(Mailbox):  # stores, then drops it, so the same message is new every time
+        def put(self, msg: wire.Message) -> str:
+            verdict = super().put(msg)
+            self.prune(msg.round + 1)
+            return verdict
+
+    class NoNetwork:  # what an insecure PeerServer asks of a gRPC context
+        def auth_context(self) -> dict[str, list[bytes]]:
+            return {}
+
+        def peer(self) -> str:
+            return "local"
+
+    server = PeerServer("dev-b", "127.0.0.1:0", None, Forgetful(), spec, spec.max_message_bytes(), insecure=True)
+
+    def receive() -> None:
+        if len(message) <= CHUNK_BYTES:
+            assert server._handle_send(message, NoNetwork()) == b"ok"  # type: ignore[arg-type]
+        else:
+            assert server._handle_send_stream(split(message), NoNetwork()) == b"ok"  # type: ignore[arg-type]
+
     return {
         "encode_ms": _ms(lambda: wire.encode(header, tensors)),
+        "receive_ms (server handler: header, mailbox, chunks, decode, store; no network)": _ms(receive),
         "decode_ms (bytes in, one copy)": _ms(lambda: wire.decode(message, spec)),
-        "decode_ms (bytearray in, views)": _ms(lambda: wire.decode(bytearray(message), spec)),
+        "decode_ms (bytearray in, views)": _ms(lambda: wire.decode(received, spec)),
         "finite_check_ms": _ms(finite),
         "previous_encode_ms (isfinite + safetensors.save)": _ms(old_encode),
         "previous_decode_ms (copy + safetensors.load + isfinite)": _ms(old_decode),
