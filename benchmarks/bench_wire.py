@@ -212,15 +212,25 @@ class Link:
                                     extras={"data_size": 600, "degree": 4})  # fmt: skip
         return wire.encode(header, self.tensors)
 
-    def time_per_message(self, seconds: float) -> float:
-        """Mean seconds per message over as many messages as fit in ``seconds`` (at least 3)."""
-        count, t0 = 0, time.perf_counter()
+    def cpu_seconds(self) -> float:
+        """CPU time of both ends so far: this process (all threads) and the receiver process.
+        Unlike wall time, it barely grows when other processes load the machine."""
+        with open(f"/proc/{self.proc.pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        receiver = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        own = os.times()
+        return own.user + own.system + receiver
+
+    def time_per_message(self, seconds: float) -> tuple[float, float]:
+        """Mean wall and CPU (both ends) seconds per message, over as many messages as fit in
+        ``seconds`` (at least 3)."""
+        count, t0, cpu0 = 0, time.perf_counter(), self.cpu_seconds()
         while True:
             self.send_one()
             count += 1
             elapsed = time.perf_counter() - t0
             if count >= 3 and elapsed >= seconds:
-                return elapsed / count
+                return elapsed / count, (self.cpu_seconds() - cpu0) / count
 
     def close(self) -> None:
         if self.path in ("tcp", "tls"):
@@ -300,10 +310,13 @@ def breakdown(model: str) -> dict[str, float]:
 def bench(model: str, repeats: int, seconds: float, cert_dir: Path, chunk_bytes: int) -> dict[str, Any]:
     links = {path: Link(path, model, cert_dir, chunk_bytes) for path in PATHS}
     per_message: dict[str, list[float]] = {path: [] for path in PATHS}
+    cpu_per_message: dict[str, list[float]] = {path: [] for path in PATHS}
     try:
         for _ in range(repeats):
             for path in PATHS:  # interleaved: every repeat runs every path once
-                per_message[path].append(links[path].time_per_message(seconds))
+                wall, cpu = links[path].time_per_message(seconds)
+                per_message[path].append(wall)
+                cpu_per_message[path].append(cpu)
     finally:
         for link in links.values():
             link.close()
@@ -314,6 +327,7 @@ def bench(model: str, repeats: int, seconds: float, cert_dir: Path, chunk_bytes:
                            "chunks": -(-size // chunk_bytes), "repeats": repeats}  # fmt: skip
     row |= {f"{p}_ms_per_msg": round(m, 4) for p, m in ms.items()}
     row |= {f"{p}_MBps": round(v, 1) for p, v in mbps.items()}
+    row |= {f"{p}_cpu_ms_per_msg (both ends)": round(1e3 * statistics.median(v), 4) for p, v in cpu_per_message.items()}
     row |= {f"p2pl_over_{p}_throughput": round(mbps["p2pl"] / mbps[p], 3) for p in ("tcp", "tls", "grpc")}
     row |= {k: round(v, 4) for k, v in breakdown(model).items()}
     return row
