@@ -16,7 +16,11 @@ It is measured next to, in the same run and interleaved (each repeat runs every 
 * ``tls``: the same over Python's ``ssl`` with the same mutual-TLS certificates (what the
   encryption alone costs);
 * ``grpc``: the same gRPC+TLS calls (unary, or the chunk stream) to a server that acks without
-  looking at the bytes (what gRPC and its TLS cost before p2pl does anything).
+  looking at the bytes (what gRPC and its TLS cost before p2pl does anything);
+* ``grpc-plain``: the same without TLS (what gRPC alone costs).
+
+Wall time per message (sequential: send, wait for the ack) and CPU time per message of both
+processes (less sensitive to other load on the machine) are reported, as medians of the repeats.
 
 A breakdown of the p2pl work itself (in process): ``wire.encode``, ``wire.decode`` of the
 received bytes, its finiteness pass, and what the previous encode/decode (``safetensors``
@@ -43,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # no log lines when channels close
 
 import torch
 
@@ -58,7 +63,7 @@ MODELS: dict[str, tuple[ModelConfig, tuple[int, ...], int]] = {
     "default": (ModelConfig("mlp", [64]), (64,), 10),
     "1M": (ModelConfig("mlp", [1024, 192]), (784,), 10),
 }
-PATHS = ("tcp", "tls", "grpc", "p2pl")
+PATHS = ("tcp", "tls", "grpc-plain", "grpc", "p2pl")
 
 
 def _tensors(name: str) -> dict[str, torch.Tensor]:
@@ -100,11 +105,11 @@ def _socket_receiver(size: int, cert_dir: str | None, ready: Any) -> None:
         conn.sendall(b"ok")
 
 
-def _grpc_receiver(cert_dir: str, limit: int, chunk_bytes: int, ready: Any, stop: Any) -> None:
-    """gRPC with the PeerServer's TLS and limits, acking without looking at the bytes."""
+def _grpc_receiver(cert_dir: str | None, limit: int, chunk_bytes: int, ready: Any, stop: Any) -> None:
+    """gRPC with the PeerServer's limits (and TLS, unless ``cert_dir`` is None), acking without
+    looking at the bytes."""
     import grpc
 
-    tls = certs.load_tls_config(Path(cert_dir), "dev-b")
     receive = min(limit, chunk_bytes + 8) + 64 * 1024
     server = grpc.server(
         futures.ThreadPoolExecutor(8),
@@ -121,8 +126,14 @@ def _grpc_receiver(cert_dir: str, limit: int, chunk_bytes: int, ready: Any, stop
         "SendStream": grpc.stream_unary_rpc_method_handler(stream),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("p2pl.Peer", handlers),))
-    creds = grpc.ssl_server_credentials([(tls.key, tls.cert)], root_certificates=tls.ca_cert, require_client_auth=True)
-    ready.put(server.add_secure_port("127.0.0.1:0", creds))
+    if cert_dir is None:
+        ready.put(server.add_insecure_port("127.0.0.1:0"))
+    else:
+        tls = certs.load_tls_config(Path(cert_dir), "dev-b")
+        creds = grpc.ssl_server_credentials(
+            [(tls.key, tls.cert)], root_certificates=tls.ca_cert, require_client_auth=True
+        )
+        ready.put(server.add_secure_port("127.0.0.1:0", creds))
     server.start()
     stop.get()
     server.stop(0)
@@ -168,8 +179,9 @@ class Link:
         if path in ("tcp", "tls"):
             args: tuple[Any, ...] = (len(self.message), str(cert_dir) if path == "tls" else None, ready)
             self.proc = ctx.Process(target=_socket_receiver, args=args)
-        elif path == "grpc":
-            self.proc = ctx.Process(target=_grpc_receiver, args=(str(cert_dir), limit, chunk_bytes, ready, self._stop))
+        elif path in ("grpc", "grpc-plain"):
+            where = str(cert_dir) if path == "grpc" else None
+            self.proc = ctx.Process(target=_grpc_receiver, args=(where, limit, chunk_bytes, ready, self._stop))
         else:
             self.proc = ctx.Process(target=_p2pl_receiver, args=(str(cert_dir), model, chunk_bytes, ready, self._stop))
         self.proc.start()
@@ -192,8 +204,8 @@ class Link:
 
             self.send_one = send_socket
         else:
-            tls = certs.load_tls_config(cert_dir, "dev-a")
-            self.client = PeerClient("dev-a", tls, limit, chunk_bytes=chunk_bytes)
+            tls = certs.load_tls_config(cert_dir, "dev-a") if path != "grpc-plain" else None
+            self.client = PeerClient("dev-a", tls, limit, chunk_bytes=chunk_bytes, insecure=tls is None)
             address = f"127.0.0.1:{port}"
 
             def send_grpc() -> None:
@@ -328,7 +340,7 @@ def bench(model: str, repeats: int, seconds: float, cert_dir: Path, chunk_bytes:
     row |= {f"{p}_ms_per_msg": round(m, 4) for p, m in ms.items()}
     row |= {f"{p}_MBps": round(v, 1) for p, v in mbps.items()}
     row |= {f"{p}_cpu_ms_per_msg (both ends)": round(1e3 * statistics.median(v), 4) for p, v in cpu_per_message.items()}
-    row |= {f"p2pl_over_{p}_throughput": round(mbps["p2pl"] / mbps[p], 3) for p in ("tcp", "tls", "grpc")}
+    row |= {f"p2pl_over_{p}_throughput": round(mbps["p2pl"] / mbps[p], 3) for p in PATHS[:-1]}
     row |= {k: round(v, 4) for k, v in breakdown(model).items()}
     return row
 
