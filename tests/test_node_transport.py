@@ -586,3 +586,49 @@ def test_compressed_payload_round_trips_through_the_transport(net, pki, method, 
     received = compressor.decode({n: t.unsqueeze(0) for n, t in got.tensors.items()}, [0], 3, 0)
     expected = compressor.decode({n: t.unsqueeze(0) for n, t in arrays.items()}, [0], 3, 0)
     assert torch.equal(received.values, expected.values)
+
+
+def test_a_stalled_stream_is_cancelled_and_a_sender_holds_few_streams(net, pki, monkeypatch):
+    """A neighbour that sends a stream's first chunk and stalls holds one server thread only
+    until the stream's deadline, and at most MAX_STREAMS_PER_SENDER of them at once."""
+    from p2pl.node import transport
+    from p2pl.node.chunks import MIN_CHUNK_BYTES, split
+    from p2pl.node.transport import SEND_STREAM_METHOD
+
+    monkeypatch.setattr(transport, "STREAM_GRACE_S", 1.0)
+    big = {"w": torch.zeros(50, 100), "b": torch.zeros(50)}
+    spec = ModelSpec.from_tensors(big)
+    box = Mailbox()
+    srv = PeerServer("dev-b", "127.0.0.1:0", pki["dev-b"], box, spec, spec.max_message_bytes(),
+                     chunk_bytes=MIN_CHUNK_BYTES)  # fmt: skip
+    srv.start()
+    net.servers.append(srv)
+    release = threading.Event()
+
+    def stalled(round: int) -> Iterator[bytes]:
+        chunks = split(wire.encode(MessageHeader("params", "dev-a", round, 0, spec.fingerprint), big), MIN_CHUNK_BYTES)
+        yield next(chunks)
+        release.wait(10)  # then nothing: the stream stays open
+        yield from chunks
+
+    creds = grpc.ssl_channel_credentials(pki["dev-a"].ca_cert, pki["dev-a"].key, pki["dev-a"].cert)
+    with grpc.secure_channel(srv.address, creds, options=[("grpc.ssl_target_name_override", "dev-b")]) as channel:
+        stream = channel.stream_unary(SEND_STREAM_METHOD)
+        held = [stream.future(stalled(r), timeout=20) for r in (0, 1)]
+        deadline = time.monotonic() + 10
+        while srv._streams["dev-a"] < 2 and time.monotonic() < deadline:  # both admitted, stalled
+            time.sleep(0.02)
+        assert stream(stalled(2), timeout=TIMEOUT).startswith(b"rejected: dev-a already has 2 streams in flight")
+        for call in held:  # the watchdog cancels them, long before the client's own 20 s deadline
+            with pytest.raises(grpc.RpcError) as info:
+                call.result()
+            assert info.value.code() == grpc.StatusCode.CANCELLED
+        release.set()
+        message = wire.encode(MessageHeader("params", "dev-a", 3, 0, spec.fingerprint), big)
+        assert stream(split(message, MIN_CHUNK_BYTES), timeout=TIMEOUT) == b"ok"  # slots freed
+    deadline = time.monotonic() + 10  # the server threads finish after the client saw CANCELLED
+    while srv.stats().get("send.rejected.slow", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    stats = srv.stats()
+    assert stats["send.rejected.busy"] == 1 and stats["send.rejected.slow"] == 2
+    assert box.get("params", 3, 0, "dev-a") is not None and len(box) == 1

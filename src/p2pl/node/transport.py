@@ -15,6 +15,8 @@ Service ``p2pl.Peer`` (generic handlers; request and response are plain ``bytes`
     announced. The sender, the mailbox and the announced size are checked on the first chunk,
     before that buffer exists; gRPC itself refuses any single message over one chunk (plus
     GRPC_SLACK_BYTES), so a unary ``Send`` cannot make the server buffer a large message either.
+    An admitted stream runs against a deadline and takes one of its sender's few stream slots
+    (STREAM_GRACE_S, STREAM_MIN_BYTES_PER_S, MAX_STREAMS_PER_SENDER).
 ``Fetch(request) -> message``
     Pull: ``request`` is a payload-free wire message (e.g. kind ``sync-fetch``), authenticated
     and validated like Send; the runtime's ``fetch_handler(request_message)`` returns the encoded
@@ -111,6 +113,12 @@ ACK_REJECTED_PREFIX = b"rejected: "
 #: gRPC's own size limit is max_message_bytes + this slack, so slightly oversized messages reach
 #: wire.decode (rejected with a logged reason) while huge ones are cut off by gRPC itself.
 GRPC_SLACK_BYTES = 64 * 1024
+#: A chunked message must arrive within STREAM_GRACE_S plus its size at STREAM_MIN_BYTES_PER_S,
+#: or the server cancels it, and a sender may have at most MAX_STREAMS_PER_SENDER admitted streams
+#: in flight: a neighbour that stalls mid-stream cannot hold the server's threads.
+STREAM_GRACE_S = 30.0
+STREAM_MIN_BYTES_PER_S = 256 * 1024
+MAX_STREAMS_PER_SENDER = 2
 #: Fetch requests carry no tensors.
 MAX_FETCH_REQUEST_BYTES = PREFIX_SIZE + MAX_HEADER_BYTES
 
@@ -192,6 +200,7 @@ class PeerServer:
         self._port: int | None = None
         self._lock = threading.Lock()
         self._counters: Counter[str] = Counter()
+        self._streams: Counter[str] = Counter()  # admitted streams in flight, per sender
         self._log_budget = LogBudget()
 
     # --------------------------------------------------------------------------- lifecycle
@@ -316,19 +325,48 @@ class PeerServer:
             raise _Rejected("invalid", str(exc), grpc.StatusCode.INVALID_ARGUMENT) from None
 
     def _receive_stream(self, chunks: Iterator[bytes], context: grpc.ServicerContext) -> Message:
-        """A chunked message: admitted on its first chunk, reassembled, then decoded in place."""
+        """A chunked message: admitted on its first chunk, reassembled, then decoded in place.
+        Once admitted it holds one of its sender's stream slots and runs against a deadline."""
+        watchdog: threading.Timer | None = None
+        sender: str | None = None
+        too_slow = threading.Event()
+
+        def cancel() -> None:
+            too_slow.set()
+            context.cancel()
+
+        def admit(header: MessageHeader, total: int) -> None:
+            nonlocal watchdog, sender
+            self._admit(header, total, context, self.max_message_bytes, store=True)
+            with self._lock:
+                if self._streams[header.sender] >= MAX_STREAMS_PER_SENDER:
+                    why = f"{header.sender} already has {MAX_STREAMS_PER_SENDER} streams in flight"
+                    raise _Rejected("busy", why, grpc.StatusCode.RESOURCE_EXHAUSTED)
+                self._streams[header.sender] += 1
+            sender = header.sender
+            watchdog = threading.Timer(STREAM_GRACE_S + total / STREAM_MIN_BYTES_PER_S, cancel)
+            watchdog.daemon = True
+            watchdog.start()
+
         try:
-            assembler = Reassembler(
-                lambda header, total: self._admit(header, total, context, self.max_message_bytes, store=True),
-                self.chunk_bytes,
-            )
+            assembler = Reassembler(admit, self.chunk_bytes)
             for chunk in chunks:
                 assembler.add(chunk)
             buffer = assembler.finish()
             assert assembler.header is not None  # finish() refuses a stream without one
             return decode_payload(assembler.header, buffer, self.spec, self.max_message_bytes)
-        except WireError as exc:
-            raise _Rejected("invalid", str(exc), grpc.StatusCode.INVALID_ARGUMENT) from None
+        except (WireError, grpc.RpcError) as exc:  # an RpcError: the stream was cancelled
+            if too_slow.is_set():
+                raise _Rejected("slow", "stream too slow: cancelled", grpc.StatusCode.CANCELLED) from None
+            if isinstance(exc, WireError):
+                raise _Rejected("invalid", str(exc), grpc.StatusCode.INVALID_ARGUMENT) from None
+            raise _Rejected("stream", "stream cancelled by the sender", grpc.StatusCode.CANCELLED) from None
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+            if sender is not None:
+                with self._lock:
+                    self._streams[sender] -= 1
 
     def _handle_send(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         self._count("send.received")
