@@ -369,7 +369,8 @@ class MessageHeader:
 @dataclass(frozen=True)
 class Message:
     """A decoded, validated message. ``tensors`` is None for kinds without payload, otherwise
-    a ``{name: tensor}`` dict in the spec's order (fresh CPU tensors owned by the caller)."""
+    a ``{name: tensor}`` dict in the spec's order: CPU views over the message's own received
+    buffer (no other message shares it), which they keep alive."""
 
     header: MessageHeader
     tensors: dict[str, torch.Tensor] | None
