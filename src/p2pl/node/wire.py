@@ -369,8 +369,8 @@ class MessageHeader:
 @dataclass(frozen=True)
 class Message:
     """A decoded, validated message. ``tensors`` is None for kinds without payload, otherwise
-    a ``{name: tensor}`` dict in the spec's order: CPU views over the message's own received
-    buffer (no other message shares it), which they keep alive."""
+    a ``{name: tensor}`` dict in the spec's order: CPU views over the buffer :func:`decode` was
+    given (or over its one copy of read-only bytes), which they keep alive."""
 
     header: MessageHeader
     tensors: dict[str, torch.Tensor] | None
