@@ -424,3 +424,25 @@ def test_decode_without_spec_bounds_the_payload_header_it_parses():
     bomb = _header_bomb(20_000)
     with pytest.raises(WireError, match=r"payload header of \d+ bytes exceeds the limit of 1048576 bytes"):
         wire.decode(bomb, None, max_bytes=len(bomb))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_finiteness_is_checked_for_every_float_dtype(dtype):
+    t = {"a": torch.linspace(-3, 3, 9, dtype=dtype), "b": torch.ones(2, 2, dtype=dtype)}
+    spec = ModelSpec.from_tensors(t)
+    header = _header(fingerprint=spec.fingerprint)
+    msg = wire.decode(wire.encode(header, t), spec)
+    assert msg.tensors is not None and all(torch.equal(msg.tensors[n], v) for n, v in t.items())
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        worse = {"a": t["a"].clone(), "b": t["b"].clone()}
+        worse["b"][1, 0] = bad
+        with pytest.raises(WireError, match="non-finite values in tensor 'b'"):
+            wire.encode(header, worse)
+        payload = st_save(worse)  # another encoder's layout: parsed and checked per tensor
+        with pytest.raises(WireError, match="tensor 'b' contains NaN or infinite values"):
+            wire.decode(_raw(_good_header_dict(payload, fingerprint=spec.fingerprint), payload), spec)
+        canonical = bytearray(wire.encode(header, t))  # ours: checked in one pass per float run
+        at = len(canonical) - spec.layout.payload_bytes + spec.layout.starts[1] + 2 * dtype.itemsize
+        canonical[at : at + dtype.itemsize] = torch.tensor([bad], dtype=dtype).view(torch.uint8).numpy().tobytes()
+        with pytest.raises(WireError, match="tensor 'b' contains NaN or infinite values"):
+            wire.decode(canonical, spec)
