@@ -237,6 +237,11 @@ EXAMPLES: dict[str, tuple[list[Step] | Elsewhere, Check | None, str]] = {
         _has("runs/sweep/results.csv"),
         "",
     ),
+    "p2pl compare --compress top-k,quantize,choco --out runs/compress": (
+        [["compare", "--compress", "top-k,quantize,choco", "--out", "runs/compress", *SMALL, "--quiet"]],
+        _has("runs/compress/bytes.png", "runs/compress/p2pl-choco/rounds.csv"),
+        "",
+    ),
     "p2pl compare --seeds 3 --out runs/compare3": (
         [["compare", "--seeds", "3", "--out", "runs/compare3", *SMALL]],
         _has("runs/compare3/accuracy.png"),

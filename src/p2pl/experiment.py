@@ -14,7 +14,7 @@ from p2pl.algorithms import Algorithm, make_algorithm
 from p2pl.algorithms.base import Setting
 from p2pl.config import ExperimentConfig, config_to_dict, dumps_config
 from p2pl.core.adversary import Adversary, flip_labels, place_attackers
-from p2pl.core.compress import Compression, check_compression
+from p2pl.core.compress import Compression, check_compression, incompressible
 from p2pl.core.optim import OPTIMIZERS
 from p2pl.core.params import ParamSpec, init_device_params
 from p2pl.core.reference import ReferenceTrainer
@@ -133,10 +133,14 @@ def lossy_links(cfg: ExperimentConfig) -> str:
     return ""
 
 
-def _compression(cfg: ExperimentConfig, spec: ParamSpec, uses_graph: bool) -> Compression | None:
+def _with_compression(cfg: ExperimentConfig, spec: ParamSpec, algorithm: Algorithm, setting: Setting) -> Setting:
+    """``setting`` with the run's compression, refused where the algorithm has no gossip for it."""
     compression = Compression.of(cfg.compression, spec.numels)
-    check_compression(compression, lossy_links=lossy_links(cfg), uses_gossip=uses_graph)
-    return compression if compression.active else None
+    if not compression.active:
+        return setting
+    why = incompressible(algorithm.cooperation(setting))
+    check_compression(compression, lossy_links=lossy_links(cfg), incompressible=why)
+    return replace(setting, compression=compression)
 
 
 def build_experiment(cfg: ExperimentConfig) -> Experiment:
@@ -174,8 +178,8 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         sync=cfg.sync,
         model_bytes=spec.nbytes,
         adversary=adversary,
-        compression=_compression(cfg, spec, algorithm.uses_graph),
     )
+    setting = _with_compression(cfg, spec, algorithm, setting)
     if n > 1 and not algorithm.uses_graph and cfg.links.mobility_speed > 0:
         raise P2PLError(f"links.mobility_speed applies to P2PL's device graph, not to {algorithm.name!r}")
     return Experiment(cfg, algorithm, dataset, parts, model, spec, topology, setting)

@@ -189,10 +189,12 @@ def plot_accuracy_bytes(
     FigureCanvasAgg(fig)
     by_round, by_bytes = fig.subplots(1, 2, sharey=True)
     for i, (name, c) in enumerate(curves.items()):
-        by_round.plot(c["round"], 100 * c["mean"], color=f"C{i}", label=name)
+        width = 3.0 if i == 0 else 1.5  # the first run (the reference) drawn wide: others may lie on it
+        by_round.plot(c["round"], 100 * c["mean"], color=f"C{i}", linewidth=width, label=name)
         sends = c["mb"] > 0
         if sends.any():
-            by_bytes.plot(c["mb"][sends], 100 * c["mean"][sends], color=f"C{i}", marker=".", markersize=3, label=name)
+            by_bytes.plot(c["mb"][sends], 100 * c["mean"][sends], color=f"C{i}", linewidth=width, marker=".",
+                          markersize=3, label=name)  # fmt: skip
     by_round.set_xlabel("round")
     by_round.set_ylabel("mean device test accuracy (%)")
     by_bytes.set_xlabel("MB sent per device (log scale)")

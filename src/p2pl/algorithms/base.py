@@ -50,6 +50,7 @@ class Setting:
     compression: Compression | None = None  # what a gossip message carries (None: the plain row)
 
     def facts(self) -> NetworkFacts:
+        # model_bytes is the float32 row: 4 bytes per parameter
         message = message_layout(self.compression, self.model_bytes // 4).nbytes if self.compression else 0
         return NetworkFacts(
             self.data_sizes, self.weights, self.consensus.max_size_ratio, self.model_bytes, self.adversary,

@@ -102,11 +102,17 @@ def _one_seed(
         curves[name] = accuracy_curves(result.history)
         per_byte[name] = bytes_curves(result.history, float(result.summary.get("sync_bytes_per_device", 0.0)))
     console.print(summary_table(summaries, title=f"{base.devices} devices, {base.data.name}, {base.rounds} rounds"))
-    plot_accuracy_bytes(per_byte, directory / "bytes.png", title=figure_title(base, 1).replace("\n", "; ", 1),
-                        caption=BYTES_CAPTION)  # fmt: skip
+    plot_accuracy_bytes(per_byte, directory / "bytes.png", title=bytes_title(base), caption=BYTES_CAPTION)
     console.print(f"accuracy against rounds and MB sent per device: {directory}/bytes.png")
     finals = {n: {w: [s["final"]["accuracy"][w]] for w in ("mean", "min")} for n, s in summaries.items()}
     return curves, finals
+
+
+def bytes_title(cfg: ExperimentConfig) -> str:
+    c = cfg.compression
+    return (f"Accuracy per byte: {cfg.devices} devices, {cfg.data.name} ({cfg.partition.scheme}), "
+            f"{cfg.topology.name} graph, {cfg.rounds} rounds; compression ratio {c.ratio:g}, "
+            f"bits {c.bits or 'default'}, choco gamma {c.gamma:g}")  # fmt: skip
 
 
 BYTES_CAPTION = (

@@ -46,8 +46,8 @@ import numpy as np
 import torch
 
 from p2pl.config import CompressionConfig
-from p2pl.core.cooperate import Gossip, Neighbourhoods, gossip
-from p2pl.core.rng import numpy_generator
+from p2pl.core.cooperate import Cooperation, Gossip, Neighbourhoods, gossip
+from p2pl.core.rng import derive_seed
 from p2pl.errors import P2PLError, choose
 
 METHODS = ("none", "top-k", "random-k", "quantize", "choco")
@@ -145,21 +145,22 @@ class MessageLayout:
         return tuple(a.name for a in self.arrays)
 
 
-def _groups(compression: Compression, n: int, over_params: bool) -> np.ndarray:
-    """The quantization group of each of ``n`` values: blocks, or model tensors (``over_params``:
-    the values are the P parameters in model order, as ``quantize`` sends them)."""
+def _groups(compression: Compression, n: int, over_params: bool) -> tuple[int, ...]:
+    """The sizes of the consecutive quantization groups of ``n`` values: blocks, or model tensors
+    (``over_params``: the values are the P parameters in model order, as ``quantize`` sends them)."""
     if compression.granularity == "tensor" and over_params and compression.segments:
         if sum(compression.segments) != n:
             raise P2PLError(f"compression segments cover {sum(compression.segments)} parameters, the model has {n}")
-        return np.repeat(np.arange(len(compression.segments)), compression.segments).astype(np.int64)
-    return np.arange(n, dtype=np.int64) // compression.block_size
+        return tuple(compression.segments)
+    full, rest = divmod(n, compression.block_size)
+    return (compression.block_size,) * full + ((rest,) if rest else ())
 
 
 def _value_arrays(compression: Compression, n: int, over_params: bool) -> tuple[ArraySpec, ...]:
     bits = compression.value_bits
     if bits == 32:
         return (ArraySpec("values", "float32", (n,)),)
-    groups = int(_groups(compression, n, over_params)[-1]) + 1 if n else 0
+    groups = len(_groups(compression, n, over_params))
     codes = ArraySpec("codes", "int8", (n,)) if bits == 8 else ArraySpec("codes", "uint8", ((n + 1) // 2,))
     return codes, ArraySpec("scales", "float32", (groups,))
 
@@ -187,24 +188,51 @@ def message_layout(compression: Compression, num_params: int) -> MessageLayout:
 # ------------------------------------------------------------------------ keyed random draws
 
 
-def _generators(
-    seed: int, device_ids: Sequence[int] | np.ndarray, round_index: int, step: int
-) -> list[np.random.Generator]:
-    return [numpy_generator(seed, _PURPOSE, round_index, step, int(d)) for d in device_ids]
+class KeyedDraws:
+    """The random draws of the rows of ``device_ids`` in consensus step ``step`` of ``round_index``.
 
+    Row ``d`` draws from Philox, a counter-based generator, with the 128-bit key
+    (``derive_seed(seed, "compress", round, step)``, d) and the stream (0: random-k's indices,
+    1: stochastic rounding) in its counter's top word: the same numbers whichever rows are drawn
+    together, so a node's one row draws what the simulator draws for it. One bit generator is
+    reused, its state set per row (building a generator per row cost 3x more)."""
 
-def random_indices(num_params: int, k: int, gens: Sequence[np.random.Generator]) -> torch.Tensor:
-    """random-k: each row's k coordinates (sorted), the first draw of its keyed generator."""
-    if k >= num_params:
-        return torch.arange(num_params, dtype=torch.int64).expand(len(gens), num_params).clone()
-    rows = [np.sort(g.choice(num_params, size=k, replace=False)) for g in gens]
-    return torch.from_numpy(np.stack(rows).astype(np.int64)) if rows else torch.zeros(0, k, dtype=torch.int64)
+    def __init__(self, seed: int, device_ids: Sequence[int] | np.ndarray, round_index: int, step: int) -> None:
+        self.base = np.uint64(derive_seed(seed, _PURPOSE, round_index, step))
+        self.device_ids = [int(d) for d in device_ids]
+        self._bits = np.random.Philox(key=0)
+        self._gen = np.random.Generator(self._bits)
 
+    def _row(self, device: int, stream: int) -> np.random.Generator:
+        self._bits.state = {
+            "bit_generator": "Philox",
+            "state": {
+                "counter": np.array([0, 0, 0, stream], dtype=np.uint64),
+                "key": np.array([self.base, device], dtype=np.uint64),
+            },
+            "buffer": np.zeros(4, dtype=np.uint64),
+            "buffer_pos": 4,
+            "has_uint32": 0,
+            "uinteger": 0,
+        }
+        return self._gen
 
-def _uniforms(n: int, gens: Sequence[np.random.Generator]) -> torch.Tensor:
-    if not gens:
-        return torch.zeros(0, n)
-    return torch.from_numpy(np.stack([g.random(n, dtype=np.float32) for g in gens]))
+    def indices(self, num_params: int, k: int) -> torch.Tensor:
+        """random-k: each row's k coordinates, sorted (int64 [R, k])."""
+        r = len(self.device_ids)
+        if k >= num_params:
+            return torch.arange(num_params, dtype=torch.int64).expand(r, num_params).clone()
+        out = np.empty((r, k), dtype=np.int64)
+        for row, device in zip(out, self.device_ids, strict=True):
+            row[:] = np.sort(self._row(device, 0).choice(num_params, size=k, replace=False))
+        return torch.from_numpy(out)
+
+    def uniforms(self, n: int) -> torch.Tensor:
+        """Stochastic rounding: n uniforms in [0, 1) per row (float32 [R, n])."""
+        out = np.empty((len(self.device_ids), n), dtype=np.float32)
+        for row, device in zip(out, self.device_ids, strict=True):
+            self._row(device, 1).random(dtype=np.float32, out=row)
+        return torch.from_numpy(out)
 
 
 # ------------------------------------------------------------------------------- quantization
@@ -214,18 +242,28 @@ def _levels(bits: int) -> int:
     return 2 ** (bits - 1) - 1  # symmetric signed levels: 127 at 8 bits, 7 at 4 bits
 
 
-def quantize(values: torch.Tensor, groups: np.ndarray, bits: int, uniforms: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Stochastic rounding of ``values [R, n]`` to ``bits`` with one absmax scale per group:
-    ``codes`` (int8 [R, n], or uint8 [R, ceil(n/2)] at 4 bits) and ``scales`` (float32 [R, G])."""
+def _per_value(per_group: torch.Tensor, groups: tuple[int, ...]) -> torch.Tensor:
+    """[R, G] -> [R, n]: each group's value repeated over its values."""
+    size = groups[0] if groups else 0
+    if all(g == size for g in groups[:-1]) and groups[-1] <= size:  # blocks: a broadcast view, one copy
+        r, g = per_group.shape
+        return per_group.unsqueeze(2).expand(r, g, size).reshape(r, g * size)[:, : sum(groups)]
+    return torch.repeat_interleave(per_group, torch.tensor(groups), dim=1)
+
+
+def quantize(
+    values: torch.Tensor, groups: tuple[int, ...], bits: int, uniforms: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Stochastic rounding of ``values [R, n]`` to ``bits`` with one absmax scale per group of
+    consecutive values (``groups``: their sizes): ``codes`` (int8 [R, n], or uint8 [R, ceil(n/2)]
+    at 4 bits) and ``scales`` (float32 [R, G])."""
     r, n = values.shape
     levels = _levels(bits)
-    g = torch.from_numpy(groups)
-    num_groups = int(groups[-1]) + 1 if n else 0
-    absmax = torch.zeros(r, num_groups, dtype=torch.float32).scatter_reduce_(
-        1, g.expand(r, n), values.abs().float(), "amax", include_self=True
-    )
+    values = values.float()
+    parts = torch.split(values.abs(), list(groups), dim=1)
+    absmax = torch.stack([part.amax(dim=1) for part in parts], dim=1) if parts else torch.zeros(r, 0)
     inverse = torch.where(absmax > 0, levels / absmax.clamp_min(1e-38), torch.zeros_like(absmax))
-    codes = torch.floor(values.float() * inverse[:, g] + uniforms).clamp_(-levels, levels)
+    codes = torch.floor(values * _per_value(inverse, groups) + uniforms).clamp_(-levels, levels)
     scales = absmax / levels
     if bits == 8:
         return {"codes": codes.to(torch.int8), "scales": scales}
@@ -235,16 +273,16 @@ def quantize(values: torch.Tensor, groups: np.ndarray, bits: int, uniforms: torc
     return {"codes": nibbles[:, 0::2] | (nibbles[:, 1::2] << 4), "scales": scales}
 
 
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, groups: np.ndarray, bits: int) -> torch.Tensor:
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, groups: tuple[int, ...], bits: int) -> torch.Tensor:
     """float32 [R, n] from :func:`quantize`'s arrays (4-bit codes decode to -8..7 x scale)."""
-    n = len(groups)
+    n = sum(groups)
     if bits == 8:
         levels = codes.to(torch.float32)
     else:
         packed = codes.to(torch.int16)
         both = torch.stack([packed & 0x0F, packed >> 4], dim=2).reshape(codes.shape[0], -1)[:, :n]
         levels = (both - 8).to(torch.float32)
-    return levels * scales[:, torch.from_numpy(groups)]
+    return levels * _per_value(scales, groups)
 
 
 # ------------------------------------------------------------------------------ the compressor
@@ -295,12 +333,12 @@ class Compressor:
 
     # -- encode / decode -----------------------------------------------------------------------
 
-    def _values_arrays(self, values: torch.Tensor, gens: Sequence[np.random.Generator]) -> dict[str, torch.Tensor]:
+    def _values_arrays(self, values: torch.Tensor, draws: KeyedDraws) -> dict[str, torch.Tensor]:
         bits = self.compression.value_bits
         if bits == 32:
             return {"values": values.float().contiguous()}
         assert self._value_groups is not None
-        return quantize(values, self._value_groups, bits, _uniforms(values.shape[1], gens))
+        return quantize(values, self._value_groups, bits, draws.uniforms(values.shape[1]))
 
     def _values_of(self, arrays: Mapping[str, torch.Tensor]) -> torch.Tensor:
         bits = self.compression.value_bits
@@ -316,29 +354,35 @@ class Compressor:
         """The messages of ``rows [R, P]`` (the rows as sent) as arrays ``[R, ...]`` laid out as
         :func:`message_layout` says; updates the sender state of the rows in ``senders`` (bool
         [R], default all: a device that sends nothing keeps its state)."""
+        return self._encode(rows, device_ids, round_index, step, senders)[0]
+
+    def _encode(
+        self, rows: torch.Tensor, device_ids: Sequence[int] | np.ndarray, round_index: int, step: int,
+        senders: np.ndarray | None,
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:  # fmt: skip
+        """:meth:`encode`, and the indices sent (None when every coordinate is)."""
         c = self.compression
         rows = rows.detach().float()
-        gens = _generators(self.seed, device_ids, round_index, step)
+        draws = KeyedDraws(self.seed, device_ids, round_index, step)
         if not c.active:
-            return {"values": rows.contiguous()}
+            return {"values": rows.contiguous()}, None
         if c.method == "quantize":
-            return self._values_arrays(rows, gens)
+            return self._values_arrays(rows, draws), None
         if c.method == "random-k":
-            indices = random_indices(self.num_params, self.k, gens)
-            return self._values_arrays(rows.gather(1, indices), gens)
+            indices = draws.indices(self.num_params, self.k)
+            return self._values_arrays(rows.gather(1, indices), draws), indices
         assert self.state is not None, "Compressor.start was not called"
         base = self.state
         delta = rows - base
         indices = torch.topk(delta.abs(), self.k, dim=1, sorted=False).indices.sort(dim=1).values
         chosen = delta if c.method == "choco" else rows
-        arrays = {"indices": indices.to(torch.int32), **self._values_arrays(chosen.gather(1, indices), gens)}
+        arrays = {"indices": indices.to(torch.int32), **self._values_arrays(chosen.gather(1, indices), draws)}
         sent = self._values_of(arrays)
-        updated = apply_sparse(base, indices, sent, add=c.method == "choco")
         if senders is not None and not bool(np.all(senders)):
-            keep = torch.from_numpy(~np.asarray(senders, dtype=bool))
-            updated[keep] = base[keep]
-        self.state = updated
-        return arrays
+            quiet = torch.from_numpy(~np.asarray(senders, dtype=bool))  # sent nothing: state unchanged
+            sent = torch.where(quiet.unsqueeze(1), 0.0 if c.method == "choco" else base.gather(1, indices), sent)
+        self.state = apply_sparse(base, indices, sent, add=c.method == "choco", inplace=True)
+        return arrays, indices
 
     def decode(
         self, arrays: Mapping[str, torch.Tensor], device_ids: Sequence[int] | np.ndarray, round_index: int, step: int
@@ -346,16 +390,20 @@ class Compressor:
         """Rows of messages (arrays ``[R, ...]``) back to dense values; stateless. Indices must be
         strictly increasing within [0, P) (a payload that breaks this raises P2PLError)."""
         c = self.compression
-        r, p = len(device_ids), self.num_params
+        p = self.num_params
         if not c.active:
             return Decoded(arrays["values"].float(), None, None)
         if c.method == "quantize":
             return Decoded(self._values_of(arrays), None, None)
         if c.method == "random-k":
-            indices = random_indices(p, self.k, _generators(self.seed, device_ids, round_index, step))
+            indices = KeyedDraws(self.seed, device_ids, round_index, step).indices(p, self.k)
         else:
             indices = arrays["indices"].to(torch.int64)
             check_indices(indices, p)
+        return self._sparse(arrays, indices)
+
+    def _sparse(self, arrays: Mapping[str, torch.Tensor], indices: torch.Tensor) -> Decoded:
+        r, p = indices.shape[0], self.num_params
         values = torch.zeros(r, p, dtype=torch.float32).scatter_(1, indices, self._values_of(arrays))
         mask = torch.zeros(r, p, dtype=torch.bool).scatter_(1, indices, True)
         return Decoded(values, indices, mask)
@@ -369,11 +417,12 @@ class Compressor:
         """What receivers use of the rows ``[R, P]`` these devices send: (rows, sent mask or None).
         choco: the senders' public copies after this step's update (every receiver adds the same
         q to its copy, so the copy is the same everywhere)."""
-        arrays = self.encode(rows, device_ids, round_index, step, senders)
+        arrays, indices = self._encode(rows, device_ids, round_index, step, senders)
         if self.compression.method == "choco":
             assert self.state is not None
             return self.state, None
-        decoded = self.decode(arrays, device_ids, round_index, step)
+        # what decode would give receivers, without drawing random-k's indices a second time
+        decoded = self._sparse(arrays, indices) if indices is not None else self.decode(arrays, device_ids, 0, 0)
         return decoded.values, decoded.mask
 
     def own(self, rows: torch.Tensor) -> torch.Tensor:
@@ -401,10 +450,13 @@ def check_indices(indices: torch.Tensor, num_params: int) -> None:
         raise P2PLError("compressed message indices are not strictly increasing")
 
 
-def apply_sparse(base: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, add: bool) -> torch.Tensor:
-    """``base`` with ``values`` written (or, ``add``, added) at ``indices`` per row (a new tensor).
-    The one update of top-k's memory and of every choco copy, so senders and receivers agree."""
-    out = base.clone()
+def apply_sparse(
+    base: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, add: bool, inplace: bool = False
+) -> torch.Tensor:
+    """``base`` with ``values`` written (or, ``add``, added) at ``indices`` per row (a new tensor
+    unless ``inplace``). The one update of top-k's memory and of every choco copy, so senders and
+    receivers agree."""
+    out = base if inplace else base.clone()
     if add:
         return out.scatter_add_(1, indices, values)
     return out.scatter_(1, indices, values)
@@ -425,16 +477,30 @@ def compressed_gossip(
     return compressor.finish(rows, mixed)
 
 
-def check_compression(compression: Compression, *, lossy_links: str = "", uses_gossip: bool = True) -> None:
-    """Refuse settings where compression makes no sense: no gossip stage to compress (FedAvg,
-    centralized, local), or choco where messages are lost by design (``lossy_links`` names why:
-    CHOCO's copies stay equal only if every message arrives)."""
+def incompressible(coop: Cooperation) -> str:
+    """Why ``coop`` has nothing compression applies to ("" when it can be compressed): it needs
+    gossip stages in which every device sends to all its live neighbours, once after local
+    training (FedAvg's server mean, centralized and local have none)."""
+    if not coop.stages:
+        return "it does not communicate"
+    if getattr(coop, "every_local_step", False):
+        return "it mixes after every local step"
+    for stage in coop.stages:
+        if not isinstance(stage, Gossip) or getattr(stage, "peers", "all") != "all":
+            return f"it cooperates by {type(stage).__name__}, not by gossip with every live neighbour"
+    return ""
+
+
+def check_compression(compression: Compression, *, lossy_links: str = "", incompressible: str = "") -> None:
+    """Refuse settings where compression makes no sense: an algorithm without gossip to compress
+    (``incompressible`` says why, see :func:`incompressible`), or choco where messages are lost
+    by design (``lossy_links`` names why: CHOCO's copies stay equal only if every message arrives)."""
     if not compression.active:
         return
-    if not uses_gossip:
+    if incompressible:
         raise P2PLError(
-            f"compression.method = {compression.method!r} compresses gossip between neighbours; this algorithm "
-            "has none: set compression.method = 'none' or algorithm = 'p2pl'"
+            f"compression.method = {compression.method!r} compresses P2PL's gossip, but this algorithm has none "
+            f"({incompressible}): set compression.method = 'none' or algorithm = 'p2pl'"
         )
     if compression.method == "choco" and lossy_links:
         raise P2PLError(
@@ -450,13 +516,14 @@ __all__ = [
     "Compression",
     "Compressor",
     "Decoded",
+    "KeyedDraws",
     "MessageLayout",
     "apply_sparse",
     "check_compression",
     "check_indices",
     "compressed_gossip",
     "dequantize",
+    "incompressible",
     "message_layout",
     "quantize",
-    "random_indices",
 ]

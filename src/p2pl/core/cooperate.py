@@ -190,12 +190,39 @@ def _mean_filled(
     """The weighted mean where pool row m carries only the coordinates ``sent[m]`` and a receiver
     uses its own value elsewhere: ``W_nn θ_n + Σ_m W_nm (s_m v_m + (1 − s_m) θ_n)``, as two sparse
     products, ``Σ W (s ⊙ v)`` and ``Σ W s``, so no per-edge copy of the rows is made."""
+    total = np.bincount(hoods.dst, weights=hoods.weight, minlength=hoods.num_rows)
+    probe = sent[:64]  # the share sent, estimated from a few rows (it picks the faster path only)
+    if own.device.type == "cpu" and len(hoods.src) and int(probe.sum()) * 20 < probe.numel():
+        kept, heard = _sparse_sums(own, pool, hoods, sent)  # few coordinates sent: walk only those
+        # own-value weight: W_nn + Σ W (1 − s), in place over Σ W s
+        own_weight = torch.from_numpy(total + hoods.self_weight).to(own.dtype).unsqueeze(1)
+        return torch.addcmul(kept, own, heard.neg_().add_(own_weight))
     mask = sent.to(own.dtype)
     kept = _mean(own, pool * mask, hoods, stage)  # W_nn θ_n + Σ W s ⊙ v
     heard = _mean(torch.zeros_like(own), mask, hoods, stage)  # Σ W s
-    total = np.bincount(hoods.dst, weights=hoods.weight, minlength=hoods.num_rows)
-    unsent = torch.from_numpy(total).to(own.dtype).unsqueeze(1) - heard  # Σ W (1 − s)
+    unsent = torch.from_numpy(total).to(own.device, own.dtype).unsqueeze(1) - heard  # Σ W (1 − s)
     return torch.addcmul(kept, own, unsent)
+
+
+def _sparse_sums(
+    own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, sent: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ_m W_nm s_m ⊙ v_m, Σ_m W_nm s_m) from the sent entries alone: one scatter-add over
+    (edge, sent coordinate of its sender) pairs instead of two products over every coordinate."""
+    rows, cols = (t.numpy() for t in sent.nonzero(as_tuple=True))
+    count = np.bincount(rows, minlength=pool.shape[0])
+    start = np.concatenate([[0], np.cumsum(count)[:-1]])
+    per_edge = count[hoods.src]
+    edge = np.repeat(np.arange(len(hoods.src)), per_edge)
+    offset = np.arange(len(edge)) - np.repeat(np.cumsum(per_edge) - per_edge, per_edge)
+    entry = start[hoods.src][edge] + offset
+    dst = torch.from_numpy(hoods.dst[edge])
+    col = torch.from_numpy(cols[entry])
+    weight = torch.from_numpy(hoods.weight[edge]).to(own.dtype)
+    values = pool[torch.from_numpy(rows[entry]), col]
+    kept = torch.zeros_like(own).index_put_((dst, col), weight * values, accumulate=True)
+    heard = torch.zeros_like(own).index_put_((dst, col), weight, accumulate=True)
+    return kept, heard
 
 
 def _spread(run: Callable[[T], None], jobs: list[T], device: torch.device) -> None:
