@@ -52,8 +52,8 @@ T = TypeVar("T")
 #: A row whose L2 norm exceeds this multiple of its reference row's norm (or of 1) counts as
 #: exploding (``consensus.max_norm_ratio``): no honest step grows a model 1000-fold.
 MAX_NORM_RATIO = 1000.0
-#: Values one gathered block of a robust rule may hold (4M floats = 16 MB: stays in cache, and
-#: no large fresh allocation per chunk).
+#: Values one job of a robust rule reads (4M floats = 16 MB): bounds a gathered block on GPU and
+#: splits the work into jobs for every core.
 GATHER_BUDGET = 1 << 22
 #: Below this many receivers x pool rows, W is applied as one dense matmul.
 DENSE_MAX_CELLS = 256 * 256
@@ -176,8 +176,8 @@ def _mean(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: G
 
 
 def _spread(run: Callable[[T], None], jobs: list[T], device: torch.device) -> None:
-    """Run independent chunk jobs over every CPU core (numpy's sort and torch's gathers release
-    the GIL). Not torch's thread count: a run keeps torch at one thread for its many small
+    """Run independent chunk jobs over every CPU core (the compiled kernels and torch's gathers
+    release the GIL). Not torch's thread count: a run keeps torch at one thread for its many small
     training ops, while these chunks are large and independent."""
     workers = (os.cpu_count() or 1) if device.type == "cpu" else 1
     if workers > 1 and len(jobs) > 1:
@@ -188,16 +188,38 @@ def _spread(run: Callable[[T], None], jobs: list[T], device: torch.device) -> No
             run(job)
 
 
+def _cpu_arrays(*tensors: torch.Tensor) -> tuple[np.ndarray, ...] | None:
+    """Contiguous numpy views of CPU tensors for the compiled kernels (None off the CPU)."""
+    if any(t.device.type != "cpu" for t in tensors):
+        return None
+    return tuple(t.detach().contiguous().numpy() for t in tensors)
+
+
+def sorted_middle(
+    own: torch.Tensor, pool: torch.Tensor, rows: np.ndarray, neighbours: np.ndarray, lo: int, hi: int
+) -> torch.Tensor:
+    """:func:`p2pl.core.order_stats.middle_mean` in torch, for any device (the GPU path): gathers
+    ``[rows, P, n]`` (one coordinate's values contiguous) and sorts it."""
+    idx = torch.from_numpy(rows).to(own.device)
+    neighbour_rows = torch.from_numpy(neighbours).to(pool.device)
+    stack = torch.cat([own[idx].unsqueeze(2), pool[neighbour_rows].transpose(1, 2)], dim=2)
+    return stack.sort(dim=-1).values[..., lo:hi].mean(dim=-1)
+
+
 def _by_degree(
     own: torch.Tensor,
     pool: torch.Tensor,
     hoods: Neighbourhoods,
-    reduce: Callable[[torch.Tensor], torch.Tensor],
+    reduce: Callable[[int], tuple[int, int]],
 ) -> torch.Tensor:
-    """Apply ``reduce`` to every receiver's values sorted per coordinate, ``[rows, P, d + 1]`` (its
-    own row and its neighbours' rows), grouping receivers of equal degree, in chunks of at most
-    GATHER_BUDGET values spread over torch's CPU threads (numpy's sort releases the GIL)."""
-    out = torch.empty_like(own)
+    """Per receiver and coordinate, the mean of the sorted positions ``lo..hi-1`` of its ``d + 1``
+    values (its own row and its neighbours' rows), ``(lo, hi) = reduce(d + 1)``. Receivers of
+    equal degree are grouped, in jobs of at most GATHER_BUDGET values spread over every core.
+
+    On CPU a compiled kernel orders each receiver's values in a cache-sized buffer
+    (:mod:`p2pl.core.order_stats`); elsewhere (GPU) a gathered ``[rows, P, d + 1]`` block is
+    sorted by torch. Both give the same numbers (to float32 rounding of the mean)."""
+    out = torch.empty(own.shape, dtype=own.dtype, device=own.device)
     degree = hoods.degree
     p = max(own.shape[1], 1)
     jobs: list[np.ndarray] = []
@@ -205,24 +227,19 @@ def _by_degree(
         rows = np.flatnonzero(degree == d)
         chunk = max(1, GATHER_BUDGET // ((d + 1) * p))
         jobs += [rows[lo : lo + chunk] for lo in range(0, len(rows), chunk)]
+    arrays = _cpu_arrays(own, pool, out)
+    if arrays is not None:
+        # imported here: numba costs ~0.4 s at import, paid only by runs that use a robust rule
+        from p2pl.core.order_stats import middle_mean
 
     def run(part: np.ndarray) -> None:
         d = int(degree[part[0]])
-        idx = torch.from_numpy(part).to(own.device)
-        if d == 0:
-            out[idx] = own[idx]
-            return
-        cols = hoods.indptr[part][:, None] + np.arange(d)
-        neighbour_rows = torch.from_numpy(hoods.src[cols]).to(pool.device)
-        # [rows, P, d + 1] with one coordinate's values contiguous: numpy sorts many short rows
-        # several times faster than torch.sort does along any axis on CPU.
-        stack = torch.cat([own[idx].unsqueeze(2), pool[neighbour_rows].transpose(1, 2)], dim=2)
-        if stack.device.type == "cpu":
-            stack.numpy().sort(axis=-1)  # in place: no second copy of the block
-            ordered = stack
+        lo, hi = reduce(d + 1)
+        neighbours = hoods.src[hoods.indptr[part][:, None] + np.arange(d)]
+        if arrays is not None:
+            middle_mean(arrays[0], arrays[1], part, neighbours, lo, hi, arrays[2])
         else:
-            ordered = stack.sort(dim=-1).values
-        out[idx] = reduce(ordered)
+            out[torch.from_numpy(part).to(own.device)] = sorted_middle(own, pool, part, neighbours, lo, hi)
 
     _spread(run, jobs, own.device)
     return out
@@ -234,31 +251,34 @@ def trim_count(trim: float, size: int) -> int:
 
 
 def _trimmed_mean(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip) -> torch.Tensor:
-    def reduce(ordered: torch.Tensor) -> torch.Tensor:
-        size = ordered.shape[-1]
+    def middle(size: int) -> tuple[int, int]:
         b = trim_count(stage.trim, size)
-        return ordered[..., b : size - b].mean(dim=-1)
+        return b, size - b
 
-    return _by_degree(own, pool, hoods, reduce)
+    return _by_degree(own, pool, hoods, middle)
 
 
 def _median(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip) -> torch.Tensor:
-    def reduce(ordered: torch.Tensor) -> torch.Tensor:
-        size = ordered.shape[-1]
-        if size % 2:
-            return ordered[..., size // 2]
-        return (ordered[..., size // 2 - 1] + ordered[..., size // 2]) * 0.5
+    def middle(size: int) -> tuple[int, int]:
+        # an even count averages the two middle values
+        return (size - 1) // 2, size // 2 + 1
 
-    return _by_degree(own, pool, hoods, reduce)
+    return _by_degree(own, pool, hoods, middle)
 
 
 def _edge_distances(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods) -> np.ndarray:
-    """||pool[src] − own[dst]|| per neighbourhood entry, in cache-sized chunks over CPU threads."""
+    """||pool[src] − own[dst]|| per neighbourhood entry (float64), in chunks over CPU threads."""
     dst, m = hoods.dst, len(hoods.src)
     out = np.empty(m, dtype=np.float64)
     chunk = max(1, GATHER_BUDGET // max(own.shape[1], 1))
+    arrays = _cpu_arrays(own, pool)
+    if arrays is not None:
+        from p2pl.core.order_stats import edge_distances  # lazily, as in _by_degree
 
     def run(lo: int) -> None:
+        if arrays is not None:
+            edge_distances(arrays[0], arrays[1], dst[lo : lo + chunk], hoods.src[lo : lo + chunk], out[lo : lo + chunk])
+            return
         s = torch.from_numpy(hoods.src[lo : lo + chunk]).to(pool.device)
         d = torch.from_numpy(dst[lo : lo + chunk]).to(own.device)
         out[lo : lo + chunk] = torch.linalg.vector_norm(pool[s] - own[d], dim=1).double().cpu().numpy()
