@@ -30,6 +30,10 @@ Aggregation rules (``consensus.aggregation``; see docs/robustness.md):
   ``θ_n + Σ_m W_nm clip(θ_m − θ_n, τ_n)`` with ``clip(z, τ) = z min(1, τ/||z||)``; the radius
   ``τ_n`` comes from the nearest neighbours carrying ``clip_quantile`` of the weight
   (:func:`clip_radius`).
+* ``redescending``: ``θ_n + Σ_m W_nm r(‖θ_m − θ_n‖) (θ_m − θ_n)`` with ``r(z) = min(1, (τ_n/z)²)``
+  and ``τ_n = radius_factor x`` the weighted median of the neighbours' distances
+  (:func:`median_distance`): neighbours within τ_n count fully, a farther one moves the device
+  by ``W τ_n² / z``, which fades the farther it lies (a redescending influence).
 """
 
 from __future__ import annotations
@@ -133,6 +137,7 @@ class Gossip:
     trim: float = 0.2  # trimmed-mean: share cut at each end
     clip_quantile: float = 0.8  # clipped: share of the neighbour weight trusted to set the radius
     max_norm_ratio: float = MAX_NORM_RATIO  # see unsound_rows
+    radius_factor: float = 2.0  # redescending: radius = this x the weighted median neighbour distance
 
 
 @dataclass(frozen=True)
@@ -298,6 +303,21 @@ def one_row(self_weight: float, weights: list[float]) -> Neighbourhoods:
     )
 
 
+def _nearest_first(distances: np.ndarray, weight: np.ndarray, indptr: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Each receiver's entries sorted by distance: (distances, weights, cumulative weight within
+    the receiver, the receiver's total weight per entry, the receiver of each entry)."""
+    r = len(indptr) - 1
+    degree = np.diff(indptr)
+    row = np.repeat(np.arange(r), degree)
+    order = np.lexsort((distances, row))
+    dist, w = distances[order], weight[order]
+    cum = np.cumsum(w)
+    start = np.concatenate([[0.0], cum])[indptr[:-1]]
+    total = np.add.reduceat(w, indptr[:-1]) if len(w) else np.zeros(r)
+    total = np.where(degree > 0, total, 0.0)
+    return dist, w, cum - np.repeat(start, degree), np.repeat(total, degree), row
+
+
 def clip_radius(distances: np.ndarray, weight: np.ndarray, indptr: np.ndarray, quantile: float) -> np.ndarray:
     """Per receiver, the clipping radius of self-centred clipping.
 
@@ -307,35 +327,59 @@ def clip_radius(distances: np.ndarray, weight: np.ndarray, indptr: np.ndarray, q
     honest neighbours at typical distances pass unclipped, a far outlier is pulled in to τ.
     0 for a receiver with no neighbours."""
     r = len(indptr) - 1
-    degree = np.diff(indptr)
-    row = np.repeat(np.arange(r), degree)
-    order = np.lexsort((distances, row))
-    dist, w = distances[order], weight[order]
-    cum = np.cumsum(w)
-    start = np.concatenate([[0.0], cum])[indptr[:-1]]
-    total = np.add.reduceat(w, indptr[:-1]) if len(w) else np.zeros(r)
-    has = degree > 0
-    total = np.where(has, total, 0.0)
-    within = cum - np.repeat(start, degree)  # cumulative weight, nearest first, within each row
+    dist, w, within, total, row = _nearest_first(distances, weight, indptr)
     first = np.zeros(len(w), dtype=bool)
-    first[indptr[:-1][has]] = True
-    trusted = (within <= quantile * np.repeat(total, degree) * (1 + 1e-12)) | first
+    first[indptr[:-1][np.diff(indptr) > 0]] = True
+    trusted = (within <= quantile * total * (1 + 1e-12)) | first
     sq = np.bincount(row, weights=np.where(trusted, w * dist**2, 0.0), minlength=r)
     delta = max(1.0 - quantile, 1e-12)
     return np.sqrt(sq / delta)
+
+
+def median_distance(distances: np.ndarray, weight: np.ndarray, indptr: np.ndarray) -> np.ndarray:
+    """Per receiver, the weighted median of its neighbours' distances: the nearest distance whose
+    cumulative weight (nearest first) reaches half of the receiver's neighbour weight. Neighbours
+    holding less than half of that weight cannot move it beyond the others' distances. 0 for a
+    receiver with no neighbours."""
+    r = len(indptr) - 1
+    degree = np.diff(indptr)
+    dist, _, within, total, row = _nearest_first(distances, weight, indptr)
+    below = np.bincount(row, weights=within < 0.5 * total * (1 - 1e-12), minlength=r).astype(np.int64)
+    out = np.zeros(r)
+    has = degree > 0
+    out[has] = dist[indptr[:-1][has] + np.minimum(below[has], degree[has] - 1)]
+    return out
+
+
+def _reweighted(
+    own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, keep: np.ndarray, stage: Gossip
+) -> torch.Tensor:
+    """``θ_n + Σ_m W_nm keep_nm (θ_m − θ_n)``: a weighted mean with weights ``W_nm keep_nm``, the
+    weight a neighbour loses staying on the receiver's own row."""
+    weight = hoods.weight * keep
+    lost = np.bincount(hoods.dst, weights=hoods.weight - weight, minlength=hoods.num_rows)
+    return _mean(own, pool, hoods.with_weights(weight, hoods.self_weight + lost), stage)
 
 
 def _clipped(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip) -> torch.Tensor:
     if len(hoods.src) == 0:
         return _mean(own, pool, hoods, stage)
     distances = _edge_distances(own, pool, hoods)
-    radius = clip_radius(distances, hoods.weight, hoods.indptr, stage.clip_quantile)
+    tau = np.repeat(clip_radius(distances, hoods.weight, hoods.indptr, stage.clip_quantile), hoods.degree)
+    # clip(z, τ) = z min(1, τ / ||z||): the neighbour's weight scaled by min(1, τ / ||z||)
+    return _reweighted(own, pool, hoods, np.where(distances > tau, tau / np.maximum(distances, 1e-300), 1.0), stage)
+
+
+def _redescending(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip) -> torch.Tensor:
+    if len(hoods.src) == 0:
+        return _mean(own, pool, hoods, stage)
+    distances = _edge_distances(own, pool, hoods)
+    radius = stage.radius_factor * median_distance(distances, hoods.weight, hoods.indptr)
     tau = np.repeat(radius, hoods.degree)
-    keep = np.where(distances > tau, tau / np.maximum(distances, 1e-300), 1.0)
-    # θ_n + Σ W_nm c_nm (θ_m − θ_n) is a weighted mean with weights W_nm c_nm and the rest on self.
-    weight = hoods.weight * keep
-    lost = np.bincount(hoods.dst, weights=hoods.weight - weight, minlength=hoods.num_rows)
-    return _mean(own, pool, hoods.with_weights(weight, hoods.self_weight + lost), stage)
+    # Beyond τ the weight falls as (τ / ||z||)²: the pull W τ² / ||z|| is at most W τ (at ||z|| = τ,
+    # as clipping's) and fades the farther the row lies, where clipping's stays W τ.
+    ratio = tau / np.maximum(distances, 1e-300)
+    return _reweighted(own, pool, hoods, np.where(distances > tau, ratio * ratio, 1.0), stage)
 
 
 #: consensus.aggregation name -> the rule, over (own rows, pool of sent rows, neighbourhoods).
@@ -344,6 +388,7 @@ AGGREGATION_RULES: dict[str, Callable[[torch.Tensor, torch.Tensor, Neighbourhood
     "trimmed-mean": _trimmed_mean,
     "median": _median,
     "clipped": _clipped,
+    "redescending": _redescending,
 }
 
 
@@ -434,8 +479,10 @@ __all__ = [
     "clip_radius",
     "finish",
     "gossip",
+    "median_distance",
     "one_row",
     "rollback_unsound",
+    "sorted_middle",
     "trim_count",
     "unsound_rows",
     "weighted_average",
