@@ -59,6 +59,10 @@ MAX_NORM_RATIO = 1000.0
 #: Values one job of a robust rule reads (4M floats = 16 MB): bounds a gathered block on GPU and
 #: splits the work into jobs for every core.
 GATHER_BUDGET = 1 << 22
+#: Values a robust rule's step must touch before it runs the compiled CPU kernels: they start in
+#: ~0.8 s per process (numba, once), which a small step (a node's one row, a test's network) would
+#: not win back; below it torch computes the same numbers.
+KERNEL_MIN_VALUES = 1 << 20
 #: Below this many receivers x pool rows, W is applied as one dense matmul.
 DENSE_MAX_CELLS = 256 * 256
 
@@ -193,9 +197,10 @@ def _spread(run: Callable[[T], None], jobs: list[T], device: torch.device) -> No
             run(job)
 
 
-def _cpu_arrays(*tensors: torch.Tensor) -> tuple[np.ndarray, ...] | None:
-    """Contiguous numpy views of CPU tensors for the compiled kernels (None off the CPU)."""
-    if any(t.device.type != "cpu" for t in tensors):
+def _kernel_arrays(values: int, *tensors: torch.Tensor) -> tuple[np.ndarray, ...] | None:
+    """Contiguous numpy views of the tensors for the compiled kernels, or None where torch runs
+    the step instead: off the CPU, or a step of fewer than KERNEL_MIN_VALUES values."""
+    if values < KERNEL_MIN_VALUES or any(t.device.type != "cpu" for t in tensors):
         return None
     return tuple(t.detach().contiguous().numpy() for t in tensors)
 
@@ -203,12 +208,17 @@ def _cpu_arrays(*tensors: torch.Tensor) -> tuple[np.ndarray, ...] | None:
 def sorted_middle(
     own: torch.Tensor, pool: torch.Tensor, rows: np.ndarray, neighbours: np.ndarray, lo: int, hi: int
 ) -> torch.Tensor:
-    """:func:`p2pl.core.order_stats.middle_mean` in torch, for any device (the GPU path): gathers
-    ``[rows, P, n]`` (one coordinate's values contiguous) and sorts it."""
+    """:func:`p2pl.core.order_stats.middle_mean` in torch, for any device and the same bits: gathers
+    ``[rows, P, n]`` (one coordinate's values contiguous), sorts it and sums positions ``lo..hi-1``
+    in float64 in the kernel's order."""
     idx = torch.from_numpy(rows).to(own.device)
     neighbour_rows = torch.from_numpy(neighbours).to(pool.device)
     stack = torch.cat([own[idx].unsqueeze(2), pool[neighbour_rows].transpose(1, 2)], dim=2)
-    return stack.sort(dim=-1).values[..., lo:hi].mean(dim=-1)
+    ordered = stack.sort(dim=-1).values
+    total = ordered[..., lo].double()
+    for k in range(lo + 1, hi):
+        total += ordered[..., k]
+    return (total * (1.0 / (hi - lo))).to(own.dtype)
 
 
 def _by_degree(
@@ -222,8 +232,9 @@ def _by_degree(
     equal degree are grouped, in jobs of at most GATHER_BUDGET values spread over every core.
 
     On CPU a compiled kernel orders each receiver's values in a cache-sized buffer
-    (:mod:`p2pl.core.order_stats`); elsewhere (GPU) a gathered ``[rows, P, d + 1]`` block is
-    sorted by torch. Both give the same numbers (to float32 rounding of the mean)."""
+    (:mod:`p2pl.core.order_stats`); on GPU, and for small steps, torch sorts a gathered
+    ``[rows, P, d + 1]`` block (:func:`sorted_middle`). Both give the same bits for finite values,
+    so a node's one row equals the simulator's."""
     out = torch.empty(own.shape, dtype=own.dtype, device=own.device)
     degree = hoods.degree
     p = max(own.shape[1], 1)
@@ -232,10 +243,9 @@ def _by_degree(
         rows = np.flatnonzero(degree == d)
         chunk = max(1, GATHER_BUDGET // ((d + 1) * p))
         jobs += [rows[lo : lo + chunk] for lo in range(0, len(rows), chunk)]
-    arrays = _cpu_arrays(own, pool, out)
+    arrays = _kernel_arrays((len(hoods.src) + hoods.num_rows) * p, own, pool, out)
     if arrays is not None:
-        # imported here: numba costs ~0.4 s at import, paid only by runs that use a robust rule
-        from p2pl.core.order_stats import middle_mean
+        from p2pl.core.order_stats import middle_mean  # here: only a run that needs it imports numba
 
     def run(part: np.ndarray) -> None:
         d = int(degree[part[0]])
@@ -276,7 +286,7 @@ def _edge_distances(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods
     dst, m = hoods.dst, len(hoods.src)
     out = np.empty(m, dtype=np.float64)
     chunk = max(1, GATHER_BUDGET // max(own.shape[1], 1))
-    arrays = _cpu_arrays(own, pool)
+    arrays = _kernel_arrays(m * own.shape[1], own, pool)
     if arrays is not None:
         from p2pl.core.order_stats import edge_distances  # lazily, as in _by_degree
 
@@ -286,7 +296,7 @@ def _edge_distances(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods
             return
         s = torch.from_numpy(hoods.src[lo : lo + chunk]).to(pool.device)
         d = torch.from_numpy(dst[lo : lo + chunk]).to(own.device)
-        out[lo : lo + chunk] = torch.linalg.vector_norm(pool[s] - own[d], dim=1).double().cpu().numpy()
+        out[lo : lo + chunk] = torch.linalg.vector_norm(pool[s].double() - own[d].double(), dim=1).cpu().numpy()
 
     _spread(run, list(range(0, m, chunk)), own.device)
     return out

@@ -147,6 +147,7 @@ def exposure_line(result: GridResult) -> str | None:
     trim_cut = np.array([trim_count(cfg.consensus.trim, int(x) + 1) for x in d])
     clip_share = 1 - cfg.consensus.clip_quantile
     q = cfg.consensus.clip_quantile
+    radius_followed = int((2 * a >= np.maximum(d, 1)).sum())  # attackers hold half the neighbour weight or more
     return (
         f"**Exposure** (base graph): {int((a > 0).sum())} of {len(d)} honest devices hear an attacker; "
         f"the most exposed (by share) hears {a[worst]} among its {d[worst] + 1} values (own included). "
@@ -155,7 +156,7 @@ def exposure_line(result: GridResult) -> str | None:
         f"(so under equal weights an attacker can be among the nearest {q:g} of the weight that sets the "
         f"clipped rule's radius): {int((a > clip_share * np.maximum(d, 1)).sum())}; with attackers as half or "
         f"more of their values (where the median can follow them): {int((2 * a >= d + 1).sum())}; as half or more "
-        f"of their neighbours (where the redescending rule's radius can follow them): {int((2 * a >= np.maximum(d, 1)).sum())}."
+        f"of their neighbours (where the redescending rule's radius can follow them): {radius_followed}."
     )
 
 
