@@ -388,8 +388,10 @@ def _redescending(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, 
     tau = np.repeat(radius, hoods.degree)
     # Beyond τ the weight falls as (τ / ||z||)²: the pull W τ² / ||z|| is at most W τ (at ||z|| = τ,
     # as clipping's) and fades the farther the row lies, where clipping's stays W τ.
-    ratio = tau / np.maximum(distances, 1e-300)
-    return _reweighted(own, pool, hoods, np.where(distances > tau, ratio * ratio, 1.0), stage)
+    keep = np.ones_like(distances)
+    far = distances > tau  # NaN compares False: a NaN row keeps its weight and the guard drops it
+    keep[far] = (tau[far] / distances[far]) ** 2
+    return _reweighted(own, pool, hoods, keep, stage)
 
 
 #: consensus.aggregation name -> the rule, over (own rows, pool of sent rows, neighbourhoods).
