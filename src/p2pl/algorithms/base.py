@@ -55,8 +55,8 @@ class Setting:
 
 def gossip_stages(consensus: ConsensusConfig) -> tuple[Gossip, ...]:
     """``consensus.steps`` gossip steps by the configured aggregation rule."""
-    stage = Gossip(consensus.aggregation, consensus.trim, consensus.clip_quantile, consensus.max_norm_ratio,
-                   radius_factor=consensus.radius_factor)  # fmt: skip
+    stage = Gossip(consensus.aggregation, consensus.trim, consensus.clip_quantile, consensus.radius_factor,
+                   consensus.max_norm_ratio)  # fmt: skip
     return (stage,) * consensus.steps
 
 
