@@ -143,7 +143,7 @@ class ConsensusConfig:
     aggregation: str = "mean"  # mean | trimmed-mean | median | clipped | redescending (robust: docs/robustness.md)
     trim: float = 0.2  # trimmed-mean: share of the neighbourhood cut at each end (per coordinate)
     clip_quantile: float = 0.8  # clipped: clip radius = this quantile of the neighbours' distances
-    radius_factor: float = 2.0  # redescending: full weight within this x the median neighbour distance
+    radius_factor: float = 1.5  # redescending: full weight within this x the median neighbour distance
     # A neighbour's claimed data size counts within [own / r, own * r] (data-size weights), so no
     # one neighbour can steer a device's row of W by lying about its data.
     max_size_ratio: float = 10.0
@@ -158,7 +158,7 @@ class ConsensusConfig:
         _require({"consensus.trim": self.trim}, lambda v: 0 <= v < 0.5, "in [0, 0.5)", "0.2")
         _require({"consensus.clip_quantile": self.clip_quantile}, lambda v: 0 < v <= 1, "in (0, 1]", "0.8")
         _require({"consensus.radius_factor": self.radius_factor}, lambda v: 0 < v < float("inf"), "> 0 and finite",
-                 "2")  # fmt: skip
+                 "1.5")  # fmt: skip
         _require({"consensus.max_size_ratio": self.max_size_ratio}, lambda v: v >= 1, ">= 1", "10")
         _require({"consensus.max_norm_ratio": self.max_norm_ratio}, lambda v: 1 < v < float("inf"), "> 1 and finite",
                  "1000")  # fmt: skip

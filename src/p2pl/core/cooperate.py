@@ -140,7 +140,7 @@ class Gossip:
     rule: str = "mean"
     trim: float = 0.2  # trimmed-mean: share cut at each end
     clip_quantile: float = 0.8  # clipped: share of the neighbour weight trusted to set the radius
-    radius_factor: float = 2.0  # redescending: radius = this x the weighted median neighbour distance
+    radius_factor: float = 1.5  # redescending: radius = this x the weighted median neighbour distance
     max_norm_ratio: float = MAX_NORM_RATIO  # see unsound_rows
 
 
