@@ -19,16 +19,33 @@ of a fresh install compiles once (about a second, measured in benchmarks/bench_r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
+from typing import TypeVar, cast
 
 import numba
 import numpy as np
+
+F = TypeVar("F", bound=Callable[..., None])
 
 #: Values one receiver's buffer holds (8k float32 = 32 kB: stays in the core's L1 cache).
 BUFFER_VALUES = 1 << 13
 #: Most coordinates ordered together (the vector loops' length; 256 measured fastest, 512 25 %
 #: slower).
 MAX_BLOCK = 256
+
+
+def _compiled(fastmath: bool | set[str] = False) -> Callable[[F], F]:
+    """``numba.njit(nogil=True, cache=True)``; where numba finds no writable place for its cache
+    (a read-only install and home), compiled anew in each process instead of failing."""
+
+    def wrap(fn: F) -> F:
+        try:
+            return cast(F, numba.njit(nogil=True, cache=True, fastmath=fastmath)(fn))
+        except RuntimeError:
+            return cast(F, numba.njit(nogil=True, fastmath=fastmath)(fn))
+
+    return wrap
 
 
 @lru_cache(maxsize=1024)
@@ -66,7 +83,7 @@ def selection_network(size: int, lo: int, hi: int) -> np.ndarray:
     return np.array(kept, dtype=np.int64).reshape(-1, 2)
 
 
-@numba.njit(nogil=True, cache=True)
+@_compiled()
 def _middle_mean_kernel(own, pool, rows, neighbours, pairs, lo, hi, block, out):
     # Loops run over 1-D row views: indexing a 2-D array inside them kept the compiler from
     # using vector lanes (measured 3x slower loads).
@@ -125,7 +142,7 @@ def middle_mean(
 
 
 # Reassociating the float64 sum lets it run in vector lanes; the order is fixed at compile time.
-@numba.njit(nogil=True, cache=True, fastmath={"reassoc"})
+@_compiled(fastmath={"reassoc"})
 def _distance_kernel(own, pool, dst, src, out):
     width = own.shape[1]
     for e in range(dst.shape[0]):
