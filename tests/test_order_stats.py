@@ -117,3 +117,24 @@ def test_a_node_computes_its_row_as_the_simulator(rule: str, monkeypatch: pytest
             assert torch.allclose(node[0], everyone[r], rtol=0, atol=1e-6)
         else:
             assert torch.equal(node[0], everyone[r])
+
+
+def test_compressed_messages_fill_unsent_coordinates_with_the_receivers_own_value() -> None:
+    rng = np.random.default_rng(4)
+    own, pool = _values(rng, 5, 300), _values(rng, 40, 300)
+    sent = rng.random((40, 300)) < 0.3  # each pool row carries about 30 % of the coordinates
+    neighbours = np.stack([rng.choice(40, 9, replace=False) for _ in range(5)]).astype(np.int64)
+    rows = np.arange(5, dtype=np.int64)
+    out = np.empty_like(own)
+    middle_mean(own, pool, rows, neighbours, 3, 7, out, sent)
+    filled = np.where(sent[neighbours], pool[neighbours], own[:, None, :])  # [rows, 9, P]
+    values = np.concatenate([own[:, None, :], filled], axis=1)
+    assert np.abs(out - np.sort(values, axis=1)[:, 3:7].astype(np.float64).mean(axis=1)).max() <= 1e-6
+    torch_out = sorted_middle(torch.from_numpy(own), torch.from_numpy(pool), rows, neighbours, 3, 7,
+                              torch.from_numpy(sent))  # fmt: skip
+    assert np.array_equal(torch_out.numpy(), out)
+    dst, src = np.array([0, 1, 4]), np.array([7, 7, 30])
+    distances = np.empty(3)
+    edge_distances(own, pool, dst, src, distances, sent)
+    expected = np.linalg.norm((pool[src].astype(np.float64) - own[dst]) * sent[src], axis=1)
+    assert np.allclose(distances, expected, rtol=1e-9)

@@ -43,13 +43,16 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
 from p2pl.errors import P2PLError, choose
+
+if TYPE_CHECKING:  # compress builds on this module
+    from p2pl.core.compress import Compression
 
 T = TypeVar("T")
 
@@ -142,6 +145,13 @@ class Gossip:
     clip_quantile: float = 0.8  # clipped: share of the neighbour weight trusted to set the radius
     radius_factor: float = 1.5  # redescending: radius = this x the weighted median neighbour distance
     max_norm_ratio: float = MAX_NORM_RATIO  # see unsound_rows
+    # Who sends to whom (GOSSIP_PEERS): "all" live neighbours with W's weights, or "one-random":
+    # every device sends to one live neighbour drawn by keyed randomness and each receiver
+    # weighs itself and what it received equally (core.neighbours.one_peer_neighbourhoods).
+    peers: str = "all"
+
+
+GOSSIP_PEERS = ("all", "one-random")
 
 
 @dataclass(frozen=True)
@@ -149,7 +159,24 @@ class GlobalMean:
     """FedAvg's server step: Σ w_n θ_n / Σ w_n over the present devices, sent back to them."""
 
 
-Stage = Gossip | GlobalMean
+@dataclass(frozen=True)
+class PushSum:
+    """Push-sum over directed links (Kempe et al. 2003; SGP, Assran et al. 2019).
+
+    Every device holds a push-sum weight ``w`` (the runtime keeps it across rounds) and splits
+    ``(w θ, w)`` equally among itself and its live out-neighbours; a receiver's new weight is the
+    sum of the shares it got, and its new row the share-weighted mean of the rows
+    (:func:`p2pl.core.neighbours.push_sum_neighbourhoods` builds that row of weights). The rows
+    are the de-biased models ``z = x / w`` devices train, so the mix is a plain weighted mean
+    (:meth:`as_gossip`) with the shared safety net."""
+
+    max_norm_ratio: float = MAX_NORM_RATIO
+
+    def as_gossip(self) -> Gossip:
+        return Gossip("mean", max_norm_ratio=self.max_norm_ratio)
+
+
+Stage = Gossip | GlobalMean | PushSum
 
 
 @dataclass(frozen=True)
@@ -159,9 +186,18 @@ class Cooperation:
     stages: tuple[Stage, ...] = ()
     affinity: float = 1.0
     max_norm_ratio: float = MAX_NORM_RATIO  # the guard after cooperation (see unsound_rows)
+    # D-PSGD: the stages run after every local SGD step of the round instead of once after
+    # local training (the runtimes pass a step hook to core.train; see docs/baselines.md).
+    every_local_step: bool = False
+    # what gossip stages send (p2pl.core.compress); None or method "none": the plain rows
+    compression: Compression | None = None
 
 
-def _mean(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip) -> torch.Tensor:
+def _mean(
+    own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip, sent: torch.Tensor | None = None
+) -> torch.Tensor:
+    if sent is not None:
+        return _mean_filled(own, pool, hoods, stage, sent)
     self_w = torch.as_tensor(hoods.self_weight, dtype=own.dtype, device=own.device).unsqueeze(1)
     r, s = hoods.num_rows, pool.shape[0]
     if len(hoods.src) == 0:
@@ -182,6 +218,47 @@ def _mean(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: G
     # gather + index_add over the edge list at 10,000 devices (BENCHMARKS.md).
     mixed = torch.from_numpy(np.asarray(hoods.matrix(s) @ pool.detach().numpy(), dtype=np.float32))
     return torch.addcmul(mixed, self_w, own)
+
+
+def _mean_filled(
+    own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip, sent: torch.Tensor
+) -> torch.Tensor:
+    """The weighted mean where pool row m carries only the coordinates ``sent[m]`` and a receiver
+    uses its own value elsewhere: ``W_nn θ_n + Σ_m W_nm (s_m v_m + (1 − s_m) θ_n)``, as two sparse
+    products, ``Σ W (s ⊙ v)`` and ``Σ W s``, so no per-edge copy of the rows is made."""
+    total = np.bincount(hoods.dst, weights=hoods.weight, minlength=hoods.num_rows)
+    probe = sent[:64]  # the share sent, estimated from a few rows (it picks the faster path only)
+    if own.device.type == "cpu" and len(hoods.src) and int(probe.sum()) * 20 < probe.numel():
+        kept, heard = _sparse_sums(own, pool, hoods, sent)  # few coordinates sent: walk only those
+        # own-value weight: W_nn + Σ W (1 − s), in place over Σ W s
+        own_weight = torch.from_numpy(total + hoods.self_weight).to(own.dtype).unsqueeze(1)
+        return torch.addcmul(kept, own, heard.neg_().add_(own_weight))
+    mask = sent.to(own.dtype)
+    kept = _mean(own, pool * mask, hoods, stage)  # W_nn θ_n + Σ W s ⊙ v
+    heard = _mean(torch.zeros_like(own), mask, hoods, stage)  # Σ W s
+    unsent = torch.from_numpy(total).to(own.device, own.dtype).unsqueeze(1) - heard  # Σ W (1 − s)
+    return torch.addcmul(kept, own, unsent)
+
+
+def _sparse_sums(
+    own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, sent: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ_m W_nm s_m ⊙ v_m, Σ_m W_nm s_m) from the sent entries alone: one scatter-add over
+    (edge, sent coordinate of its sender) pairs instead of two products over every coordinate."""
+    rows, cols = (t.numpy() for t in sent.nonzero(as_tuple=True))
+    count = np.bincount(rows, minlength=pool.shape[0])
+    start = np.concatenate([[0], np.cumsum(count)[:-1]])
+    per_edge = count[hoods.src]
+    edge = np.repeat(np.arange(len(hoods.src)), per_edge)
+    offset = np.arange(len(edge)) - np.repeat(np.cumsum(per_edge) - per_edge, per_edge)
+    entry = start[hoods.src][edge] + offset
+    dst = torch.from_numpy(hoods.dst[edge])
+    col = torch.from_numpy(cols[entry])
+    weight = torch.from_numpy(hoods.weight[edge]).to(own.dtype)
+    values = pool[torch.from_numpy(rows[entry]), col]
+    kept = torch.zeros_like(own).index_put_((dst, col), weight * values, accumulate=True)
+    heard = torch.zeros_like(own).index_put_((dst, col), weight, accumulate=True)
+    return kept, heard
 
 
 def _spread(run: Callable[[T], None], jobs: list[T], device: torch.device) -> None:
@@ -206,7 +283,13 @@ def _kernel_arrays(values: int, *tensors: torch.Tensor) -> tuple[np.ndarray, ...
 
 
 def sorted_middle(
-    own: torch.Tensor, pool: torch.Tensor, rows: np.ndarray, neighbours: np.ndarray, lo: int, hi: int
+    own: torch.Tensor,
+    pool: torch.Tensor,
+    rows: np.ndarray,
+    neighbours: np.ndarray,
+    lo: int,
+    hi: int,
+    sent: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`p2pl.core.order_stats.middle_mean` in torch, for any device and the same bits: gathers
     ``[rows, P, n]`` (one coordinate's values contiguous), sorts it and sums positions ``lo..hi-1``
@@ -214,6 +297,9 @@ def sorted_middle(
     idx = torch.from_numpy(rows).to(own.device)
     neighbour_rows = torch.from_numpy(neighbours).to(pool.device)
     stack = torch.cat([own[idx].unsqueeze(2), pool[neighbour_rows].transpose(1, 2)], dim=2)
+    if sent is not None:  # compressed messages: coordinates not sent take the receiver's own value
+        heard = sent[neighbour_rows].transpose(1, 2)
+        stack[..., 1:] = torch.where(heard, stack[..., 1:], stack[..., :1])
     ordered = stack.sort(dim=-1).values
     total = ordered[..., lo].double()
     for k in range(lo + 1, hi):
@@ -226,6 +312,7 @@ def _by_degree(
     pool: torch.Tensor,
     hoods: Neighbourhoods,
     reduce: Callable[[int], tuple[int, int]],
+    sent: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per receiver and coordinate, the mean of the sorted positions ``lo..hi-1`` of its ``d + 1``
     values (its own row and its neighbours' rows), ``(lo, hi) = reduce(d + 1)``. Receivers of
@@ -244,6 +331,7 @@ def _by_degree(
         chunk = max(1, GATHER_BUDGET // ((d + 1) * p))
         jobs += [rows[lo : lo + chunk] for lo in range(0, len(rows), chunk)]
     arrays = _kernel_arrays((len(hoods.src) + hoods.num_rows) * p, own, pool, out)
+    mask = None if arrays is None or sent is None else sent.contiguous().numpy()
     if arrays is not None:
         from p2pl.core.order_stats import middle_mean  # here: only a run that needs it imports numba
 
@@ -252,9 +340,9 @@ def _by_degree(
         lo, hi = reduce(d + 1)
         neighbours = hoods.src[hoods.indptr[part][:, None] + np.arange(d)]
         if arrays is not None:
-            middle_mean(arrays[0], arrays[1], part, neighbours, lo, hi, arrays[2])
+            middle_mean(arrays[0], arrays[1], part, neighbours, lo, hi, arrays[2], mask)
         else:
-            out[torch.from_numpy(part).to(own.device)] = sorted_middle(own, pool, part, neighbours, lo, hi)
+            out[torch.from_numpy(part).to(own.device)] = sorted_middle(own, pool, part, neighbours, lo, hi, sent)
 
     _spread(run, jobs, own.device)
     return out
@@ -265,38 +353,50 @@ def trim_count(trim: float, size: int) -> int:
     return min(math.floor(trim * size + 1e-9), (size - 1) // 2)
 
 
-def _trimmed_mean(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip) -> torch.Tensor:
+def _trimmed_mean(
+    own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip, sent: torch.Tensor | None = None
+) -> torch.Tensor:
     def middle(size: int) -> tuple[int, int]:
         b = trim_count(stage.trim, size)
         return b, size - b
 
-    return _by_degree(own, pool, hoods, middle)
+    return _by_degree(own, pool, hoods, middle, sent)
 
 
-def _median(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip) -> torch.Tensor:
+def _median(
+    own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip, sent: torch.Tensor | None = None
+) -> torch.Tensor:
     def middle(size: int) -> tuple[int, int]:
         # an even count averages the two middle values
         return (size - 1) // 2, size // 2 + 1
 
-    return _by_degree(own, pool, hoods, middle)
+    return _by_degree(own, pool, hoods, middle, sent)
 
 
-def _edge_distances(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods) -> np.ndarray:
-    """||pool[src] − own[dst]|| per neighbourhood entry (float64), in chunks over CPU threads."""
+def _edge_distances(
+    own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, sent: torch.Tensor | None = None
+) -> np.ndarray:
+    """||pool[src] − own[dst]|| per neighbourhood entry, in float64 (over the coordinates sent,
+    when ``sent`` masks the pool), in chunks over CPU threads."""
     dst, m = hoods.dst, len(hoods.src)
     out = np.empty(m, dtype=np.float64)
     chunk = max(1, GATHER_BUDGET // max(own.shape[1], 1))
     arrays = _kernel_arrays(m * own.shape[1], own, pool)
+    mask = None if arrays is None or sent is None else sent.contiguous().numpy()
     if arrays is not None:
         from p2pl.core.order_stats import edge_distances  # lazily, as in _by_degree
 
     def run(lo: int) -> None:
         if arrays is not None:
-            edge_distances(arrays[0], arrays[1], dst[lo : lo + chunk], hoods.src[lo : lo + chunk], out[lo : lo + chunk])
+            span = slice(lo, lo + chunk)
+            edge_distances(arrays[0], arrays[1], dst[span], hoods.src[span], out[span], mask)
             return
         s = torch.from_numpy(hoods.src[lo : lo + chunk]).to(pool.device)
         d = torch.from_numpy(dst[lo : lo + chunk]).to(own.device)
-        out[lo : lo + chunk] = torch.linalg.vector_norm(pool[s].double() - own[d].double(), dim=1).cpu().numpy()
+        diff = pool[s].double() - own[d].double()
+        if sent is not None:
+            diff = diff * sent[s]
+        out[lo : lo + chunk] = torch.linalg.vector_norm(diff, dim=1).cpu().numpy()
 
     _spread(run, list(range(0, m, chunk)), own.device)
     return out
@@ -362,28 +462,38 @@ def median_distance(distances: np.ndarray, weight: np.ndarray, indptr: np.ndarra
 
 
 def _reweighted(
-    own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, keep: np.ndarray, stage: Gossip
+    own: torch.Tensor,
+    pool: torch.Tensor,
+    hoods: Neighbourhoods,
+    keep: np.ndarray,
+    stage: Gossip,
+    sent: torch.Tensor | None,
 ) -> torch.Tensor:
     """``θ_n + Σ_m W_nm keep_nm (θ_m − θ_n)``: a weighted mean with weights ``W_nm keep_nm``, the
     weight a neighbour loses staying on the receiver's own row."""
     weight = hoods.weight * keep
     lost = np.bincount(hoods.dst, weights=hoods.weight - weight, minlength=hoods.num_rows)
-    return _mean(own, pool, hoods.with_weights(weight, hoods.self_weight + lost), stage)
+    return _mean(own, pool, hoods.with_weights(weight, hoods.self_weight + lost), stage, sent)
 
 
-def _clipped(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip) -> torch.Tensor:
+def _clipped(
+    own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip, sent: torch.Tensor | None = None
+) -> torch.Tensor:
     if len(hoods.src) == 0:
         return _mean(own, pool, hoods, stage)
-    distances = _edge_distances(own, pool, hoods)
+    distances = _edge_distances(own, pool, hoods, sent)
     tau = np.repeat(clip_radius(distances, hoods.weight, hoods.indptr, stage.clip_quantile), hoods.degree)
     # clip(z, τ) = z min(1, τ / ||z||): the neighbour's weight scaled by min(1, τ / ||z||)
-    return _reweighted(own, pool, hoods, np.where(distances > tau, tau / np.maximum(distances, 1e-300), 1.0), stage)
+    keep = np.where(distances > tau, tau / np.maximum(distances, 1e-300), 1.0)
+    return _reweighted(own, pool, hoods, keep, stage, sent)
 
 
-def _redescending(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip) -> torch.Tensor:
+def _redescending(
+    own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip, sent: torch.Tensor | None = None
+) -> torch.Tensor:
     if len(hoods.src) == 0:
         return _mean(own, pool, hoods, stage)
-    distances = _edge_distances(own, pool, hoods)
+    distances = _edge_distances(own, pool, hoods, sent)
     radius = stage.radius_factor * median_distance(distances, hoods.weight, hoods.indptr)
     tau = np.repeat(radius, hoods.degree)
     # Beyond τ the weight falls as (τ / ||z||)²: the pull W τ² / ||z|| is at most W τ (at ||z|| = τ,
@@ -391,11 +501,13 @@ def _redescending(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, 
     keep = np.ones_like(distances)
     far = distances > tau  # NaN compares False: a NaN row keeps its weight and the guard drops it
     keep[far] = (tau[far] / distances[far]) ** 2
-    return _reweighted(own, pool, hoods, keep, stage)
+    return _reweighted(own, pool, hoods, keep, stage, sent)
 
 
-#: consensus.aggregation name -> the rule, over (own rows, pool of sent rows, neighbourhoods).
-AGGREGATION_RULES: dict[str, Callable[[torch.Tensor, torch.Tensor, Neighbourhoods, Gossip], torch.Tensor]] = {
+#: consensus.aggregation name -> the rule, over (own rows, pool of sent rows, neighbourhoods, stage,
+#: sent mask). ``sent`` (bool [S, P] or None): the coordinates each pool row carries (compressed
+#: messages); a receiver uses its own value at the others.
+AGGREGATION_RULES: dict[str, Callable[..., torch.Tensor]] = {
     "mean": _mean,
     "trimmed-mean": _trimmed_mean,
     "median": _median,
@@ -404,12 +516,15 @@ AGGREGATION_RULES: dict[str, Callable[[torch.Tensor, torch.Tensor, Neighbourhood
 }
 
 
-def aggregate(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip) -> torch.Tensor:
-    """One gossip step for R receiving rows ``own [R, P]`` from the ``pool [S, P]`` of sent rows."""
+def aggregate(
+    own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip, sent: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One gossip step for R receiving rows ``own [R, P]`` from the ``pool [S, P]`` of sent rows
+    (``sent``: bool [S, P], the coordinates each pool row carries; None: all of them)."""
     rule = AGGREGATION_RULES[choose("consensus.aggregation", stage.rule, tuple(AGGREGATION_RULES))]
     if own.shape[0] != hoods.num_rows:
         raise P2PLError(f"{own.shape[0]} rows for {hoods.num_rows} neighbourhoods")  # a runtime bug
-    return rule(own, pool, hoods, stage)
+    return rule(own, pool, hoods, stage, sent)
 
 
 def weighted_average(params: torch.Tensor, weights: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
@@ -443,11 +558,13 @@ def rollback_unsound(rows: torch.Tensor, before: torch.Tensor, ratio: float = MA
     return bad
 
 
-def gossip(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip) -> torch.Tensor:
+def gossip(
+    own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip, sent: torch.Tensor | None = None
+) -> torch.Tensor:
     """One gossip step with the safety net every runtime shares: a receiver whose result is
     unsound retries without the neighbours whose own rows are out of bounds for it (their weight
     goes to itself); if that is still unsound it keeps its row."""
-    mixed = aggregate(own, pool, hoods, stage)
+    mixed = aggregate(own, pool, hoods, stage, sent)
     bad = unsound_rows(mixed, own, stage.max_norm_ratio)
     if not bool(bad.any()):
         return mixed
@@ -461,7 +578,7 @@ def gossip(own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: 
     self_weight = sub.self_weight + np.bincount(dst, weights=np.where(suspect, sub.weight, 0.0), minlength=len(rows))
     reduced = Neighbourhoods.from_edges(len(rows), dst[keep], sub.src[keep], sub.weight[keep], self_weight)
     index = torch.from_numpy(rows).to(own.device)
-    retry = aggregate(own[index], pool, reduced, stage)
+    retry = aggregate(own[index], pool, reduced, stage, sent)
     rollback_unsound(retry, own[index], stage.max_norm_ratio)
     mixed[index] = retry
     return mixed
@@ -481,11 +598,13 @@ def finish(coop: Cooperation, after: torch.Tensor, before: torch.Tensor, active:
 
 __all__ = [
     "AGGREGATION_RULES",
+    "GOSSIP_PEERS",
     "MAX_NORM_RATIO",
     "Cooperation",
     "GlobalMean",
     "Gossip",
     "Neighbourhoods",
+    "PushSum",
     "Stage",
     "aggregate",
     "clip_radius",

@@ -28,6 +28,8 @@ import numpy as np
 
 F = TypeVar("F", bound=Callable[..., None])
 
+#: Stands in for "no sent mask" (one compiled signature for both cases).
+_NO_MASK = np.ones((1, 1), dtype=np.bool_)
 #: Values one receiver's buffer holds (8k float32 = 32 kB: stays in the core's L1 cache).
 BUFFER_VALUES = 1 << 13
 #: Most coordinates ordered together (the vector loops' length; 256 measured fastest, 512 25 %
@@ -84,7 +86,7 @@ def selection_network(size: int, lo: int, hi: int) -> np.ndarray:
 
 
 @_compiled()
-def _middle_mean_kernel(own, pool, rows, neighbours, pairs, lo, hi, block, out):
+def _middle_mean_kernel(own, pool, rows, neighbours, pairs, lo, hi, block, out, sent, masked):
     # Loops run over 1-D row views: indexing a 2-D array inside them kept the compiler from
     # using vector lanes (measured 3x slower loads).
     size = neighbours.shape[1] + 1
@@ -98,12 +100,19 @@ def _middle_mean_kernel(own, pool, rows, neighbours, pairs, lo, hi, block, out):
             w = min(block, width - start)
             # NaN is ordered as +inf (numpy's sort puts it last): a compare-exchange needs a total
             # order, and a surviving non-finite value makes the row unsound either way.
+            mine = own[rows[i], start : start + w]
             for k in range(size):
-                values = own[rows[i], start : start + w] if k == 0 else pool[neighbours[i, k - 1], start : start + w]
+                values = mine if k == 0 else pool[neighbours[i, k - 1], start : start + w]
                 slot = buf[k]
-                for c in range(w):
-                    v = values[c]
-                    slot[c] = v if v == v else np.inf
+                if masked and k > 0:  # compressed messages: a coordinate not sent is the receiver's own
+                    heard = sent[neighbours[i, k - 1], start : start + w]
+                    for c in range(w):
+                        v = values[c] if heard[c] else mine[c]
+                        slot[c] = v if v == v else np.inf
+                else:
+                    for c in range(w):
+                        v = values[c]
+                        slot[c] = v if v == v else np.inf
             for q in range(pairs.shape[0]):
                 low = buf[pairs[q, 0]]
                 high = buf[pairs[q, 1]]
@@ -128,36 +137,55 @@ def _middle_mean_kernel(own, pool, rows, neighbours, pairs, lo, hi, block, out):
 
 
 def middle_mean(
-    own: np.ndarray, pool: np.ndarray, rows: np.ndarray, neighbours: np.ndarray, lo: int, hi: int, out: np.ndarray
+    own: np.ndarray,
+    pool: np.ndarray,
+    rows: np.ndarray,
+    neighbours: np.ndarray,
+    lo: int,
+    hi: int,
+    out: np.ndarray,
+    sent: np.ndarray | None = None,
 ) -> None:
     """For each receiver ``rows[i]``: per coordinate, sort its ``n`` values (``own[rows[i]]`` and
     ``pool[neighbours[i]]``, ``n = neighbours.shape[1] + 1``) and write the mean of sorted
-    positions ``lo..hi-1`` into ``out[rows[i]]`` (summed in float64). NaN sorts as +inf."""
+    positions ``lo..hi-1`` into ``out[rows[i]]`` (summed in float64). NaN sorts as +inf.
+    ``sent`` (bool [S, P]): the coordinates each pool row carries; the receiver's own value
+    stands in for the others."""
     size = neighbours.shape[1] + 1
     if not 0 <= lo < hi <= size:
         raise ValueError(f"sorted positions {lo}..{hi - 1} out of 0..{size - 1}")  # a caller bug
     block = int(min(MAX_BLOCK, max(8, BUFFER_VALUES // size)))
     pairs = selection_network(size, lo, hi)
-    _middle_mean_kernel(own, pool, rows, neighbours, pairs, lo, hi, block, out)
+    mask = _NO_MASK if sent is None else sent
+    _middle_mean_kernel(own, pool, rows, neighbours, pairs, lo, hi, block, out, mask, sent is not None)
 
 
 # Reassociating the float64 sum lets it run in vector lanes; the order is fixed at compile time.
 @_compiled(fastmath={"reassoc"})
-def _distance_kernel(own, pool, dst, src, out):
+def _distance_kernel(own, pool, dst, src, out, sent, masked):
     width = own.shape[1]
     for e in range(dst.shape[0]):
-        a = dst[e]
-        b = src[e]
+        mine = own[dst[e]]
+        theirs = pool[src[e]]
         acc = 0.0
-        for c in range(width):
-            z = np.float64(pool[b, c]) - np.float64(own[a, c])
-            acc += z * z
+        if masked:
+            heard = sent[src[e]]
+            for c in range(width):
+                z = (np.float64(theirs[c]) - np.float64(mine[c])) * heard[c]
+                acc += z * z
+        else:
+            for c in range(width):
+                z = np.float64(theirs[c]) - np.float64(mine[c])
+                acc += z * z
         out[e] = np.sqrt(acc)
 
 
-def edge_distances(own: np.ndarray, pool: np.ndarray, dst: np.ndarray, src: np.ndarray, out: np.ndarray) -> None:
-    """``out[e] = ||pool[src[e]] - own[dst[e]]||`` in float64, one pass over the rows, no copy."""
-    _distance_kernel(own, pool, dst, src, out)
+def edge_distances(
+    own: np.ndarray, pool: np.ndarray, dst: np.ndarray, src: np.ndarray, out: np.ndarray, sent: np.ndarray | None = None
+) -> None:
+    """``out[e] = ||pool[src[e]] - own[dst[e]]||`` in float64, one pass over the rows, no copy;
+    with ``sent`` (bool [S, P]) over the coordinates the pool row carries."""
+    _distance_kernel(own, pool, dst, src, out, _NO_MASK if sent is None else sent, sent is not None)
 
 
 __all__ = ["edge_distances", "middle_mean", "selection_network", "sorting_network"]

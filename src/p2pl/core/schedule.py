@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from p2pl.core.rng import derive_seed
+from p2pl.core.rng import derive_seed, mix64
 
 
 @dataclass(frozen=True)
@@ -39,19 +39,12 @@ class Partition:
         return np.array([len(p) for p in self.indices], dtype=np.int64)
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finalizer: a fast, well-mixed 64-bit hash (uint64 arithmetic wraps)."""
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
 def shuffle_keys(seed: int, round_index: int, epoch: int, device: np.ndarray, position: np.ndarray) -> np.ndarray:
     """Sort keys for samples at ``position`` of ``device``'s data in this (round, epoch)."""
     base = np.uint64(derive_seed(seed, "shuffle", round_index, epoch))
     with np.errstate(over="ignore"):
-        dev = _mix64(device.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15))
-        return _mix64(base ^ dev ^ _mix64(position.astype(np.uint64)))
+        dev = mix64(device.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15))
+        return mix64(base ^ dev ^ mix64(position.astype(np.uint64)))
 
 
 @dataclass(frozen=True)

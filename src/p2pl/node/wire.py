@@ -99,6 +99,7 @@ EXTRA_FIELDS: dict[str, type] = {
     "data_size": int,  # |D_n| of the sender (data-size consensus weights)
     "degree": int,  # d_n of the sender (metropolis weights)
     "loss": float,  # sender's last training loss (logging only)
+    "weight": float,  # push-sum: the share of its push-sum weight the sender sends with these parameters
 }
 
 #: dtypes a model tensor may have on the wire (parameters are float32 by convention).
@@ -109,10 +110,13 @@ _DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "int64": torch.int64,
     "int32": torch.int32,
+    "int8": torch.int8,  # compressed messages: quantized codes (p2pl.core.compress)
+    "uint8": torch.uint8,
 }
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 #: safetensors' dtype codes of the wire dtypes (its header names them so).
 _ST_CODES = {"float32": "F32", "float64": "F64", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32"}
+_ST_CODES |= {"int8": "I8", "uint8": "U8"}  # compressed messages' codes
 _ST_LEN = struct.Struct("<Q")
 _HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
 _HEADER_KEYS = frozenset({"version", "kind", "sender", "round", "step", "fingerprint", "payload_size", "extras"})
