@@ -76,7 +76,7 @@ class TestLocalRay:
 
     @pytest.mark.parametrize(
         ("aggregation", "attack", "weights"),
-        [("trimmed-mean", "alie", "metropolis"), ("clipped", "gaussian", "metropolis"),
+        [("trimmed-mean", "alie", "metropolis"), ("redescending", "gaussian", "metropolis"),
          ("median", "data-size", "data-size"), ("mean", "silent", "metropolis")],
     )  # fmt: skip
     def test_robust_rules_and_attackers_match_single_process(self, aggregation: str, attack: str, weights: str) -> None:

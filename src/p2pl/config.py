@@ -98,7 +98,7 @@ class LinksConfig:
 #: the algorithms (p2pl.algorithms.ALGORITHMS builds them; named here so the CLI need not import torch)
 ALGORITHM_NAMES = ("p2pl", "fedavg", "centralized", "local", "dpsgd", "gossip", "push-sum")
 SYNC_MODES = ("verified", "flood")
-AGGREGATIONS = ("mean", "trimmed-mean", "median", "clipped")
+AGGREGATIONS = ("mean", "trimmed-mean", "median", "clipped", "redescending")
 ATTACKS = ("none", "sync-hijack", "scale", "sign-flip", "gaussian", "alie", "label-flip", "silent", "data-size")
 #: Network-level misbehaviour that only a real node can play (p2pl.node.adversary).
 NODE_ATTACKS = ("hello-round", "header-bomb", "flood")
@@ -143,9 +143,10 @@ class ConsensusConfig:
     steps: int = 1  # consensus steps per round
     affinity: float = 1.0  # (1-a) own + a mix; 1 = plain P2PL (our reading of arXiv 2312.13602)
     every: int = 1  # sparse communication: cooperate every r rounds
-    aggregation: str = "mean"  # mean | trimmed-mean | median | clipped (robust rules, docs/robustness.md)
+    aggregation: str = "mean"  # mean | trimmed-mean | median | clipped | redescending (robust: docs/robustness.md)
     trim: float = 0.2  # trimmed-mean: share of the neighbourhood cut at each end (per coordinate)
     clip_quantile: float = 0.8  # clipped: clip radius = this quantile of the neighbours' distances
+    radius_factor: float = 1.5  # redescending: full weight within this x the median neighbour distance
     # A neighbour's claimed data size counts within [own / r, own * r] (data-size weights), so no
     # one neighbour can steer a device's row of W by lying about its data.
     max_size_ratio: float = 10.0
@@ -159,6 +160,8 @@ class ConsensusConfig:
         _require({"consensus.affinity": self.affinity}, lambda v: 0 < v <= 1, "in (0, 1]", "1.0")
         _require({"consensus.trim": self.trim}, lambda v: 0 <= v < 0.5, "in [0, 0.5)", "0.2")
         _require({"consensus.clip_quantile": self.clip_quantile}, lambda v: 0 < v <= 1, "in (0, 1]", "0.8")
+        _require({"consensus.radius_factor": self.radius_factor}, lambda v: 0 < v < float("inf"), "> 0 and finite",
+                 "1.5")  # fmt: skip
         _require({"consensus.max_size_ratio": self.max_size_ratio}, lambda v: v >= 1, ">= 1", "10")
         _require({"consensus.max_norm_ratio": self.max_norm_ratio}, lambda v: 1 < v < float("inf"), "> 1 and finite",
                  "1000")  # fmt: skip

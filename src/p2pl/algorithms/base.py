@@ -61,7 +61,8 @@ class Setting:
 
 def gossip_stages(consensus: ConsensusConfig) -> tuple[Gossip, ...]:
     """``consensus.steps`` gossip steps by the configured aggregation rule."""
-    stage = Gossip(consensus.aggregation, consensus.trim, consensus.clip_quantile, consensus.max_norm_ratio)
+    stage = Gossip(consensus.aggregation, consensus.trim, consensus.clip_quantile, consensus.radius_factor,
+                   consensus.max_norm_ratio)  # fmt: skip
     return (stage,) * consensus.steps
 
 

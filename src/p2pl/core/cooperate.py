@@ -30,6 +30,10 @@ Aggregation rules (``consensus.aggregation``; see docs/robustness.md):
   ``θ_n + Σ_m W_nm clip(θ_m − θ_n, τ_n)`` with ``clip(z, τ) = z min(1, τ/||z||)``; the radius
   ``τ_n`` comes from the nearest neighbours carrying ``clip_quantile`` of the weight
   (:func:`clip_radius`).
+* ``redescending``: ``θ_n + Σ_m W_nm r(‖θ_m − θ_n‖) (θ_m − θ_n)`` with ``r(z) = min(1, (τ_n/z)²)``
+  and ``τ_n = radius_factor x`` the weighted median of the neighbours' distances
+  (:func:`median_distance`): neighbours within τ_n count fully, a farther one moves the device
+  by ``W τ_n² / z``, which fades the farther it lies (a redescending influence).
 """
 
 from __future__ import annotations
@@ -55,9 +59,13 @@ T = TypeVar("T")
 #: A row whose L2 norm exceeds this multiple of its reference row's norm (or of 1) counts as
 #: exploding (``consensus.max_norm_ratio``): no honest step grows a model 1000-fold.
 MAX_NORM_RATIO = 1000.0
-#: Values one gathered block of a robust rule may hold (4M floats = 16 MB: stays in cache, and
-#: no large fresh allocation per chunk).
+#: Values one job of a robust rule reads (4M floats = 16 MB): bounds a gathered block on GPU and
+#: splits the work into jobs for every core.
 GATHER_BUDGET = 1 << 22
+#: Values a robust rule's step must touch before it runs the compiled CPU kernels: they start in
+#: ~0.8 s per process (numba, once), which a small step (a node's one row, a test's network) would
+#: not win back; below it torch computes the same numbers.
+KERNEL_MIN_VALUES = 1 << 20
 #: Below this many receivers x pool rows, W is applied as one dense matmul.
 DENSE_MAX_CELLS = 256 * 256
 
@@ -135,6 +143,7 @@ class Gossip:
     rule: str = "mean"
     trim: float = 0.2  # trimmed-mean: share cut at each end
     clip_quantile: float = 0.8  # clipped: share of the neighbour weight trusted to set the radius
+    radius_factor: float = 1.5  # redescending: radius = this x the weighted median neighbour distance
     max_norm_ratio: float = MAX_NORM_RATIO  # see unsound_rows
     # Who sends to whom (GOSSIP_PEERS): "all" live neighbours with W's weights, or "one-random":
     # every device sends to one live neighbour drawn by keyed randomness and each receiver
@@ -253,8 +262,8 @@ def _sparse_sums(
 
 
 def _spread(run: Callable[[T], None], jobs: list[T], device: torch.device) -> None:
-    """Run independent chunk jobs over every CPU core (numpy's sort and torch's gathers release
-    the GIL). Not torch's thread count: a run keeps torch at one thread for its many small
+    """Run independent chunk jobs over every CPU core (the compiled kernels and torch's gathers
+    release the GIL). Not torch's thread count: a run keeps torch at one thread for its many small
     training ops, while these chunks are large and independent."""
     workers = (os.cpu_count() or 1) if device.type == "cpu" else 1
     if workers > 1 and len(jobs) > 1:
@@ -265,17 +274,55 @@ def _spread(run: Callable[[T], None], jobs: list[T], device: torch.device) -> No
             run(job)
 
 
+def _kernel_arrays(values: int, *tensors: torch.Tensor) -> tuple[np.ndarray, ...] | None:
+    """Contiguous numpy views of the tensors for the compiled kernels, or None where torch runs
+    the step instead: off the CPU, or a step of fewer than KERNEL_MIN_VALUES values."""
+    if values < KERNEL_MIN_VALUES or any(t.device.type != "cpu" for t in tensors):
+        return None
+    return tuple(t.detach().contiguous().numpy() for t in tensors)
+
+
+def sorted_middle(
+    own: torch.Tensor,
+    pool: torch.Tensor,
+    rows: np.ndarray,
+    neighbours: np.ndarray,
+    lo: int,
+    hi: int,
+    sent: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`p2pl.core.order_stats.middle_mean` in torch, for any device and the same bits: gathers
+    ``[rows, P, n]`` (one coordinate's values contiguous), sorts it and sums positions ``lo..hi-1``
+    in float64 in the kernel's order."""
+    idx = torch.from_numpy(rows).to(own.device)
+    neighbour_rows = torch.from_numpy(neighbours).to(pool.device)
+    stack = torch.cat([own[idx].unsqueeze(2), pool[neighbour_rows].transpose(1, 2)], dim=2)
+    if sent is not None:  # compressed messages: coordinates not sent take the receiver's own value
+        heard = sent[neighbour_rows].transpose(1, 2)
+        stack[..., 1:] = torch.where(heard, stack[..., 1:], stack[..., :1])
+    ordered = stack.sort(dim=-1).values
+    total = ordered[..., lo].double()
+    for k in range(lo + 1, hi):
+        total += ordered[..., k]
+    return (total * (1.0 / (hi - lo))).to(own.dtype)
+
+
 def _by_degree(
     own: torch.Tensor,
     pool: torch.Tensor,
     hoods: Neighbourhoods,
-    reduce: Callable[[torch.Tensor], torch.Tensor],
+    reduce: Callable[[int], tuple[int, int]],
     sent: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Apply ``reduce`` to every receiver's values sorted per coordinate, ``[rows, P, d + 1]`` (its
-    own row and its neighbours' rows), grouping receivers of equal degree, in chunks of at most
-    GATHER_BUDGET values spread over torch's CPU threads (numpy's sort releases the GIL)."""
-    out = torch.empty_like(own)
+    """Per receiver and coordinate, the mean of the sorted positions ``lo..hi-1`` of its ``d + 1``
+    values (its own row and its neighbours' rows), ``(lo, hi) = reduce(d + 1)``. Receivers of
+    equal degree are grouped, in jobs of at most GATHER_BUDGET values spread over every core.
+
+    On CPU a compiled kernel orders each receiver's values in a cache-sized buffer
+    (:mod:`p2pl.core.order_stats`); on GPU, and for small steps, torch sorts a gathered
+    ``[rows, P, d + 1]`` block (:func:`sorted_middle`). Both give the same bits for finite values,
+    so a node's one row equals the simulator's."""
+    out = torch.empty(own.shape, dtype=own.dtype, device=own.device)
     degree = hoods.degree
     p = max(own.shape[1], 1)
     jobs: list[np.ndarray] = []
@@ -283,27 +330,19 @@ def _by_degree(
         rows = np.flatnonzero(degree == d)
         chunk = max(1, GATHER_BUDGET // ((d + 1) * p))
         jobs += [rows[lo : lo + chunk] for lo in range(0, len(rows), chunk)]
+    arrays = _kernel_arrays((len(hoods.src) + hoods.num_rows) * p, own, pool, out)
+    mask = None if arrays is None or sent is None else sent.contiguous().numpy()
+    if arrays is not None:
+        from p2pl.core.order_stats import middle_mean  # here: only a run that needs it imports numba
 
     def run(part: np.ndarray) -> None:
         d = int(degree[part[0]])
-        idx = torch.from_numpy(part).to(own.device)
-        if d == 0:
-            out[idx] = own[idx]
-            return
-        cols = hoods.indptr[part][:, None] + np.arange(d)
-        neighbour_rows = torch.from_numpy(hoods.src[cols]).to(pool.device)
-        # [rows, P, d + 1] with one coordinate's values contiguous: numpy sorts many short rows
-        # several times faster than torch.sort does along any axis on CPU.
-        stack = torch.cat([own[idx].unsqueeze(2), pool[neighbour_rows].transpose(1, 2)], dim=2)
-        if sent is not None:  # compressed messages: coordinates not sent take the receiver's own value
-            heard = sent[neighbour_rows].transpose(1, 2)
-            stack[..., 1:] = torch.where(heard, stack[..., 1:], stack[..., :1])
-        if stack.device.type == "cpu":
-            stack.numpy().sort(axis=-1)  # in place: no second copy of the block
-            ordered = stack
+        lo, hi = reduce(d + 1)
+        neighbours = hoods.src[hoods.indptr[part][:, None] + np.arange(d)]
+        if arrays is not None:
+            middle_mean(arrays[0], arrays[1], part, neighbours, lo, hi, arrays[2], mask)
         else:
-            ordered = stack.sort(dim=-1).values
-        out[idx] = reduce(ordered)
+            out[torch.from_numpy(part).to(own.device)] = sorted_middle(own, pool, part, neighbours, lo, hi, sent)
 
     _spread(run, jobs, own.device)
     return out
@@ -317,42 +356,47 @@ def trim_count(trim: float, size: int) -> int:
 def _trimmed_mean(
     own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip, sent: torch.Tensor | None = None
 ) -> torch.Tensor:
-    def reduce(ordered: torch.Tensor) -> torch.Tensor:
-        size = ordered.shape[-1]
+    def middle(size: int) -> tuple[int, int]:
         b = trim_count(stage.trim, size)
-        return ordered[..., b : size - b].mean(dim=-1)
+        return b, size - b
 
-    return _by_degree(own, pool, hoods, reduce, sent)
+    return _by_degree(own, pool, hoods, middle, sent)
 
 
 def _median(
     own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip, sent: torch.Tensor | None = None
 ) -> torch.Tensor:
-    def reduce(ordered: torch.Tensor) -> torch.Tensor:
-        size = ordered.shape[-1]
-        if size % 2:
-            return ordered[..., size // 2]
-        return (ordered[..., size // 2 - 1] + ordered[..., size // 2]) * 0.5
+    def middle(size: int) -> tuple[int, int]:
+        # an even count averages the two middle values
+        return (size - 1) // 2, size // 2 + 1
 
-    return _by_degree(own, pool, hoods, reduce, sent)
+    return _by_degree(own, pool, hoods, middle, sent)
 
 
 def _edge_distances(
     own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, sent: torch.Tensor | None = None
 ) -> np.ndarray:
-    """||pool[src] − own[dst]|| per neighbourhood entry (over the coordinates sent, when ``sent``
-    masks the pool), in cache-sized chunks over CPU threads."""
+    """||pool[src] − own[dst]|| per neighbourhood entry, in float64 (over the coordinates sent,
+    when ``sent`` masks the pool), in chunks over CPU threads."""
     dst, m = hoods.dst, len(hoods.src)
     out = np.empty(m, dtype=np.float64)
     chunk = max(1, GATHER_BUDGET // max(own.shape[1], 1))
+    arrays = _kernel_arrays(m * own.shape[1], own, pool)
+    mask = None if arrays is None or sent is None else sent.contiguous().numpy()
+    if arrays is not None:
+        from p2pl.core.order_stats import edge_distances  # lazily, as in _by_degree
 
     def run(lo: int) -> None:
+        if arrays is not None:
+            span = slice(lo, lo + chunk)
+            edge_distances(arrays[0], arrays[1], dst[span], hoods.src[span], out[span], mask)
+            return
         s = torch.from_numpy(hoods.src[lo : lo + chunk]).to(pool.device)
         d = torch.from_numpy(dst[lo : lo + chunk]).to(own.device)
-        diff = pool[s] - own[d]
+        diff = pool[s].double() - own[d].double()
         if sent is not None:
             diff = diff * sent[s]
-        out[lo : lo + chunk] = torch.linalg.vector_norm(diff, dim=1).double().cpu().numpy()
+        out[lo : lo + chunk] = torch.linalg.vector_norm(diff, dim=1).cpu().numpy()
 
     _spread(run, list(range(0, m, chunk)), own.device)
     return out
@@ -369,6 +413,21 @@ def one_row(self_weight: float, weights: list[float]) -> Neighbourhoods:
     )
 
 
+def _nearest_first(distances: np.ndarray, weight: np.ndarray, indptr: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Each receiver's entries sorted by distance: (distances, weights, cumulative weight within
+    the receiver, the receiver's total weight per entry, the receiver of each entry)."""
+    r = len(indptr) - 1
+    degree = np.diff(indptr)
+    row = np.repeat(np.arange(r), degree)
+    order = np.lexsort((distances, row))
+    dist, w = distances[order], weight[order]
+    cum = np.cumsum(w)
+    start = np.concatenate([[0.0], cum])[indptr[:-1]]
+    total = np.add.reduceat(w, indptr[:-1]) if len(w) else np.zeros(r)
+    total = np.where(degree > 0, total, 0.0)
+    return dist, w, cum - np.repeat(start, degree), np.repeat(total, degree), row
+
+
 def clip_radius(distances: np.ndarray, weight: np.ndarray, indptr: np.ndarray, quantile: float) -> np.ndarray:
     """Per receiver, the clipping radius of self-centred clipping.
 
@@ -378,22 +437,43 @@ def clip_radius(distances: np.ndarray, weight: np.ndarray, indptr: np.ndarray, q
     honest neighbours at typical distances pass unclipped, a far outlier is pulled in to τ.
     0 for a receiver with no neighbours."""
     r = len(indptr) - 1
-    degree = np.diff(indptr)
-    row = np.repeat(np.arange(r), degree)
-    order = np.lexsort((distances, row))
-    dist, w = distances[order], weight[order]
-    cum = np.cumsum(w)
-    start = np.concatenate([[0.0], cum])[indptr[:-1]]
-    total = np.add.reduceat(w, indptr[:-1]) if len(w) else np.zeros(r)
-    has = degree > 0
-    total = np.where(has, total, 0.0)
-    within = cum - np.repeat(start, degree)  # cumulative weight, nearest first, within each row
+    dist, w, within, total, row = _nearest_first(distances, weight, indptr)
     first = np.zeros(len(w), dtype=bool)
-    first[indptr[:-1][has]] = True
-    trusted = (within <= quantile * np.repeat(total, degree) * (1 + 1e-12)) | first
+    first[indptr[:-1][np.diff(indptr) > 0]] = True
+    trusted = (within <= quantile * total * (1 + 1e-12)) | first
     sq = np.bincount(row, weights=np.where(trusted, w * dist**2, 0.0), minlength=r)
     delta = max(1.0 - quantile, 1e-12)
     return np.sqrt(sq / delta)
+
+
+def median_distance(distances: np.ndarray, weight: np.ndarray, indptr: np.ndarray) -> np.ndarray:
+    """Per receiver, the weighted median of its neighbours' distances: the nearest distance whose
+    cumulative weight (nearest first) reaches half of the receiver's neighbour weight. Neighbours
+    holding less than half of that weight cannot move it beyond the others' distances. 0 for a
+    receiver with no neighbours."""
+    r = len(indptr) - 1
+    degree = np.diff(indptr)
+    dist, _, within, total, row = _nearest_first(distances, weight, indptr)
+    below = np.bincount(row, weights=within < 0.5 * total * (1 - 1e-12), minlength=r).astype(np.int64)
+    out = np.zeros(r)
+    has = degree > 0
+    out[has] = dist[indptr[:-1][has] + np.minimum(below[has], degree[has] - 1)]
+    return out
+
+
+def _reweighted(
+    own: torch.Tensor,
+    pool: torch.Tensor,
+    hoods: Neighbourhoods,
+    keep: np.ndarray,
+    stage: Gossip,
+    sent: torch.Tensor | None,
+) -> torch.Tensor:
+    """``θ_n + Σ_m W_nm keep_nm (θ_m − θ_n)``: a weighted mean with weights ``W_nm keep_nm``, the
+    weight a neighbour loses staying on the receiver's own row."""
+    weight = hoods.weight * keep
+    lost = np.bincount(hoods.dst, weights=hoods.weight - weight, minlength=hoods.num_rows)
+    return _mean(own, pool, hoods.with_weights(weight, hoods.self_weight + lost), stage, sent)
 
 
 def _clipped(
@@ -402,13 +482,26 @@ def _clipped(
     if len(hoods.src) == 0:
         return _mean(own, pool, hoods, stage)
     distances = _edge_distances(own, pool, hoods, sent)
-    radius = clip_radius(distances, hoods.weight, hoods.indptr, stage.clip_quantile)
-    tau = np.repeat(radius, hoods.degree)
+    tau = np.repeat(clip_radius(distances, hoods.weight, hoods.indptr, stage.clip_quantile), hoods.degree)
+    # clip(z, τ) = z min(1, τ / ||z||): the neighbour's weight scaled by min(1, τ / ||z||)
     keep = np.where(distances > tau, tau / np.maximum(distances, 1e-300), 1.0)
-    # θ_n + Σ W_nm c_nm (θ_m − θ_n) is a weighted mean with weights W_nm c_nm and the rest on self.
-    weight = hoods.weight * keep
-    lost = np.bincount(hoods.dst, weights=hoods.weight - weight, minlength=hoods.num_rows)
-    return _mean(own, pool, hoods.with_weights(weight, hoods.self_weight + lost), stage, sent)
+    return _reweighted(own, pool, hoods, keep, stage, sent)
+
+
+def _redescending(
+    own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip, sent: torch.Tensor | None = None
+) -> torch.Tensor:
+    if len(hoods.src) == 0:
+        return _mean(own, pool, hoods, stage)
+    distances = _edge_distances(own, pool, hoods, sent)
+    radius = stage.radius_factor * median_distance(distances, hoods.weight, hoods.indptr)
+    tau = np.repeat(radius, hoods.degree)
+    # Beyond τ the weight falls as (τ / ||z||)²: the pull W τ² / ||z|| is at most W τ (at ||z|| = τ,
+    # as clipping's) and fades the farther the row lies, where clipping's stays W τ.
+    keep = np.ones_like(distances)
+    far = distances > tau  # NaN compares False: a NaN row keeps its weight and the guard drops it
+    keep[far] = (tau[far] / distances[far]) ** 2
+    return _reweighted(own, pool, hoods, keep, stage, sent)
 
 
 #: consensus.aggregation name -> the rule, over (own rows, pool of sent rows, neighbourhoods, stage,
@@ -419,6 +512,7 @@ AGGREGATION_RULES: dict[str, Callable[..., torch.Tensor]] = {
     "trimmed-mean": _trimmed_mean,
     "median": _median,
     "clipped": _clipped,
+    "redescending": _redescending,
 }
 
 
@@ -516,8 +610,10 @@ __all__ = [
     "clip_radius",
     "finish",
     "gossip",
+    "median_distance",
     "one_row",
     "rollback_unsound",
+    "sorted_middle",
     "trim_count",
     "unsound_rows",
     "weighted_average",
