@@ -210,7 +210,7 @@ def bench_guard(tensors: int) -> dict[str, float]:
     entry = '"t{:07d}":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}'
     head = ("{" + ",".join(entry.format(i) for i in range(tensors)) + "}").encode()
     payload = struct.pack("<Q", len(head)) + head
-    header = {"version": 1, "kind": "params", "sender": "dev-a", "round": 0, "step": 0,
+    header = {"version": wire.WIRE_VERSION, "kind": "params", "sender": "dev-a", "round": 0, "step": 0,
               "fingerprint": spec.fingerprint, "payload_size": len(payload), "extras": {}}  # fmt: skip
     raw = json.dumps(header).encode()
     message = struct.pack("<4sI", wire.MAGIC, len(raw)) + raw + payload

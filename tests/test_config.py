@@ -133,6 +133,8 @@ BAD_NUMBERS = [
     ("training.betas=[0.9]", "training.betas must be two numbers"),
     ("consensus.affinity=0", r"consensus.affinity must be in \(0, 1\]"),
     ("consensus.affinity=1.5", r"consensus.affinity must be in \(0, 1\]"),
+    ("consensus.radius_factor=0", "consensus.radius_factor must be > 0 and finite"),
+    ("consensus.radius_factor=inf", "consensus.radius_factor must be > 0 and finite"),
     ("data.test_fraction=1", r"data.test_fraction must be in \(0, 1\)"),
     ("model.hidden=[8, 0]", "model.hidden widths must be positive"),
 ]

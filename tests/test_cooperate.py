@@ -19,6 +19,7 @@ from p2pl.core.cooperate import (
     aggregate,
     clip_radius,
     finish,
+    median_distance,
     trim_count,
     unsound_rows,
 )
@@ -61,15 +62,17 @@ def test_robust_rules_match_numpy_per_coordinate(rule: str, monkeypatch: pytest.
     hoods = _hoods(n, edges)
     params = _params(n, p, 1)
     monkeypatch.setattr(cooperate, "GATHER_BUDGET", 50)  # many small chunks: chunking must not matter
-    out = aggregate(params, params, hoods, Gossip(rule, trim=0.2)).double().numpy()
     x = params.double().numpy()
-    for r in range(n):
-        values = _neighbourhood_values(x, hoods, r)
-        if rule == "median":
-            expected = np.median(values, axis=0)
-        else:
-            expected = scipy.stats.trim_mean(values, 0.2, axis=0)
-        assert np.abs(out[r] - expected).max() < 1e-6
+    for kernel_min in (0, 10**12):  # the compiled kernel, torch's path
+        monkeypatch.setattr(cooperate, "KERNEL_MIN_VALUES", kernel_min)
+        out = aggregate(params, params, hoods, Gossip(rule, trim=0.2)).double().numpy()
+        for r in range(n):
+            values = _neighbourhood_values(x, hoods, r)
+            if rule == "median":
+                expected = np.median(values, axis=0)
+            else:
+                expected = scipy.stats.trim_mean(values, 0.2, axis=0)
+            assert np.abs(out[r] - expected).max() < 1e-6
 
 
 def test_trim_count_keeps_at_least_one_value() -> None:
@@ -108,7 +111,41 @@ def test_clipped_without_clipping_is_the_mean_and_clips_a_far_neighbour() -> Non
     assert float(moved.max()) < 20.0
 
 
-@pytest.mark.parametrize("rule", ["trimmed-mean", "median", "clipped"])
+def test_median_distance_is_the_weighted_median_of_each_receivers_neighbours() -> None:
+    # receiver 0 hears distances 1, 4, 2 (weights .2 .6 .2): cumulative .2, .4, 1.0 -> 4;
+    # receiver 1 nobody; receiver 2 one at 3; receiver 3 equal weights 5, 1, 3, 2 -> 2 (.5 reached)
+    indptr = np.array([0, 3, 3, 4, 8])
+    distances = np.array([1.0, 4.0, 2.0, 3.0, 5.0, 1.0, 3.0, 2.0])
+    weight = np.array([0.2, 0.6, 0.2, 0.5, 0.1, 0.1, 0.1, 0.1])
+    assert median_distance(distances, weight, indptr).tolist() == [4.0, 0.0, 3.0, 2.0]
+
+
+def test_redescending_keeps_near_neighbours_and_fades_far_ones() -> None:
+    n, p = 30, 200
+    edges = _graph(n, seed=2)
+    hoods = _hoods(n, edges)
+    params = _params(n, p, 2)
+    mean = aggregate(params, params, hoods, Gossip("mean"))
+    wide = aggregate(params, params, hoods, Gossip("redescending", radius_factor=1e6))
+    assert torch.allclose(wide, mean, atol=1e-5)  # every neighbour within the radius: the mean
+    # Neighbour 0 sends its row flipped and x500. Clipping would still move each receiver by
+    # W τ towards it (τ about the honest distance); here the pull W τ² / distance nearly vanishes.
+    sent = params.clone()
+    sent[0] = -500.0 * params[0]
+    out = aggregate(params, sent, hoods, Gossip("redescending"))
+    liar = hoods.src == 0
+    silent = hoods.with_weights(np.where(liar, 0.0, hoods.weight),
+                                hoods.self_weight + np.bincount(hoods.dst[liar], hoods.weight[liar], n))  # fmt: skip
+    without = aggregate(params, params, silent, Gossip("mean"))  # the liar's weight on each receiver
+    for r in np.unique(hoods.dst[liar]).tolist():
+        lo, hi = hoods.indptr[r], hoods.indptr[r + 1]
+        honest = [int(m) for m in hoods.src[lo:hi] if m != 0]
+        typical = float((params[honest] - params[r]).norm(dim=1).median())
+        w = float(hoods.weight[lo:hi][hoods.src[lo:hi] == 0][0])
+        assert float((out[r] - without[r]).norm()) < 0.05 * w * typical
+
+
+@pytest.mark.parametrize("rule", ["trimmed-mean", "median", "clipped", "redescending"])
 def test_one_huge_neighbour_cannot_move_a_robust_receiver_far(rule: str) -> None:
     n = 60
     edges = _graph(n, seed=3)

@@ -94,7 +94,7 @@ def test_node_refuses_and_logs_bad_peers_and_messages(tmp_path: Path) -> None:
         return wire.encode(header, runtime._tensors(flat))
 
     def header(payload: bytes, **kw: object) -> dict:
-        h = {"version": 1, "kind": "params", "sender": "dev-1", "round": 1, "step": 0,
+        h = {"version": wire.WIRE_VERSION, "kind": "params", "sender": "dev-1", "round": 1, "step": 0,
              "fingerprint": spec.fingerprint, "payload_size": len(payload), "extras": {}}  # fmt: skip
         h.update(kw)
         return h

@@ -33,7 +33,7 @@ from p2pl.node.mailbox import (
     UNKNOWN_SENDER,
     Mailbox,
 )
-from p2pl.node.transport import SEND_METHOD, PeerClient, PeerServer
+from p2pl.node.transport import GRPC_SLACK_BYTES, SEND_METHOD, PeerClient, PeerServer
 from p2pl.node.wire import SYNC_DONE_STEP, MessageHeader, ModelSpec
 
 pytestmark = pytest.mark.integration
@@ -62,7 +62,7 @@ def _raw(header: dict, payload: bytes = b"") -> bytes:
 
 def _header_dict(sender: str, payload: bytes, **kw) -> dict:
     d = {
-        "version": 1,
+        "version": wire.WIRE_VERSION,
         "kind": "params",
         "sender": sender,
         "round": 0,
@@ -504,3 +504,131 @@ def test_rejections_are_logged_a_bounded_number_of_times(net, caplog):
     lines = [r for r in caplog.records if r.name == "p2pl.node.transport" and "dev-b rejected send" in r.getMessage()]
     assert srv_b.stats()["send.rejected.mailbox.stale"] == 60
     assert len(lines) == 20 and lines[-1].getMessage().endswith("(#20)")
+
+
+# ------------------------------------------------------------------------- chunked streams
+
+
+def test_large_message_streams_in_chunks_and_bad_streams_are_refused(net, pki):
+    """A message over one chunk travels as SendStream and arrives whole; unary Send cannot carry
+    it (gRPC refuses any single message over a chunk + slack); reordered, truncated or impersonated
+    streams are refused with their reason, and the mailbox stays clean."""
+    from p2pl.node.chunks import CHUNK_PREFIX, MIN_CHUNK_BYTES, split
+    from p2pl.node.transport import SEND_STREAM_METHOD
+
+    g = torch.Generator().manual_seed(5)
+    big = {"w": torch.randn(200, 100, generator=g), "b": torch.randn(200, generator=g)}  # 80 KB
+    spec = ModelSpec.from_tensors(big)
+    box = Mailbox()
+    srv = PeerServer("dev-b", "127.0.0.1:0", pki["dev-b"], box, spec, spec.max_message_bytes(),
+                     chunk_bytes=MIN_CHUNK_BYTES)  # fmt: skip
+    srv.start()
+    net.servers.append(srv)
+    cl = net.client("dev-a", chunk_bytes=MIN_CHUNK_BYTES, max_message_bytes=spec.max_message_bytes())
+
+    def message(round: int, sender: str = "dev-a") -> bytes:
+        return wire.encode(MessageHeader("params", sender, round, 0, spec.fingerprint), big)
+
+    assert len(message(0)) > MIN_CHUNK_BYTES + GRPC_SLACK_BYTES
+    assert cl.send("dev-b", srv.address, message(0), TIMEOUT)
+    got = box.get("params", 0, 0, "dev-a")
+    assert got is not None and got.tensors is not None
+    assert all(torch.equal(got.tensors[n], t) for n, t in big.items())
+
+    creds = grpc.ssl_channel_credentials(pki["dev-a"].ca_cert, pki["dev-a"].key, pki["dev-a"].cert)
+    with grpc.secure_channel(srv.address, creds, options=[("grpc.ssl_target_name_override", "dev-b")]) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            channel.unary_unary(SEND_METHOD)(message(1), timeout=TIMEOUT)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        stream = channel.stream_unary(SEND_STREAM_METHOD)
+        chunks = list(split(message(2), MIN_CHUNK_BYTES))
+        assert stream(iter([chunks[0], chunks[2]]), timeout=TIMEOUT).startswith(b"rejected: chunk for byte")
+        assert b"stream ended after" in stream(iter(chunks[:-1]), timeout=TIMEOUT)
+        extra = CHUNK_PREFIX.pack(len(message(2))) + b"\x00" * 8
+        assert b"a chunk too many" in stream(iter([*chunks, extra]), timeout=TIMEOUT)
+        forged = list(split(message(2, sender="dev-c"), MIN_CHUNK_BYTES))
+        assert b"does not match certificate CN" in stream(iter(forged), timeout=TIMEOUT)
+        assert stream(iter(chunks), timeout=TIMEOUT) == b"ok"  # still serving
+    assert sorted(k for k, _, _, _ in box._messages) == ["params", "params"]
+    stats = srv.stats()
+    assert stats["send.rejected.invalid"] == 3 and stats["send.rejected.auth"] == 1
+    assert stats["send.accepted"] == 2
+
+
+@pytest.mark.parametrize("method,bits", [("top-k", 4), ("quantize", 8)])
+def test_compressed_payload_round_trips_through_the_transport(net, pki, method, bits):
+    """A compressed message (int32 indices, 4-bit codes in uint8 / int8 codes, float32 scales),
+    streamed in chunks, arrives validated against the layout and decodes to what was sent."""
+    from p2pl.core.compress import Compression, Compressor
+    from p2pl.node.chunks import MIN_CHUNK_BYTES
+
+    num_params = 12_000
+    compressor = Compressor(Compression(method, ratio=0.5, bits=bits, block_size=64), num_params, seed=0)
+    row = torch.randn(1, num_params, generator=torch.Generator().manual_seed(1))
+    compressor.start(torch.zeros(1, num_params))
+    arrays = {name: a[0].contiguous() for name, a in compressor.encode(row, [0], 3, 0).items()}
+    spec = wire.ModelSpec.from_layout(compressor.layout.arrays)
+    assert {t.dtype for t in spec.tensors} >= {"float32"} and len(spec.tensors) >= 2
+    box = Mailbox()
+    box.set_round(3)
+    srv = PeerServer("dev-b", "127.0.0.1:0", pki["dev-b"], box, spec, spec.max_message_bytes(),
+                     chunk_bytes=MIN_CHUNK_BYTES)  # fmt: skip
+    srv.start()
+    net.servers.append(srv)
+    cl = net.client("dev-a", chunk_bytes=MIN_CHUNK_BYTES, max_message_bytes=spec.max_message_bytes())
+    message = wire.encode(MessageHeader("params", "dev-a", 3, 0, spec.fingerprint), arrays)
+    assert len(message) > MIN_CHUNK_BYTES  # streamed
+    assert cl.send("dev-b", srv.address, message, TIMEOUT)
+    got = box.get("params", 3, 0, "dev-a")
+    assert got is not None and got.tensors is not None
+    for name, sent in arrays.items():
+        assert got.tensors[name].dtype == sent.dtype and torch.equal(got.tensors[name], sent)
+    received = compressor.decode({n: t.unsqueeze(0) for n, t in got.tensors.items()}, [0], 3, 0)
+    expected = compressor.decode({n: t.unsqueeze(0) for n, t in arrays.items()}, [0], 3, 0)
+    assert torch.equal(received.values, expected.values)
+
+
+def test_a_stalled_stream_is_cancelled_and_a_sender_holds_few_streams(net, pki, monkeypatch):
+    """A neighbour that sends a stream's first chunk and stalls holds one server thread only
+    until the stream's deadline, and at most MAX_STREAMS_PER_SENDER of them at once."""
+    from p2pl.node import transport
+    from p2pl.node.chunks import MIN_CHUNK_BYTES, split
+    from p2pl.node.transport import SEND_STREAM_METHOD
+
+    monkeypatch.setattr(transport, "STREAM_GRACE_S", 1.0)
+    big = {"w": torch.zeros(50, 100), "b": torch.zeros(50)}
+    spec = ModelSpec.from_tensors(big)
+    box = Mailbox()
+    srv = PeerServer("dev-b", "127.0.0.1:0", pki["dev-b"], box, spec, spec.max_message_bytes(),
+                     chunk_bytes=MIN_CHUNK_BYTES)  # fmt: skip
+    srv.start()
+    net.servers.append(srv)
+    release = threading.Event()
+
+    def stalled(round: int) -> Iterator[bytes]:
+        chunks = split(wire.encode(MessageHeader("params", "dev-a", round, 0, spec.fingerprint), big), MIN_CHUNK_BYTES)
+        yield next(chunks)
+        release.wait(10)  # then nothing: the stream stays open
+        yield from chunks
+
+    creds = grpc.ssl_channel_credentials(pki["dev-a"].ca_cert, pki["dev-a"].key, pki["dev-a"].cert)
+    with grpc.secure_channel(srv.address, creds, options=[("grpc.ssl_target_name_override", "dev-b")]) as channel:
+        stream = channel.stream_unary(SEND_STREAM_METHOD)
+        held = [stream.future(stalled(r), timeout=20) for r in (0, 1)]
+        deadline = time.monotonic() + 10
+        while srv._streams["dev-a"] < 2 and time.monotonic() < deadline:  # both admitted, stalled
+            time.sleep(0.02)
+        assert stream(stalled(2), timeout=TIMEOUT).startswith(b"rejected: dev-a already has 2 streams in flight")
+        for call in held:  # the watchdog cancels them, long before the client's own 20 s deadline
+            with pytest.raises(grpc.RpcError) as info:
+                call.result()
+            assert info.value.code() == grpc.StatusCode.CANCELLED
+        release.set()
+        message = wire.encode(MessageHeader("params", "dev-a", 3, 0, spec.fingerprint), big)
+        assert stream(split(message, MIN_CHUNK_BYTES), timeout=TIMEOUT) == b"ok"  # slots freed
+    deadline = time.monotonic() + 10  # the server threads finish after the client saw CANCELLED
+    while srv.stats().get("send.rejected.slow", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    stats = srv.stats()
+    assert stats["send.rejected.busy"] == 1 and stats["send.rejected.slow"] == 2
+    assert box.get("params", 3, 0, "dev-a") is not None and len(box) == 1

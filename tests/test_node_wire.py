@@ -39,7 +39,7 @@ def _raw(header: dict, payload: bytes = b"", *, magic: bytes = b"P2PL") -> bytes
 
 def _good_header_dict(payload: bytes, **kw) -> dict:
     d = {
-        "version": 1,
+        "version": wire.WIRE_VERSION,
         "kind": "params",
         "sender": "dev-1",
         "round": 1,
@@ -161,7 +161,7 @@ def _cases() -> list[tuple[str, bytes, str]]:
             (lambda h: struct.pack("<4sI", b"P2PL", len(h)) + h + p)(json.dumps(good).encode()[:-1] + b', "round": 2}'),
             "duplicate header key",
         ),
-        ("version", _raw({**good, "version": 2}, p), "unsupported wire version"),
+        ("version", _raw({**good, "version": 1}, p), "unsupported wire version"),
         ("kind", _raw({**good, "kind": "pickle"}, p), "unknown message kind"),
         ("sender", _raw({**good, "sender": "../etc"}, p), "bad sender"),
         ("negative round", _raw({**good, "round": -1}, p), "round must be"),
@@ -306,3 +306,143 @@ def test_decode_without_spec_checks_header_fingerprint():
 def test_model_spec_rejects_unsupported_dtype():
     with pytest.raises(WireError, match="cannot travel"):
         ModelSpec.from_tensors({"x": torch.zeros(2, dtype=torch.complex64)})
+
+
+# ------------------------------------------------------------ fast path: format, views, layouts
+
+
+def test_payload_is_standard_safetensors_with_aligned_data():
+    from safetensors.torch import load as st_load
+
+    data = wire.encode(_header(), _params())
+    header_len = struct.unpack_from("<I", data, 4)[0]
+    assert (wire.PREFIX_SIZE + header_len) % 8 == 0  # the payload starts 8-byte aligned
+    payload = data[wire.PREFIX_SIZE + header_len :]
+    assert (8 + struct.unpack_from("<Q", payload)[0]) % 8 == 0  # and so does its tensor data
+    loaded = st_load(payload)
+    assert set(loaded) == set(_params())
+    for name, t in _params().items():
+        assert torch.equal(loaded[name], t)
+
+
+def test_decode_views_the_received_buffer_and_equals_what_was_sent():
+    params = _params()
+    buffer = bytearray(wire.encode(_header(), params))
+    msg = wire.decode(buffer, SPEC)
+    assert msg.tensors is not None and list(msg.tensors) == list(SPEC.names)
+    base = torch.frombuffer(buffer, dtype=torch.uint8).data_ptr()
+    for name, sent in params.items():
+        got = msg.tensors[name]
+        assert torch.equal(got, sent) and got.dtype == sent.dtype
+        assert base <= got.data_ptr() < base + len(buffer)  # no copy
+    # read-only bytes are copied once, never shared or modified
+    data = bytes(buffer)
+    again = wire.decode(data, SPEC).tensors
+    assert again is not None and all(torch.equal(again[n], t) for n, t in params.items())
+
+
+def test_foreign_unaligned_payload_decodes_by_copy():
+    """safetensors' own bytes after an unpadded header (another encoder): still exact."""
+    params = _params()
+    payload = st_save(params)
+    h = json.dumps(_good_header_dict(payload)).encode()
+    h += b" " * ((1 - wire.PREFIX_SIZE - len(h)) % 4)  # JSON may end in spaces; floats now misaligned
+    data = struct.pack("<4sI", b"P2PL", len(h)) + h + payload
+    assert (wire.PREFIX_SIZE + len(h)) % 4 == 1
+    msg = wire.decode(data, SPEC)
+    assert msg.tensors is not None and all(torch.equal(msg.tensors[n], t) for n, t in params.items())
+
+
+#: A compressed message's kind of layout: int32 indices, float16 values, odd-sized uint8 codes
+#: (listed first, so the encoder must reorder to keep the others aligned), a float32 scale.
+LAYOUT = [("codes", "uint8", (7,)), ("idx", torch.int32, (5,)), ("vals", "float16", (5,)), ("scale", "float32", ())]
+
+
+def _layout_tensors() -> dict[str, torch.Tensor]:
+    return {
+        "codes": torch.tensor([0, 1, 2, 250, 255, 7, 9], dtype=torch.uint8),
+        "idx": torch.tensor([3, -1, 2**31 - 1, 0, 17], dtype=torch.int32),
+        "vals": torch.tensor([0.5, -1.25, 65504.0, 0.0, 3.0], dtype=torch.float16),
+        "scale": torch.tensor(0.125),
+    }
+
+
+def test_generic_layout_round_trips_exactly():
+    spec = ModelSpec.from_layout(LAYOUT)
+    assert [(t.name, t.dtype, t.shape) for t in spec.tensors] == [
+        ("codes", "uint8", (7,)), ("idx", "int32", (5,)), ("vals", "float16", (5,)), ("scale", "float32", ())
+    ]  # fmt: skip
+    assert spec.data_bytes() == 7 + 20 + 10 + 4
+    data = bytearray(wire.encode(_header(fingerprint=spec.fingerprint), _layout_tensors()))
+    msg = wire.decode(data, spec)
+    assert msg.tensors is not None
+    for name, sent in _layout_tensors().items():
+        got = msg.tensors[name]
+        assert got.dtype == sent.dtype and got.shape == sent.shape and torch.equal(got, sent)
+        assert got.data_ptr() % got.element_size() == 0 or got.numel() <= 1
+    assert len(data) <= spec.max_message_bytes()
+
+
+def test_generic_layout_checks_finiteness_of_floats_only():
+    spec = ModelSpec.from_layout(LAYOUT)
+    header = _header(fingerprint=spec.fingerprint)
+    t = _layout_tensors()
+    t["idx"][0] = -(2**31)  # any integer is a valid index as far as the wire can tell
+    assert wire.decode(wire.encode(header, t), spec).tensors is not None
+    t["vals"][1] = float("inf")
+    with pytest.raises(WireError, match="refusing to send non-finite values in tensor 'vals'"):
+        wire.encode(header, t)
+    payload = st_save(t)  # crafted by hand: the receiver refuses it too
+    with pytest.raises(WireError, match="tensor 'vals' contains NaN or infinite values"):
+        wire.decode(_raw(_good_header_dict(payload, fingerprint=spec.fingerprint), payload), spec)
+
+
+def test_generic_layout_refuses_other_dtypes_and_sizes():
+    spec = ModelSpec.from_layout(LAYOUT)
+    t = _layout_tensors()
+    wide = {**t, "idx": t["idx"].to(torch.int64)}  # int64 indices where int32 were agreed
+    p = st_save(wide)
+    with pytest.raises(WireError, match=r"does not fit this model|has dtype"):
+        wire.decode(_raw(_good_header_dict(p, fingerprint=spec.fingerprint), p), spec)
+    with pytest.raises(WireError, match="do not match the header fingerprint"):
+        wire.encode(_header(fingerprint=spec.fingerprint), wide)
+    longer = {**t, "codes": torch.zeros(8, dtype=torch.uint8)}
+    p = st_save(longer)
+    with pytest.raises(WireError, match="does not fit this model"):
+        wire.decode(_raw(_good_header_dict(p, fingerprint=spec.fingerprint), p), spec)
+
+
+def test_old_wire_version_is_refused_with_a_clear_reason():
+    p = _good_payload()
+    with pytest.raises(WireError, match=r"unsupported wire version 1: this node speaks \[2\]"):
+        wire.decode(_raw(_good_header_dict(p, version=1), p), SPEC)
+
+
+def test_decode_without_spec_bounds_the_payload_header_it_parses():
+    """Tools (and payload-free replies) decode without a spec: a header bomb is still refused
+    from its length alone, before parsing."""
+    bomb = _header_bomb(20_000)
+    with pytest.raises(WireError, match=r"payload header of \d+ bytes exceeds the limit of 1048576 bytes"):
+        wire.decode(bomb, None, max_bytes=len(bomb))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_finiteness_is_checked_for_every_float_dtype(dtype):
+    t = {"a": torch.linspace(-3, 3, 9, dtype=dtype), "b": torch.ones(2, 2, dtype=dtype)}
+    spec = ModelSpec.from_tensors(t)
+    header = _header(fingerprint=spec.fingerprint)
+    msg = wire.decode(wire.encode(header, t), spec)
+    assert msg.tensors is not None and all(torch.equal(msg.tensors[n], v) for n, v in t.items())
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        worse = {"a": t["a"].clone(), "b": t["b"].clone()}
+        worse["b"][1, 0] = bad
+        with pytest.raises(WireError, match="non-finite values in tensor 'b'"):
+            wire.encode(header, worse)
+        payload = st_save(worse)  # another encoder's layout: parsed and checked per tensor
+        with pytest.raises(WireError, match="tensor 'b' contains NaN or infinite values"):
+            wire.decode(_raw(_good_header_dict(payload, fingerprint=spec.fingerprint), payload), spec)
+        canonical = bytearray(wire.encode(header, t))  # ours: checked in one pass per float run
+        at = len(canonical) - spec.layout.payload_bytes + spec.layout.starts[1] + 2 * dtype.itemsize
+        canonical[at : at + dtype.itemsize] = torch.tensor([bad], dtype=dtype).view(torch.uint8).numpy().tobytes()
+        with pytest.raises(WireError, match="tensor 'b' contains NaN or infinite values"):
+            wire.decode(canonical, spec)

@@ -76,7 +76,7 @@ class TestLocalRay:
 
     @pytest.mark.parametrize(
         ("aggregation", "attack", "weights"),
-        [("trimmed-mean", "alie", "metropolis"), ("clipped", "gaussian", "metropolis"),
+        [("trimmed-mean", "alie", "metropolis"), ("redescending", "gaussian", "metropolis"),
          ("median", "data-size", "data-size"), ("mean", "silent", "metropolis")],
     )  # fmt: skip
     def test_robust_rules_and_attackers_match_single_process(self, aggregation: str, attack: str, weights: str) -> None:
@@ -95,6 +95,22 @@ class TestLocalRay:
         assert resumed.summary["rounds_done"] == 3
         assert_same_run(resumed, local)
         assert (tmp_path / "metrics.csv").read_text().count("\n") == 1 + 4 * 12
+
+    @pytest.mark.parametrize(
+        "extra",
+        [["algorithm='dpsgd'", "consensus.weights='metropolis'"], ["algorithm='gossip'"],
+         ["algorithm='push-sum'", "topology.name='directed-random-geometric'", "topology.radius=0"]],
+        ids=["dpsgd", "gossip", "push-sum"],
+    )  # fmt: skip
+    def test_baselines_match_single_process_and_resume_across_backends(self, extra: list[str], tmp_path: Path) -> None:
+        cfg = load_config(None, ["devices=12", "rounds=3", "training.local_epochs=1", "links.dropout=0.1",
+                                 "partition.samples_per_device=24", "topology.radius=0.5", *extra])  # fmt: skip
+        local = run_experiment(cfg)
+        if cfg.algorithm == "push-sum":  # its weights live on the driver: checkpointed, restored there
+            run_experiment(cfg, tmp_path, stop_after=1)
+            assert_same_run(run_experiment(cfg, tmp_path, backend="ray", shards=2), local)
+        else:
+            assert_same_run(run_experiment(cfg, backend="ray", shards=2), local)
 
     def test_evaluating_a_device_subset_matches_the_local_engine(self) -> None:
         cfg = load_config(None, ["devices=20", "rounds=3", "topology.radius=0.45", "eval.devices=6"])

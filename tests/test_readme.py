@@ -185,6 +185,11 @@ EXAMPLES: dict[str, tuple[list[Step] | Elsewhere, Check | None, str]] = {
         _has("runs/noniid/local/summary.json"),
         "",
     ),
+    "p2pl compare --algorithms p2pl,dpsgd,gossip,push-sum --out runs/baselines": (
+        [["compare", "--algorithms", "p2pl,dpsgd,gossip,push-sum", "--out", "runs/baselines", *SMALL, "--quiet"]],
+        _has("runs/baselines/push-sum/summary.json", "runs/baselines/dpsgd/summary.json"),
+        "",
+    ),
     # the example that used to fail (10 devices left the old fixed-radius graph disconnected): as written
     "p2pl run --engine reference --set devices=10 --set rounds=2": (
         [["run", "--engine", "reference", "--set", "devices=10", "--set", "rounds=2"]],
@@ -235,6 +240,11 @@ EXAMPLES: dict[str, tuple[list[Step] | Elsewhere, Check | None, str]] = {
     "p2pl sweep --grid consensus.aggregation=mean,median --seeds 3 --out runs/sweep": (
         [["sweep", "--grid", "consensus.aggregation=mean,median", "--seeds", "3", "--out", "runs/sweep", *SMALL]],
         _has("runs/sweep/results.csv"),
+        "",
+    ),
+    "p2pl compare --compress top-k,quantize,choco --out runs/compress": (
+        [["compare", "--compress", "top-k,quantize,choco", "--out", "runs/compress", *SMALL, "--quiet"]],
+        _has("runs/compress/bytes.png", "runs/compress/p2pl-choco/rounds.csv"),
         "",
     ),
     "p2pl compare --seeds 3 --out runs/compare3": (

@@ -187,7 +187,7 @@ def test_grid_settings_defaults_aliases_and_the_users_attackers() -> None:
     assert (s.base.devices, s.base.data.name, s.base.topology.name) == (100, "digits", "random-geometric")
     assert s.base.adversary.fraction == 0.1 and s.base.adversary.placement == "random"
     assert [x.key for x in s.scenarios] == [k for k in SCENARIOS if k != "data-size"]
-    assert len(s.specs()) == 9 * 4
+    assert len(s.specs()) == 9 * 5
     s = grid_settings(None, ["adversary.count=3"], quick=True, attacks="alie", rules="median")
     assert (s.base.adversary.count, s.base.adversary.fraction, s.base.devices) == (3, 0.0, 40)
     assert [x.key for x in s.scenarios] == ["none", "alie"]  # the attack-free row is always there

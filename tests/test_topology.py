@@ -72,6 +72,7 @@ def test_all_names_covered() -> None:
         "star",
         "erdos-renyi",
         "random-geometric",
+        "directed-random-geometric",
         "small-world",
         "barabasi-albert",
         "random-regular",

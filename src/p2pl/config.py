@@ -71,6 +71,9 @@ class TopologyConfig:
     rows: int = 0  # grid/torus rows (0: most square)
     area_m: float = 0.0  # random-geometric in metres: side of the square area (0: unit square)
     range_m: float = 0.0  # random-geometric in metres: radio range
+    # directed-random-geometric: each device's radio range is drawn uniformly in
+    # [radius * (1 - range_spread), radius * (1 + range_spread)] (keyed by the seed)
+    range_spread: float = 0.5
     path: str = ""  # edge-list file for name = "edge-list"
     allow_disconnected: bool = False
 
@@ -93,9 +96,9 @@ class LinksConfig:
 
 
 #: the algorithms (p2pl.algorithms.ALGORITHMS builds them; named here so the CLI need not import torch)
-ALGORITHM_NAMES = ("p2pl", "fedavg", "centralized", "local")
+ALGORITHM_NAMES = ("p2pl", "fedavg", "centralized", "local", "dpsgd", "gossip", "push-sum")
 SYNC_MODES = ("verified", "flood")
-AGGREGATIONS = ("mean", "trimmed-mean", "median", "clipped")
+AGGREGATIONS = ("mean", "trimmed-mean", "median", "clipped", "redescending")
 ATTACKS = ("none", "sync-hijack", "scale", "sign-flip", "gaussian", "alie", "label-flip", "silent", "data-size")
 #: Network-level misbehaviour that only a real node can play (p2pl.node.adversary).
 NODE_ATTACKS = ("hello-round", "header-bomb", "flood")
@@ -140,9 +143,10 @@ class ConsensusConfig:
     steps: int = 1  # consensus steps per round
     affinity: float = 1.0  # (1-a) own + a mix; 1 = plain P2PL (our reading of arXiv 2312.13602)
     every: int = 1  # sparse communication: cooperate every r rounds
-    aggregation: str = "mean"  # mean | trimmed-mean | median | clipped (robust rules, docs/robustness.md)
+    aggregation: str = "mean"  # mean | trimmed-mean | median | clipped | redescending (robust: docs/robustness.md)
     trim: float = 0.2  # trimmed-mean: share of the neighbourhood cut at each end (per coordinate)
     clip_quantile: float = 0.8  # clipped: clip radius = this quantile of the neighbours' distances
+    radius_factor: float = 1.5  # redescending: full weight within this x the median neighbour distance
     # A neighbour's claimed data size counts within [own / r, own * r] (data-size weights), so no
     # one neighbour can steer a device's row of W by lying about its data.
     max_size_ratio: float = 10.0
@@ -156,10 +160,40 @@ class ConsensusConfig:
         _require({"consensus.affinity": self.affinity}, lambda v: 0 < v <= 1, "in (0, 1]", "1.0")
         _require({"consensus.trim": self.trim}, lambda v: 0 <= v < 0.5, "in [0, 0.5)", "0.2")
         _require({"consensus.clip_quantile": self.clip_quantile}, lambda v: 0 < v <= 1, "in (0, 1]", "0.8")
+        _require({"consensus.radius_factor": self.radius_factor}, lambda v: 0 < v < float("inf"), "> 0 and finite",
+                 "1.5")  # fmt: skip
         _require({"consensus.max_size_ratio": self.max_size_ratio}, lambda v: v >= 1, ">= 1", "10")
         _require({"consensus.max_norm_ratio": self.max_norm_ratio}, lambda v: 1 < v < float("inf"), "> 1 and finite",
                  "1000")  # fmt: skip
         choose("consensus.aggregation", self.aggregation, AGGREGATIONS)
+
+
+COMPRESSION_METHODS = ("none", "top-k", "random-k", "quantize", "choco")
+
+
+@dataclass
+class CompressionConfig:
+    """What a device sends in a gossip step (p2pl.core.compress, docs/compression.md)."""
+
+    method: str = "none"  # none | top-k | random-k | quantize | choco
+    ratio: float = 0.01  # top-k / random-k / choco: share of the parameters sent per message
+    bits: int = 0  # 8 | 4: quantized values; 32: float32 values; 0: 8 for quantize, 32 otherwise
+    block_size: int = 256  # values per quantization scale
+    granularity: str = "block"  # quantize: one scale per block | per model tensor ("tensor")
+    gamma: float = 0.1  # choco: consensus step size
+
+    def validate(self) -> None:
+        choose("compression.method", self.method, COMPRESSION_METHODS)
+        choose("compression.granularity", self.granularity, ("block", "tensor"))
+        _require({"compression.ratio": self.ratio}, lambda v: 0 < v <= 1, "in (0, 1]", "0.01")
+        _require({"compression.gamma": self.gamma}, lambda v: 0 < v <= 1, "in (0, 1]", "0.5")
+        _require({"compression.block_size": self.block_size}, lambda v: v > 0, "a positive integer", "256")
+        _require({"compression.bits": self.bits}, lambda v: v in (0, 4, 8, 32), "8, 4 or 32 (0: the method's default)",
+                 "8")  # fmt: skip
+        if self.method == "quantize" and self.bits == 32:
+            raise P2PLError(
+                "compression.method = 'quantize' needs compression.bits = 8 or 4; set --set compression.bits=8"
+            )
 
 
 @dataclass
@@ -260,7 +294,7 @@ class OutputConfig:
 
 @dataclass
 class ExperimentConfig:
-    algorithm: str = "p2pl"  # p2pl | fedavg | centralized | local
+    algorithm: str = "p2pl"  # p2pl | fedavg | centralized | local | dpsgd | gossip | push-sum
     devices: int = 100
     rounds: int = 50
     seed: int = 0
@@ -276,6 +310,7 @@ class ExperimentConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     consensus: ConsensusConfig = field(default_factory=ConsensusConfig)
     adversary: AdversaryConfig = field(default_factory=AdversaryConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -307,6 +342,7 @@ class ExperimentConfig:
         self.training.validate()
         self.consensus.validate()
         self.adversary.validate()
+        self.compression.validate()
         self.system.validate()
         choose("sync.mode", self.sync.mode, SYNC_MODES)
         choose("device", self.device, DEVICES)

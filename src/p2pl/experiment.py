@@ -14,6 +14,7 @@ from p2pl.algorithms import Algorithm, make_algorithm
 from p2pl.algorithms.base import Setting
 from p2pl.config import ExperimentConfig, config_to_dict, dumps_config
 from p2pl.core.adversary import Adversary, flip_labels, place_attackers
+from p2pl.core.compress import Compression, check_compression, incompressible
 from p2pl.core.optim import OPTIMIZERS
 from p2pl.core.params import ParamSpec, init_device_params
 from p2pl.core.reference import ReferenceTrainer
@@ -120,6 +121,28 @@ def _poison_labels(
     return poisoned, parts
 
 
+def lossy_links(cfg: ExperimentConfig) -> str:
+    """Why messages are lost by design in this config's network ("" when none are)."""
+    links = cfg.links
+    if links.model != "static":
+        return f"links.model = {links.model!r} takes links down"
+    if links.dropout > 0:
+        return "links.dropout takes devices away"
+    if links.mobility_speed > 0:
+        return "links.mobility_speed changes who neighbours whom"
+    return ""
+
+
+def _with_compression(cfg: ExperimentConfig, spec: ParamSpec, algorithm: Algorithm, setting: Setting) -> Setting:
+    """``setting`` with the run's compression, refused where the algorithm has no gossip for it."""
+    compression = Compression.of(cfg.compression, spec.numels)
+    if not compression.active:
+        return setting
+    why = incompressible(algorithm.cooperation(setting))
+    check_compression(compression, lossy_links=lossy_links(cfg), incompressible=why)
+    return replace(setting, compression=compression)
+
+
 def build_experiment(cfg: ExperimentConfig) -> Experiment:
     # Check every name before any expensive or graph-dependent work, so a typo is reported as one.
     choose("engine", cfg.engine, ENGINES)
@@ -127,6 +150,12 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
     algorithm = make_algorithm(cfg.algorithm)
     if algorithm.uses_graph:
         choose("weights", cfg.consensus.weights, WEIGHT_RULES)
+    algorithm.check(cfg.consensus, cfg.engine)
+    if cfg.topology.name == "directed-random-geometric" and not algorithm.directed:
+        raise P2PLError(
+            f"topology 'directed-random-geometric' has one-way links, which only algorithm = 'push-sum' "
+            f"runs over; {cfg.algorithm!r} needs both directions: use topology 'random-geometric'"
+        )
     torch.manual_seed(cfg.seed)  # only for code that ignores our explicit generators
     dataset, assignment = load_dataset_with_assignment(cfg.data, cfg.seed)
     device_parts = _partition(cfg, dataset, assignment)
@@ -155,7 +184,9 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         sync=cfg.sync,
         model_bytes=spec.nbytes,
         adversary=adversary,
+        base_arcs=topology.arcs,
     )
+    setting = _with_compression(cfg, spec, algorithm, setting)
     if n > 1 and not algorithm.uses_graph and cfg.links.mobility_speed > 0:
         raise P2PLError(f"links.mobility_speed applies to P2PL's device graph, not to {algorithm.name!r}")
     return Experiment(cfg, algorithm, dataset, parts, model, spec, topology, setting)

@@ -164,3 +164,52 @@ def plot_accuracy(
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     atomic.write_bytes(path, buf.getvalue())
+
+
+def bytes_curves(h: History, sync_bytes_per_device: float = 0.0) -> dict[str, np.ndarray]:
+    """Mean device accuracy at each evaluated round with the megabytes a device had sent by then
+    (mean over devices, max-norm sync included): the x-axis of accuracy per byte."""
+    per_round = np.array([float(b.mean()) for b in h.bytes_sent]) if h.bytes_sent else np.zeros(0)
+    sent = np.concatenate([[0.0], np.cumsum(per_round)]) + sync_bytes_per_device
+    rounds = np.asarray(h.eval_rounds)
+    return {"round": rounds, "mean": np.nanmean(np.stack(h.accuracy), 1), "mb": sent[rounds] / 1e6}
+
+
+def plot_accuracy_bytes(
+    curves: dict[str, dict[str, np.ndarray]], path: Path, title: str = "", caption: str = ""
+) -> None:
+    """Two panels: mean device accuracy against rounds, and against megabytes sent per device
+    (log scale; runs that send nothing, such as centralized and local, are on the first only)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from p2pl import atomic
+
+    fig = Figure(figsize=(10, 4.5), dpi=110)
+    FigureCanvasAgg(fig)
+    by_round, by_bytes = fig.subplots(1, 2, sharey=True)
+    for i, (name, c) in enumerate(curves.items()):
+        width = 3.0 if i == 0 else 1.5  # the first run (the reference) drawn wide: others may lie on it
+        by_round.plot(c["round"], 100 * c["mean"], color=f"C{i}", linewidth=width, label=name)
+        sends = c["mb"] > 0
+        if sends.any():
+            by_bytes.plot(c["mb"][sends], 100 * c["mean"][sends], color=f"C{i}", linewidth=width, marker=".",
+                          markersize=3, label=name)  # fmt: skip
+    by_round.set_xlabel("round")
+    by_round.set_ylabel("mean device test accuracy (%)")
+    by_bytes.set_xlabel("MB sent per device (log scale)")
+    by_bytes.set_xscale("log")
+    for ax in (by_round, by_bytes):
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+    by_round.legend(fontsize=8, loc="lower right")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    if caption:
+        fig.text(0.01, 0.01, caption, fontsize=7.5, va="bottom", wrap=True)
+    fig.tight_layout(rect=(0, 0.06 if caption else 0, 1, 1))
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic.write_bytes(path, buf.getvalue())

@@ -62,10 +62,12 @@ def metrics_csv(h: History) -> str:
 
 
 # round_time_s: this round's wall seconds (train_/exchange_/evaluate_time_s: its phases, where the
-# runtime measures them); elapsed_s: wall seconds of all rounds up to this one.
+# runtime measures them); elapsed_s: wall seconds of all rounds up to this one; bytes_sent_cum_mean:
+# bytes a device sent in all rounds up to this one (mean over devices; max-norm sync apart).
 ROUND_COLUMNS = [
     "round", "accuracy_mean", "accuracy_min", "accuracy_max", "loss_mean", "loss_min", "loss_max",
-    "local_accuracy_mean", "consensus_distance", "bytes_sent_mean", "bytes_sent_total", "live_links",
+    "local_accuracy_mean", "consensus_distance", "bytes_sent_mean", "bytes_sent_total", "bytes_sent_cum_mean",
+    "live_links",
     "active_devices", "train_loss_mean", "round_time_s", "train_time_s", "exchange_time_s", "evaluate_time_s",
     "elapsed_s",
 ]  # fmt: skip
@@ -120,6 +122,7 @@ def _round_row(
     elapsed: float,
     honest: np.ndarray | None,
     system: tuple[float, np.ndarray] | None = None,
+    bytes_cum: float = 0.0,
 ) -> list[Any]:
     """rounds.csv row of round ``r`` (round 0: after initialization/sync, before any training);
     accuracy and loss spreads are over honest devices; ``system``: the system model's simulated
@@ -150,6 +153,7 @@ def _round_row(
             if k < len(times):
                 row[phase] = f"{times[k]:.3f}" if np.isfinite(times[k]) else "nan"
     row["elapsed_s"] = f"{elapsed:.3f}"
+    row["bytes_sent_cum_mean"] = _fmt(bytes_cum)
     if system is not None:
         row |= _system_row(h, r, *system)
     return [row[c] for c in columns]
@@ -176,6 +180,7 @@ class ResultFiles:
         self._metrics: list[str] = []  # CSV text of each evaluation's rows
         self._rounds: list[str] = []  # CSV text of each round's row
         self._elapsed = 0.0
+        self._bytes_cum = 0.0  # mean bytes per device sent so far
         self._system = False  # the system model's columns ([system] enabled)
         self._sim_seconds = 0.0  # its simulated seconds and joules per device so far
         self._joules = np.zeros(0)
@@ -198,18 +203,20 @@ class ResultFiles:
         system = bool(h.system_energy_j) and len(h.system_energy_j) == len(h.round_time_s)
         if system != self._system:
             # The system model's columns appear with its first costed round: re-render once.
-            self._system, self._rounds, self._elapsed = system, [], 0.0
+            self._system, self._rounds, self._elapsed, self._bytes_cum = system, [], 0.0, 0.0
         evals = {r: i for i, r in enumerate(h.eval_rounds)}
         for r in range(len(self._rounds), len(h.round_time_s) + 1):
             if r == 0 and system:
                 self._sim_seconds, self._joules = 0.0, np.zeros(len(h.system_energy_j[0]))
             if r > 0:
                 self._elapsed += h.round_time_s[r - 1]
+                self._bytes_cum += float(h.bytes_sent[r - 1].mean())
                 if system:
                     self._sim_seconds += h.system_round_s[r - 1]
                     self._joules = self._joules + h.system_energy_j[r - 1]
             costs = (self._sim_seconds, self._joules) if system else None
-            self._rounds.append(_csv([_round_row(h, r, evals, local_by_round, self._elapsed, self.honest, costs)]))
+            row = _round_row(h, r, evals, local_by_round, self._elapsed, self.honest, costs, self._bytes_cum)
+            self._rounds.append(_csv([row]))
         if self.directory is not None:
             metrics, rounds = self.texts()
             atomic.write_text(self.directory / "metrics.csv", metrics)

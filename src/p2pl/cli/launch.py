@@ -59,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
     enabled = cfg.output.progress and not args.quiet
     try:
         launcher.start()
-        with round_progress(f"p2pl nodes x{cfg.devices}", cfg.rounds, enabled) as update:
+        with round_progress(f"{cfg.algorithm} nodes x{cfg.devices}", cfg.rounds, enabled) as update:
             finished = launcher.wait(progress=update, timeout=args.timeout)
     except KeyboardInterrupt:
         progress_console.print("interrupted: stopping every node process; rerun the same command to resume")
@@ -73,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
     except P2PLError as err:
         progress_console.print(f"[red]run failed[/red]: {escape(str(err))}", highlight=False)
         return 1
-    console.print(summary_table({f"p2pl nodes x{cfg.devices}": summary}))
+    console.print(summary_table({f"{cfg.algorithm} nodes x{cfg.devices}": summary}))
     console.print(f"results in {out}/ (metrics.csv, rounds.csv, summary.json); node logs in {out}/nodes/*/")
     if not finished or failed or summary["rounds_done"] < cfg.rounds:
         progress_console.print(

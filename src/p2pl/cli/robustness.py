@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from p2pl.config import AGGREGATIONS  # a plain tuple: importing it loads no torch
+
 if TYPE_CHECKING:
     from p2pl.robustness.grid import GridSettings
 
@@ -37,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default=None, help="output directory (default: runs/robustness[-quick])")
     parser.add_argument("--attacks", default="", help=f"comma-separated rows to run (default: all but data-size): "
                         f"{SCENARIO_NAMES}")  # fmt: skip
-    parser.add_argument("--rules", default="", help="comma-separated rules (default: mean,trimmed-mean,median,clipped)")
+    parser.add_argument("--rules", default="", help=f"comma-separated rules (default: {','.join(AGGREGATIONS)})")
     parser.add_argument("--workers", type=int, default=1, help="runs at once, in worker processes (default 1)")
     parser.add_argument("--seed", type=int, default=None, help="random seed of every run (default: the config's)")
     parser.add_argument("--fresh", action="store_true", help="rerun every run instead of reusing results")

@@ -44,6 +44,12 @@ def main(args: argparse.Namespace) -> int:
     weights = mixing_weights(cfg.devices, topology.edges, cfg.consensus.weights, sizes)
     print(f"topology {topology.name}{radius_note(cfg.topology, topology.radius)}, weights {cfg.consensus.weights}")
     print(format_stats(graph_stats(topology, weights)))
+    if topology.arcs is not None and topology.ranges is not None:  # one-way links: the stats above are of both ways
+        arcs = {tuple(a) for a in topology.arcs.tolist()}
+        one_way = sum((v, u) not in arcs for u, v in arcs)
+        reach = topology.ranges
+        print(f"one-way       {len(arcs)} arcs, {one_way} without the reverse; radio ranges "
+              f"{reach.min():.4g}-{reach.max():.4g} (statistics above: links either way)")  # fmt: skip
     if png is not None:
         # Imported here: matplotlib costs ~1.5 s of CPU at every ``p2pl`` start otherwise.
         from p2pl.graph.draw import draw_topology

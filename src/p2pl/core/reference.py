@@ -18,6 +18,7 @@ from p2pl.core.optim import torch_optimizer
 from p2pl.core.params import ParamSpec
 from p2pl.core.schedule import Partition, epoch_plan
 from p2pl.core.train import RoundStats, step_limits
+from p2pl.errors import P2PLError
 
 
 class ReferenceTrainer:
@@ -44,7 +45,18 @@ class ReferenceTrainer:
     def num_devices(self) -> int:
         return len(self.models)
 
-    def train(self, params: torch.Tensor, round_index: int, work: np.ndarray | None = None) -> RoundStats:
+    def train(
+        self,
+        params: torch.Tensor,
+        round_index: int,
+        work: np.ndarray | None = None,
+        *,
+        span: list[tuple[int, int]] | None = None,
+        after_step: Callable[[int], None] | None = None,
+    ) -> RoundStats:
+        if span is not None or after_step is not None:  # each device runs all its steps at once
+            raise P2PLError("the reference engine trains device by device; mixing between local steps needs "
+                            "engine = 'vectorized'")  # fmt: skip
         limits = step_limits(self.partition.sizes, self.cfg, work)
         plans = [
             epoch_plan(self.partition, self.seed, round_index, e, self.cfg.batch_size)

@@ -9,6 +9,7 @@ backend runs the same stages shard by shard, a node for its one row.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -16,16 +17,20 @@ import numpy as np
 import torch
 
 from p2pl.core.adversary import Adversary, SendContext
+from p2pl.core.compress import Compressor, compressed_gossip
 from p2pl.core.cooperate import (
     Cooperation,
     GlobalMean,
     Gossip,
     Neighbourhoods,
+    PushSum,
+    Stage,
     finish,
     gossip,
     rollback_unsound,
     weighted_average,
 )
+from p2pl.core.neighbours import both_directions, live_arcs, one_peer_neighbourhoods, push_sum_neighbourhoods
 from p2pl.graph.weights import mixing_weights
 
 
@@ -38,6 +43,8 @@ class NetworkFacts:
     max_size_ratio: float  # bound on a neighbour's claimed size (consensus.max_size_ratio)
     model_bytes: int  # one parameter message
     adversary: Adversary
+    arcs: np.ndarray | None = None  # int64 [A, 2] one-way links u -> v (directed topologies); None: both ways
+    message_bytes: int = 0  # one gossip message when compressed (its encoded size); 0: model_bytes
 
 
 def heard_edges(live_edges: np.ndarray, adversary: Adversary) -> np.ndarray:
@@ -67,7 +74,7 @@ def gossip_bytes(num_devices: int, live_edges: np.ndarray, facts: NetworkFacts) 
     degree = np.bincount(np.asarray(live_edges, dtype=np.int64).ravel(), minlength=num_devices)
     if facts.adversary.is_("silent"):
         degree[facts.adversary.ids[facts.adversary.ids < num_devices]] = 0
-    return degree.astype(np.int64) * facts.model_bytes
+    return degree.astype(np.int64) * (facts.message_bytes or facts.model_bytes)
 
 
 def upload_bytes(active: np.ndarray, facts: NetworkFacts) -> np.ndarray:
@@ -75,8 +82,71 @@ def upload_bytes(active: np.ndarray, facts: NetworkFacts) -> np.ndarray:
     return np.where(np.asarray(active, dtype=bool), facts.model_bytes, 0).astype(np.int64)
 
 
+#: Key of the push-sum weights among a run's per-device state tensors (checkpointed with the
+#: optimizer state, sharded by rows like it).
+PUSH_SUM_WEIGHT = "cooperation.push_sum_weight"
+
+
+class StagePlanner:
+    """Who hears whom in each stage over the whole network (the simulator, the Ray driver), and
+    the per-device state stages carry across rounds: the push-sum weights.
+
+    ``neighbourhoods`` for a :class:`PushSum` stage also advances the weights, so call it once
+    per stage run; ``state_tensors`` / ``load_state_tensors`` checkpoint them."""
+
+    def __init__(self, coop: Cooperation, facts: NetworkFacts, seed: int, num_devices: int) -> None:
+        self.facts = facts
+        self.seed = seed
+        self.num_devices = num_devices
+        self._cached: tuple[bytes, Neighbourhoods] | None = None
+        pushes = any(isinstance(stage, PushSum) for stage in coop.stages)
+        self.push_weight: np.ndarray | None = np.ones(num_devices) if pushes else None
+
+    def neighbourhoods(self, stage: Stage, live_edges: np.ndarray, round_index: int, step: int) -> Neighbourhoods:
+        n = self.num_devices
+        if isinstance(stage, PushSum):
+            assert self.push_weight is not None
+            heard = heard_edges(live_edges, self.facts.adversary)
+            # undirected: both ways of every link heard; directed: the arcs whose pair is heard
+            arcs = both_directions(heard) if self.facts.arcs is None else live_arcs(self.facts.arcs, heard, n)
+            hoods, self.push_weight = push_sum_neighbourhoods(n, arcs, self.push_weight)
+            return hoods
+        if isinstance(stage, Gossip) and stage.peers == "one-random":
+            adversary = self.facts.adversary
+            mute = adversary.mask(np.arange(n)) if adversary.is_("silent") else None
+            return one_peer_neighbourhoods(n, live_edges, self.seed, round_index, step, mute)
+        key = live_edges.tobytes()  # W stays put while the live links do
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, network_neighbourhoods(n, live_edges, self.facts))
+        return self._cached[1]
+
+    def bytes_sent(self, stage: Stage, live_edges: np.ndarray, hoods: Neighbourhoods) -> np.ndarray:
+        """Bytes each device sent in this stage: one model per live neighbour for P2PL's gossip,
+        one per receiver it was heard by for the baselines' selections."""
+        if isinstance(stage, Gossip) and stage.peers == "all":
+            return gossip_bytes(self.num_devices, live_edges, self.facts)
+        return np.bincount(hoods.src, minlength=self.num_devices).astype(np.int64) * self.facts.model_bytes
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        if self.push_weight is None:
+            return {}
+        return {PUSH_SUM_WEIGHT: torch.from_numpy(self.push_weight.copy())}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.push_weight is not None and PUSH_SUM_WEIGHT in tensors:
+            self.push_weight = tensors[PUSH_SUM_WEIGHT].double().numpy().copy()
+
+
 class Trainer(Protocol):
-    def train(self, params: torch.Tensor, round_index: int, work: np.ndarray | None = None) -> Any: ...
+    def train(
+        self,
+        params: torch.Tensor,
+        round_index: int,
+        work: np.ndarray | None = None,
+        *,
+        span: list[tuple[int, int]] | None = None,
+        after_step: Callable[[int], None] | None = None,
+    ) -> Any: ...
 
     def state_tensors(self) -> dict[str, torch.Tensor]: ...
 
@@ -84,38 +154,73 @@ class Trainer(Protocol):
 
 
 def train_with_rollback(
-    trainer: Trainer, params: torch.Tensor, round_index: int, work: np.ndarray | None, guard: bool, ratio: float
+    trainer: Trainer,
+    params: torch.Tensor,
+    round_index: int,
+    work: np.ndarray | None,
+    guard: bool,
+    ratio: float,
+    span: list[tuple[int, int]] | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> tuple[Any, np.ndarray]:
     """Local training; with ``guard``, a row that came out non-finite or exploding (norm beyond
     ``ratio`` x its pre-training norm: poisoned by what a neighbour sent) is rolled back to its
-    pre-training row and its optimizer state reset. Returns the stats and the rolled-back rows."""
+    pre-training row and its optimizer state reset. Returns the stats and the rolled-back rows.
+    ``span`` and ``after_step`` go to the trainer (D-PSGD mixes after every local step)."""
     before = params.clone() if guard else None
-    stats = trainer.train(params, round_index, work)
+    if span is None and after_step is None:
+        stats = trainer.train(params, round_index, work)
+    else:
+        stats = trainer.train(params, round_index, work, span=span, after_step=after_step)
+    return stats, roll_back_training(trainer, params, before, ratio)
+
+
+def roll_back_training(trainer: Trainer, params: torch.Tensor, before: torch.Tensor | None, ratio: float) -> np.ndarray:
+    """Restore the unsound rows of ``params`` from ``before`` (None: no guard) and reset their
+    optimizer state; returns the rolled-back rows."""
     if before is None:
-        return stats, np.zeros(params.shape[0], dtype=bool)
+        return np.zeros(params.shape[0], dtype=bool)
     bad = rollback_unsound(params, before, ratio)
     if bool(bad.any()):
         state = {k: v.clone() for k, v in trainer.state_tensors().items()}
         for value in state.values():
             value[bad.to(value.device)] = 0
         trainer.load_state_tensors(state)
-    return stats, bad.cpu().numpy()
+    return bad.cpu().numpy()
 
 
 class NetworkCooperation:
-    """Runs an algorithm's cooperation over all N rows (caches W while the live links stay put)."""
+    """Runs an algorithm's cooperation over all N rows (a :class:`StagePlanner` says who hears whom)."""
 
-    def __init__(self, coop: Cooperation, facts: NetworkFacts, seed: int) -> None:
+    def __init__(
+        self, coop: Cooperation, facts: NetworkFacts, seed: int, num_devices: int | None = None, num_params: int = 0
+    ) -> None:
         self.coop = coop
         self.facts = facts
         self.seed = seed
-        self._cached: tuple[bytes, Neighbourhoods] | None = None
+        self.planner = StagePlanner(coop, facts, seed, len(facts.data_sizes) if num_devices is None else num_devices)
+        # Every device's sender state for compressed gossip (start it with start_compression).
+        self.compressor = Compressor(coop.compression, num_params, seed) if coop.compression else None
+
+    def start_compression(self, rows: torch.Tensor) -> None:
+        """The compressors' state at the start of training (the devices' start rows)."""
+        if self.compressor is not None:
+            self.compressor.start(rows)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Per-device cooperation state to checkpoint (push-sum weights; compression: error
+        feedback, choco copies)."""
+        state = self.planner.state_tensors()
+        return state if self.compressor is None else state | self.compressor.state_tensors()
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.planner.load_state_tensors(tensors)
+        if self.compressor is not None:
+            self.compressor.load_state_tensors(tensors)
 
     def neighbourhoods(self, num_devices: int, live_edges: np.ndarray) -> Neighbourhoods:
-        key = live_edges.tobytes()
-        if self._cached is None or self._cached[0] != key:
-            self._cached = (key, network_neighbourhoods(num_devices, live_edges, self.facts))
-        return self._cached[1]
+        """Every device's row of W over the live links (P2PL's gossip)."""
+        return self.planner.neighbourhoods(Gossip(), live_edges, 0, 0)
 
     def sent_rows(self, rows: torch.Tensor, hoods: Neighbourhoods, round_index: int, step: int) -> torch.Tensor:
         """What every device sends: its row, or its attack on it."""
@@ -131,17 +236,26 @@ class NetworkCooperation:
         return out
 
     def run(
-        self, params: torch.Tensor, live_edges: np.ndarray, active: np.ndarray, round_index: int
+        self, params: torch.Tensor, live_edges: np.ndarray, active: np.ndarray, round_index: int, first_step: int = 0
     ) -> tuple[torch.Tensor, np.ndarray]:
-        """The cooperation step; returns the new [N, P] rows and the bytes each device sent."""
+        """The cooperation step; returns the new [N, P] rows and the bytes each device sent.
+        ``first_step`` numbers the stages after the ones already run this round (D-PSGD)."""
         n = params.shape[0]
         sent = np.zeros(n, dtype=np.int64)
         rows = params
-        for step, stage in enumerate(self.coop.stages):
-            if isinstance(stage, Gossip):
-                hoods = self.neighbourhoods(n, live_edges)
-                rows = gossip(rows, self.sent_rows(rows, hoods, round_index, step), hoods, stage)
-                sent += gossip_bytes(n, live_edges, self.facts)
+        for step, stage in enumerate(self.coop.stages, start=first_step):
+            if isinstance(stage, (Gossip, PushSum)):
+                hoods = self.planner.neighbourhoods(stage, live_edges, round_index, step)
+                mix = stage.as_gossip() if isinstance(stage, PushSum) else stage
+                sent_rows = self.sent_rows(rows, hoods, round_index, step)
+                if self.compressor is None:
+                    rows = gossip(rows, sent_rows, hoods, mix)
+                else:  # only gossip with every live neighbour (compress.incompressible)
+                    ids = np.arange(n, dtype=np.int64)
+                    senders = gossip_bytes(n, live_edges, self.facts) > 0  # a device heard by nobody sends nothing
+                    pool, mask = self.compressor.publish(sent_rows, ids, round_index, step, senders)
+                    rows = compressed_gossip(rows, pool, mask, hoods, mix, self.compressor)
+                sent += self.planner.bytes_sent(stage, live_edges, hoods)
             elif isinstance(stage, GlobalMean):
                 rows = self.global_mean(rows, active, round_index, step)
                 sent += upload_bytes(active, self.facts)
@@ -163,11 +277,14 @@ class NetworkCooperation:
 
 
 __all__ = [
+    "PUSH_SUM_WEIGHT",
     "NetworkCooperation",
     "NetworkFacts",
+    "StagePlanner",
     "gossip_bytes",
     "heard_edges",
     "network_neighbourhoods",
+    "roll_back_training",
     "train_with_rollback",
     "upload_bytes",
 ]

@@ -16,7 +16,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from p2pl.core.rng import derive_seed
+from p2pl.core.rng import derive_seed, mix64
 
 
 @dataclass(frozen=True)
@@ -71,24 +71,17 @@ class _SampleLayout:
         return _SampleLayout(sizes, samples, _fixed_keys(device, position), None if real.all() else ~real, valid)
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finalizer: a fast, well-mixed 64-bit hash (uint64 arithmetic wraps)."""
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
 def _fixed_keys(device: np.ndarray, position: np.ndarray) -> np.ndarray:
     """The round- and epoch-independent part of :func:`shuffle_keys`."""
     with np.errstate(over="ignore"):
-        dev = _mix64(device.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15))
-        return dev ^ _mix64(position.astype(np.uint64))
+        dev = mix64(device.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15))
+        return dev ^ mix64(position.astype(np.uint64))
 
 
 def _keys(seed: int, round_index: int, epoch: int, fixed_key: np.ndarray) -> np.ndarray:
     base = np.uint64(derive_seed(seed, "shuffle", round_index, epoch))
     with np.errstate(over="ignore"):
-        return _mix64(base ^ fixed_key)
+        return mix64(base ^ fixed_key)
 
 
 def shuffle_keys(seed: int, round_index: int, epoch: int, device: np.ndarray, position: np.ndarray) -> np.ndarray:

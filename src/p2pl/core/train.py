@@ -8,7 +8,7 @@ share of their steps.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import numpy as np
@@ -308,6 +308,25 @@ def step_limits(sizes: np.ndarray, cfg: TrainingConfig, work: np.ndarray | None)
     return torch.minimum(torch.ceil(full.double() * share - 1e-9).long(), full)
 
 
+def round_schedule(sizes: np.ndarray, cfg: TrainingConfig, work: np.ndarray | None) -> list[tuple[int, int]]:
+    """The (epoch, step) iterations of a round's local-step loop over devices of these ``sizes``:
+    in epoch e, as many steps as the device with the most left (a device with fewer idles).
+
+    Over *all* devices this is the network's schedule, which a Ray shard or a node passes to
+    :meth:`VectorizedTrainer.train` as ``span`` when something happens after every step (D-PSGD
+    mixes): every runtime then counts the same steps whatever devices it holds."""
+    per_epoch = (np.asarray(sizes, dtype=np.int64) + cfg.batch_size - 1) // cfg.batch_size
+    limits = step_limits(sizes, cfg, work).numpy()
+    out: list[tuple[int, int]] = []
+    for epoch in range(cfg.local_epochs):
+        left = np.minimum(per_epoch, np.maximum(limits - epoch * per_epoch, 0))
+        steps = int(left.max()) if len(left) else 0
+        if steps == 0:
+            break
+        out += [(epoch, t) for t in range(steps)]
+    return out
+
+
 @dataclass
 class RoundStats:
     mean_loss: torch.Tensor  # [N] mean training loss over the steps taken (nan if none)
@@ -351,24 +370,61 @@ class VectorizedTrainer:
         self.x_train, self.y_train = self.x_train.to(device), self.y_train.to(device)
         self.state.tensors = {k: v.to(device) for k, v in self.state.tensors.items()}
 
-    def train(self, params: torch.Tensor, round_index: int, work: np.ndarray | None = None) -> RoundStats:
-        """Run this round's local epochs, updating ``params [N, P]`` in place."""
+    def train(
+        self,
+        params: torch.Tensor,
+        round_index: int,
+        work: np.ndarray | None = None,
+        *,
+        span: list[tuple[int, int]] | None = None,
+        after_step: Callable[[int], None] | None = None,
+    ) -> RoundStats:
+        """Run this round's local epochs, updating ``params [N, P]`` in place.
+
+        ``span``: the (epoch, step) iterations to walk (default: this batch's own
+        :func:`round_schedule`); ``after_step(j)`` runs after iteration ``j``, on every
+        iteration, also when none of these devices had a step left in it (D-PSGD mixes then:
+        ``params`` may be rewritten in place there)."""
+        steps = self.round_steps(params, round_index, work, span)
+        while True:
+            try:
+                j = next(steps)
+            except StopIteration as done:
+                stats: RoundStats = done.value
+                return stats
+            if after_step is not None:
+                after_step(j)
+
+    def round_steps(
+        self,
+        params: torch.Tensor,
+        round_index: int,
+        work: np.ndarray | None = None,
+        span: list[tuple[int, int]] | None = None,
+    ) -> Generator[int, None, RoundStats]:
+        """:meth:`train` one iteration at a time: yields each iteration's index after it ran and
+        returns the round's stats (a Ray shard steps it between its driver's exchanges)."""
         limits = step_limits(self.partition.sizes, self.cfg, work).numpy()
         sizes = self.partition.sizes
-        per_epoch = (sizes + self.cfg.batch_size - 1) // self.cfg.batch_size
+        per_epoch = (sizes + self.cfg.batch_size - 1) // self.cfg.batch_size  # steps of a full epoch
+        schedule = round_schedule(sizes, self.cfg, work) if span is None else span
         taken = np.zeros(self.num_devices, dtype=np.int64)
         loss_sum = torch.zeros(self.num_devices, dtype=torch.float64)
-        for epoch in range(self.cfg.local_epochs):
-            # Steps each device takes this epoch: its batches, or fewer once its limit is reached.
-            steps = np.minimum(per_epoch, np.maximum(limits - taken, 0))
-            if not steps.any():
-                break
-            plan = epoch_plan(self.partition, self.seed, round_index, epoch, self.cfg.batch_size)
-            everyone = int(steps.min())
-            for t in range(int(steps.max())):
-                rows = None if t < everyone else torch.from_numpy(np.flatnonzero(steps > t))
+        plan: EpochPlan | None = None
+        plan_epoch = -1
+        for j, (epoch, t) in enumerate(schedule):
+            # Bookkeeping in numpy: [N] torch ops and their syncs were a visible share of a step.
+            active = (t < per_epoch) & (taken < limits)
+            if active.any():
+                if plan is None or plan_epoch != epoch:
+                    plan, plan_epoch = (
+                        epoch_plan(self.partition, self.seed, round_index, epoch, self.cfg.batch_size),
+                        epoch,
+                    )
+                rows = None if active.all() else torch.from_numpy(np.flatnonzero(active))
                 self._step(params, plan, t, rows, loss_sum)
-            taken += steps
+                taken += active
+            yield j
         for loss_grad in (self.loss_grad, *self._helpers):
             if isinstance(loss_grad, _MlpLossGrad):
                 loss_grad.release()

@@ -2,6 +2,12 @@
 
 Every graph has nodes exactly ``0..N-1`` (device ids) and no self-loops; a device always mixes
 with itself through its self weight, never through an edge.
+
+One topology has one-way links: ``directed-random-geometric`` places devices in the unit square
+like ``random-geometric`` but gives each device its own radio range, so u may reach v while v
+does not reach u. Its :attr:`Topology.arcs` hold the one-way links ``u -> v``; its ``graph`` is
+the undirected support (a pair is linked when either direction is), which link failures, max
+norm sync, sharding and statistics work on.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ TOPOLOGIES: tuple[str, ...] = (
     "star",
     "erdos-renyi",
     "random-geometric",
+    "directed-random-geometric",
     "small-world",
     "barabasi-albert",
     "random-regular",
@@ -44,6 +51,8 @@ class Topology:
     graph: nx.Graph  # nodes exactly 0..N-1
     positions: np.ndarray | None = None  # [N, 2] float64 for geometric graphs (unit square or metres)
     radius: float | None = None  # geometric graphs: the link range used (resolved when automatic)
+    arcs: np.ndarray | None = None  # directed topologies: int64 [A, 2] one-way links u -> v, sorted
+    ranges: np.ndarray | None = None  # directed-random-geometric: [N] each device's radio range
 
     @property
     def num_devices(self) -> int:
@@ -150,6 +159,51 @@ def connected_radius(positions: np.ndarray, radius: float) -> float:
     return raised
 
 
+def directed_arcs(positions: np.ndarray, ranges: np.ndarray) -> np.ndarray:
+    """One-way links ``u -> v`` where v is within u's own radio range, int64 [A, 2] sorted."""
+    pos = np.asarray(positions, dtype=np.float64)
+    reach = np.asarray(ranges, dtype=np.float64)
+    tree = cKDTree(pos)
+    pairs = (
+        tree.query_pairs(r=float(reach.max()), output_type="ndarray").reshape(-1, 2)
+        if len(pos) > 1
+        else (np.zeros((0, 2), dtype=np.int64))
+    )
+    both = np.concatenate([pairs, pairs[:, ::-1]]).astype(np.int64)
+    dist = np.linalg.norm(pos[both[:, 0]] - pos[both[:, 1]], axis=1)
+    arcs = both[dist <= reach[both[:, 0]]]
+    return np.ascontiguousarray(arcs[np.lexsort((arcs[:, 1], arcs[:, 0]))])
+
+
+def strongly_connected(num_devices: int, arcs: np.ndarray) -> int:
+    """Strongly connected components of the directed graph (1: every device reaches every other)."""
+    a = np.asarray(arcs, dtype=np.int64).reshape(-1, 2)
+    adjacency = coo_matrix((np.ones(len(a)), (a[:, 0], a[:, 1])), shape=(num_devices, num_devices))
+    return int(connected_components(adjacency, directed=True, connection="strong", return_labels=False))
+
+
+def radio_ranges(radius: float, spread: float, draws: np.ndarray) -> np.ndarray:
+    """Per-device ranges uniform in ``[radius (1 - spread), radius (1 + spread)]`` from uniform ``draws``."""
+    return radius * (1.0 + spread * (2.0 * np.asarray(draws, dtype=np.float64) - 1.0))
+
+
+def _directed_geometric(cfg: TopologyConfig, n: int, rng: np.random.Generator) -> tuple[np.ndarray, float, np.ndarray]:
+    """Positions, centre radius and per-device ranges of a directed random geometric graph.
+
+    An automatic radius (``topology.radius = 0``) starts from the undirected graph's automatic
+    radius and grows by 2 % steps until every device reaches every other (strongly connected):
+    once the shortest range covers the longest Euclidean MST edge every MST link runs both ways,
+    so the search ends."""
+    positions = rng.random((n, 2))
+    draws = rng.random(n)  # after the positions: the same seed places devices as random-geometric does
+    radius, spread = cfg.radius, cfg.range_spread
+    if radius == 0:
+        radius = auto_radius(n)
+        while n > 1 and strongly_connected(n, directed_arcs(positions, radio_ranges(radius, spread, draws))) > 1:
+            radius *= 1.02
+    return positions, radius, radio_ranges(radius, spread, draws)
+
+
 def read_edge_list(path: str | Path, num_devices: int) -> nx.Graph:
     """Read a user's edge list: one ``u v`` pair of device ids per line; ``#`` comments allowed."""
     file = Path(path)
@@ -239,6 +293,13 @@ def _check_parameters(cfg: TopologyConfig, name: str) -> None:
                 )
             if not (math.isfinite(cfg.radius) and cfg.radius >= 0):
                 raise P2PLError(f"topology.radius must be >= 0 for random-geometric (0: automatic), got {cfg.radius}")
+    if name == "directed-random-geometric":
+        if not (math.isfinite(cfg.radius) and cfg.radius >= 0):
+            raise P2PLError(f"topology.radius must be >= 0 for {name} (0: automatic), got {cfg.radius}")
+        if not 0 <= cfg.range_spread < 1:
+            raise P2PLError(f"topology.range_spread must be in [0, 1) for {name}, got {cfg.range_spread}")
+        if cfg.area_m or cfg.range_m:
+            raise P2PLError(f"{name} lives in the unit square; drop topology.area_m / range_m, use topology.radius")
     if name == "small-world":
         if cfg.k < 2 or cfg.k % 2:
             raise P2PLError(f"topology.k must be an even number >= 2 for small-world, got {cfg.k}")
@@ -254,6 +315,8 @@ def _check_parameters(cfg: TopologyConfig, name: str) -> None:
 
 def _disconnected_hint(cfg: TopologyConfig, name: str) -> tuple[str, str]:
     """(what was built, how to connect it) for the disconnected-graph message."""
+    if name == "directed-random-geometric":
+        return f" with radius {cfg.radius:g}", "increase topology.radius (0: automatic)"
     if name == "random-geometric":
         if cfg.area_m > 0:
             return f" with range {cfg.range_m:g} m in a {cfg.area_m:g} m square", "increase topology.range_m"
@@ -279,8 +342,14 @@ def build_topology(cfg: TopologyConfig, num_devices: int, seed: int) -> Topology
     rng = np.random.default_rng(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
     positions: np.ndarray | None = None
     radius: float | None = None
+    arcs: np.ndarray | None = None
+    ranges: np.ndarray | None = None
 
-    if name == "random-geometric":
+    if name == "directed-random-geometric":
+        positions, radius, ranges = _directed_geometric(cfg, n, rng)
+        arcs = directed_arcs(positions, ranges)
+        graph = _graph_from_edges(n, arcs)
+    elif name == "random-geometric":
         side = cfg.area_m if cfg.area_m > 0 else 1.0
         radius = cfg.range_m if cfg.area_m > 0 else cfg.radius
         positions = rng.random((n, 2)) * side
@@ -308,14 +377,15 @@ def build_topology(cfg: TopologyConfig, num_devices: int, seed: int) -> Topology
     # Canonical form: nodes inserted in id order, edges sorted, plain nx.Graph, whatever the generator.
     graph = _graph_from_edges(n, graph_edges(graph))
     if not cfg.allow_disconnected and n > 1:
-        components = nx.number_connected_components(graph)
+        components = nx.number_connected_components(graph) if arcs is None else strongly_connected(n, arcs)
         if components > 1:
             detail, fix = _disconnected_hint(cfg, name)
             raise P2PLError(
-                f"{name} graph{detail} is disconnected ({components} components); "
+                f"{name} graph{detail} is disconnected ({components} {'strong ' if arcs is not None else ''}"
+                f"components); "
                 f"{fix} or set topology.allow_disconnected = true"
             )
-    return Topology(name=name, graph=graph, positions=positions, radius=radius)
+    return Topology(name=name, graph=graph, positions=positions, radius=radius, arcs=arcs, ranges=ranges)
 
 
 def _random_graph(cfg: TopologyConfig, name: str, n: int, nx_seed: int) -> nx.Graph:

@@ -8,6 +8,7 @@ whole. Example (what ``p2pl launch`` writes)::
 
     id = "dev-003"            # device id = certificate CN
     index = 3                 # global device index: keys its init and its data shuffles
+    algorithm = "p2pl"        # p2pl | dpsgd | gossip | push-sum
     rounds = 20
     seed = 0
     listen = "127.0.0.1:7003"
@@ -25,6 +26,8 @@ whole. Example (what ``p2pl launch`` writes)::
     id = "dev-002"
     index = 2
     address = "127.0.0.1:7002"
+    # sends = false / hears = false: a one-way link (push-sum on a directed topology);
+    # neighbours = [1, 3]: dev-002's own neighbours (gossip: when it sends here)
 
     [faults]                  # optional fault injection (tests, experiments)
     drop_links = [{peer = "dev-002", from_round = 3, to_round = 5}]
@@ -47,6 +50,7 @@ from p2pl.config import (
     NODE_ATTACKS,
     SYNC_MODES,
     AdversaryConfig,
+    CompressionConfig,
     ConsensusConfig,
     ModelConfig,
     TrainingConfig,
@@ -57,6 +61,7 @@ from p2pl.errors import P2PLError, choose
 from p2pl.node.certs import check_device_id
 
 __all__ = [
+    "NODE_ALGORITHMS",
     "LinkFault",
     "NodeConfig",
     "NodeDataConfig",
@@ -77,6 +82,13 @@ class PeerConfig:
     id: str = ""  # the neighbour's device id (its certificate CN)
     index: int = -1  # its global device index
     address: str = ""  # host:port it listens on
+    # One-way links (push-sum on a directed topology): whether this node's radio reaches the
+    # peer (it sends its parameters there) and whether the peer's reaches this node.
+    sends: bool = True
+    hears: bool = True
+    # gossip: the peer's own neighbours' indices (launch writes them), so this node can compute
+    # the neighbour the peer sends to in each round (a public, keyed draw) and wait for it.
+    neighbours: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -113,6 +125,9 @@ class NodeNetworkConfig:
     # A trained or mixed row whose L2 norm exceeds this many times the row before it (or 1) is
     # rolled back: non-finite values and exploded parameters never leave a node.
     throttle_mbps: float = 0.0  # pace every send at this rate per link (emulates a slow radio); 0: off
+    # dpsgd: the largest local dataset in the network (launch fills it): every device mixes after
+    # each of the network's ceil(max_data_size / batch_size) local steps per epoch
+    max_data_size: int = 0
 
 
 @dataclass
@@ -141,10 +156,15 @@ class NodeFaultsConfig:
     round_delay_s: float = 0.0  # a slow device: pause this long after local training each round
 
 
+#: The algorithms a node runs: those over the device graph with no server.
+NODE_ALGORITHMS = ("p2pl", "dpsgd", "gossip", "push-sum")
+
+
 @dataclass
 class NodeConfig:
     id: str = ""
     index: int = -1
+    algorithm: str = "p2pl"  # p2pl | dpsgd | gossip | push-sum (docs/baselines.md)
     rounds: int = 10
     seed: int = 0
     threads: int = 1  # torch CPU threads of this process
@@ -156,6 +176,7 @@ class NodeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     consensus: ConsensusConfig = field(default_factory=ConsensusConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)  # what its params messages carry
     sync: NodeSyncConfig = field(default_factory=NodeSyncConfig)
     # This node's own behaviour when it plays an attacker (tests, robustness experiments);
     # fraction / count / placement are for whole experiments and are ignored here.
@@ -189,6 +210,7 @@ class NodeConfig:
             "network.max_degree": self.network.max_degree,
             "network.devices": self.network.devices,
             "network.throttle_mbps": self.network.throttle_mbps,
+            "network.max_data_size": self.network.max_data_size,
         }.items():
             if num < 0:
                 raise P2PLError(f"node config: {key} must be >= 0, got {num}")
@@ -203,8 +225,10 @@ class NodeConfig:
             if not sec > 0:
                 raise P2PLError(f"node config: {key} must be > 0, got {sec}")
         choose("device", self.device, experiment_config.DEVICES)
+        choose("algorithm (a node runs the graph algorithms)", self.algorithm, NODE_ALGORITHMS)
         self.training.validate()
         self.consensus.validate()
+        self.compression.validate()
         self.adversary.validate(ATTACKS + NODE_ATTACKS)
         choose("sync.mode", self.sync.mode, SYNC_MODES)
         if self.network.devices and not self.index < self.network.devices:
@@ -227,6 +251,21 @@ class NodeConfig:
                 raise P2PLError(f"node config: peer {peer.id!r} (index {peer.index}) is listed twice")
             ids.add(peer.id)
             indices.add(peer.index)
+            if not (peer.sends and peer.hears) and self.algorithm != "push-sum":
+                raise P2PLError(
+                    f"node config: peers[{i}] is a one-way link (sends/hears), which only algorithm = "
+                    f"'push-sum' runs over; link both ways for {self.algorithm!r}"
+                )
+            if self.algorithm == "gossip" and self.index not in peer.neighbours:
+                raise P2PLError(
+                    f"node config: gossip needs peers[{i}].neighbours = that peer's neighbour indices "
+                    f"(this node's {self.index} among them), to know when it sends here; p2pl launch writes them"
+                )
+        if self.algorithm == "dpsgd" and self.network.max_data_size < 1:
+            raise P2PLError(
+                "node config: dpsgd needs network.max_data_size = the network's largest local dataset "
+                "(it sets how many local steps every device mixes after); p2pl launch writes it"
+            )
         if not 0 <= self.faults.round_delay_s <= 3600:
             raise P2PLError(f"node config: faults.round_delay_s must be in [0, 3600], got {self.faults.round_delay_s}")
         for i, fault in enumerate(self.faults.drop_links):
@@ -243,6 +282,8 @@ class NodeConfig:
     def fingerprint(self) -> str:
         """Identifies the numbers this node produces (not where it writes or how long it waits)."""
         keep = {k: v for k, v in asdict(self).items() if k in ("id", "index", "seed", "model", "training", "consensus")}
+        if self.algorithm != "p2pl":  # P2PL nodes keep the fingerprint their checkpoints already carry
+            keep["algorithm"] = self.algorithm
         keep["sync"] = {"enabled": self.sync.enabled, "mode": self.sync.mode}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -42,6 +42,7 @@ import tomli_w
 import torch
 
 from p2pl import atomic
+from p2pl.algorithms import make_algorithm
 from p2pl.config import ExperimentConfig, config_to_dict, dumps_config
 from p2pl.core.consensus import consensus_distance
 from p2pl.errors import P2PLError
@@ -49,6 +50,7 @@ from p2pl.metrics import History
 from p2pl.node import certs, checkpoint
 from p2pl.node.adversary import NETWORK_ATTACKS, ROW_ATTACKS
 from p2pl.node.checkpoint import NodeCheckpoint
+from p2pl.node.config import NODE_ALGORITHMS
 from p2pl.node.runtime import read_status
 
 __all__ = ["LaunchPlan", "Launcher", "check_launchable", "device_ids", "free_ports", "prepare_launch"]
@@ -65,8 +67,11 @@ def device_ids(n: int) -> list[str]:
 
 def check_launchable(cfg: ExperimentConfig) -> None:
     """Refuse what the node runtime does not do (it would silently differ from the simulator)."""
-    if cfg.algorithm != "p2pl":
-        raise P2PLError(f'p2pl launch runs P2PL nodes, not {cfg.algorithm!r}; set algorithm = "p2pl"')
+    if cfg.algorithm not in NODE_ALGORITHMS:
+        raise P2PLError(
+            f"p2pl launch runs the algorithms with no server ({', '.join(NODE_ALGORITHMS)}), not "
+            f'{cfg.algorithm!r}; set algorithm = "p2pl"'
+        )
     links = cfg.links
     if links.model != "static" or links.dropout or links.straggler_prob or links.mobility_speed:
         raise P2PLError(
@@ -164,6 +169,11 @@ def prepare_launch(
         neighbours[u].append(v)
         neighbours[v].append(u)
     max_degree = max((len(nb) for nb in neighbours), default=0)
+    # One-way links (a directed topology): who sends to whom. Undirected links run both ways.
+    arcs = edges if exp.topology.arcs is None else exp.topology.arcs
+    sends = {(int(u), int(v)) for u, v in np.asarray(arcs).tolist()}
+    if exp.topology.arcs is None:
+        sends |= {(v, u) for u, v in sends}
     honest = exp.honest()
 
     atomic.write_text(out / "config.toml", dumps_config(cfg))
@@ -183,7 +193,8 @@ def prepare_launch(
         # Unchanged for diameter steps means the flood has covered the whole component.
         sync = {"enabled": cfg.sync.enabled, "mode": cfg.sync.mode, "max_steps": 0,
                 "patience": max(1, _diameter(edges, n))}  # fmt: skip
-    net = {"max_degree": max_degree, "start_timeout": 60.0 + 2.0 * n, "devices": n}
+    net = {"max_degree": max_degree, "start_timeout": 60.0 + 2.0 * n, "devices": n,
+           "max_data_size": int(exp.setting.data_sizes.max())}  # fmt: skip
     net |= dict(network or {})
     node_dirs, configs = [], []
     for i in range(n):
@@ -206,12 +217,16 @@ def prepare_launch(
             "model": config_to_dict(cfg.model),
             "training": config_to_dict(cfg.training),
             "consensus": config_to_dict(cfg.consensus),
+            "compression": config_to_dict(cfg.compression),
             "sync": dict(sync),
             "network": dict(net),
             "tls": {"cert_dir": "certs"},
             "eval": {"every": cfg.eval.every, "test_batch": cfg.eval.test_batch},
-            "peers": [{"id": ids[j], "index": j, "address": f"{host}:{ports[j]}"} for j in sorted(neighbours[i])],
-        }
+            "peers": [_peer(ids[j], j, f"{host}:{ports[j]}", (i, j) in sends, (j, i) in sends,
+                            sorted(neighbours[j]) if cfg.algorithm == "gossip" else [])
+                      for j in sorted(neighbours[i])],
+            "algorithm": cfg.algorithm,
+        }  # fmt: skip
         if not honest[i] and (cfg.adversary.attack in NETWORK_ATTACKS or cfg.adversary.attack in ROW_ATTACKS):
             # label-flip needs nothing here: the attacker's data file already holds flipped labels.
             node["adversary"] = {"attack": cfg.adversary.attack, "scale": cfg.adversary.scale}
@@ -239,6 +254,16 @@ def prepare_launch(
     info = {"devices": ids, "ports": ports, "topology": plan.topology, "edges": edges.tolist(), "sync": sync}
     atomic.write_text(out / "launch.json", json.dumps(info, indent=1) + "\n")
     return plan
+
+
+def _peer(peer_id: str, index: int, address: str, sends: bool, hears: bool, neighbours: list[int]) -> dict[str, Any]:
+    """One ``[[peers]]`` entry; the one-way flags and the peer's neighbour list only where needed."""
+    peer: dict[str, Any] = {"id": peer_id, "index": index, "address": address}
+    if not (sends and hears):
+        peer |= {"sends": sends, "hears": hears}
+    if neighbours:
+        peer["neighbours"] = neighbours
+    return peer
 
 
 def _write_npz(path: Path, x: np.ndarray, y: np.ndarray) -> None:
@@ -458,7 +483,7 @@ def collect_results(
         "parameters": plan.num_params,
         "topology": plan.topology,
         "edges": len(plan.edges),
-        "weights": cfg.consensus.weights,
+        "weights": make_algorithm(cfg.algorithm).own_weights or cfg.consensus.weights,
         "sync": bool(cfg.sync.enabled),
         "sync_mode": cfg.sync.mode,
         "sync_steps": max((int(s.get("steps", 0)) for s in syncs), default=0),

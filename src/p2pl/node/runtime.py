@@ -28,6 +28,12 @@ What the network adds, with no coordinator anywhere:
   then mix with those that arrived: the row of W is recomputed over the live neighbours, so a
   missing one is renormalized away. Late and replayed messages are dropped by the mailbox
   (stale round) and duplicates cannot replace what was accepted.
+* **Baselines** (``algorithm``, docs/baselines.md): the same exchange with other partners and
+  weights, decided by the cooperation's stages, never by the algorithm's name. Randomized
+  gossip sends to the one neighbour this node draws and waits for the neighbours whose public
+  draw is this node; push-sum sends to its out-neighbours with its weight share (``weight``,
+  bounded by :func:`push_sum_share`) and hears its in-neighbours; D-PSGD exchanges after every
+  local step of the network's step schedule (``step`` = local step x consensus steps + c).
 * **Faults.** An unreachable neighbour is skipped with exponential backoff (PeerClient) and
   mixed in again as soon as it answers. While waiting, a silent neighbour is probed with
   ``hello``: one that is down, or says it is already past this round, is not waited for; one that
@@ -69,14 +75,25 @@ import numpy as np
 import torch
 
 from p2pl import atomic
-from p2pl.algorithms.base import gossip_stages
-from p2pl.core.cooperate import Cooperation, Gossip, finish, gossip, one_row, unsound_rows
+from p2pl.algorithms import make_algorithm
+from p2pl.algorithms.base import GraphAlgorithm
+from p2pl.core.compress import (
+    Compression,
+    Compressor,
+    apply_sparse,
+    check_compression,
+    compressed_gossip,
+    incompressible,
+)
+from p2pl.core.cooperate import Gossip, PushSum, Stage, finish, gossip, one_row, unsound_rows
 from p2pl.core.device import resolve_device
 from p2pl.core.evaluate import evaluate
+from p2pl.core.neighbours import peer_choice, push_sum_row, push_sum_shares
 from p2pl.core.params import ParamSpec, init_device_params
+from p2pl.core.rounds import PUSH_SUM_WEIGHT
 from p2pl.core.schedule import Partition
 from p2pl.core.sync import better_claim
-from p2pl.core.train import VectorizedTrainer
+from p2pl.core.train import VectorizedTrainer, round_schedule
 from p2pl.data.base import Dataset
 from p2pl.errors import P2PLError
 from p2pl.graph.weights import row_weights
@@ -84,7 +101,7 @@ from p2pl.models import build_model
 from p2pl.node import checkpoint, wire
 from p2pl.node.certs import TlsConfig, load_tls_config
 from p2pl.node.checkpoint import NodeCheckpoint, NodeHistory
-from p2pl.node.config import NodeConfig
+from p2pl.node.config import NodeConfig, PeerConfig
 from p2pl.node.mailbox import Mailbox
 from p2pl.node.transport import PeerClient, PeerServer
 
@@ -95,6 +112,7 @@ __all__ = [
     "SyncOutcome",
     "load_node_data",
     "mix_row",
+    "push_sum_share",
     "resume_target",
     "run_node",
 ]
@@ -157,6 +175,18 @@ def mix_row(
     return gossip(own.reshape(1, -1), pool, one_row(self_weight, weights), stage)[0]
 
 
+def push_sum_share(claimed: object, devices: int) -> float | None:
+    """A neighbour's push-sum weight share if it is believable, else None: a finite number in
+    (0, N] (N = ``network.devices``; 2**20 when unknown). All devices' weights sum to N, so no
+    honest share exceeds it; the bound keeps a liar from overflowing or zeroing the mix, and the
+    norm guard still rolls back an exploding row. Within it a liar can outweigh the receiver for
+    a round, as a liar can under the plain mean: push-sum has no robust aggregation rule."""
+    if isinstance(claimed, bool) or not isinstance(claimed, (int, float)):
+        return None
+    value = float(claimed)
+    return value if math.isfinite(value) and 0 < value <= float(devices or 2**20) else None
+
+
 @dataclass(frozen=True)
 class SyncOutcome:
     owner: str
@@ -191,6 +221,8 @@ class _Row:
     flat: torch.Tensor
     degree: int
     data_size: float
+    weight: float = 0.0  # push-sum: the share of its weight it sent with the row
+    sent: torch.Tensor | None = None  # compressed top-k / random-k: the coordinates it carries
 
 
 def _norm(x: torch.Tensor) -> float:
@@ -240,6 +272,15 @@ class NodeRuntime:
         self.model = build_model(cfg.model, self.data.input_shape, self.data.num_classes)
         self.spec = ParamSpec.of(self.model)
         self.wire_spec = wire.ModelSpec.from_module(self.model)
+        # Compressed gossip: this node's sender state, its copies of the neighbours' rows (choco),
+        # and the exact arrays a params message must hold (checked before anything is decoded).
+        compression = Compression.of(cfg.compression, self.spec.numels)
+        self.compressor = Compressor(compression, self.spec.total, cfg.seed) if compression.active else None
+        self.copies: dict[str, torch.Tensor] = {}
+        self.message_spec = self.wire_spec
+        if self.compressor is not None:
+            layout = self.compressor.layout.arrays
+            self.message_spec = wire.ModelSpec(tuple(wire.TensorSpec(a.name, a.shape, a.dtype) for a in layout))
         partition = Partition(indices=(np.arange(len(self.data.y_train), dtype=np.int64),), device_ids=(cfg.index,))
         self.trainer = VectorizedTrainer(
             self.model, self.spec, self.data.x_train, self.data.y_train, partition, cfg.training, cfg.seed
@@ -251,6 +292,7 @@ class NodeRuntime:
             self.trainer.to(self.device)
         self.peers: dict[str, str] = {p.id: p.address for p in cfg.peers}
         self.peer_index: dict[str, int] = {p.id: p.index for p in cfg.peers}
+        self.peer_cfg: dict[str, PeerConfig] = {p.id: p for p in cfg.peers}
         self.data_size = len(self.data.y_train)
         self.tls: TlsConfig | None = None
         if not cfg.tls.insecure:
@@ -263,12 +305,21 @@ class NodeRuntime:
         limit = max(wire.PREFIX_SIZE + wire.MAX_HEADER_BYTES,
                     min(cfg.network.max_message_bytes, self.wire_spec.max_message_bytes()))  # fmt: skip
         # The cooperation a simulator would run for this device (one row of it).
-        self.cooperation = Cooperation(
-            gossip_stages(cfg.consensus), cfg.consensus.affinity, cfg.consensus.max_norm_ratio
-        )
+        algorithm = make_algorithm(cfg.algorithm)
+        assert isinstance(algorithm, GraphAlgorithm)  # NodeConfig.validate admits only those
+        algorithm.check(cfg.consensus, "vectorized")
+        self.cooperation = algorithm.cooperation_for(cfg.consensus)
+        check_compression(compression, incompressible=incompressible(self.cooperation))
+        # D-PSGD: the network's local steps each round (every device mixes after each of them)
+        self.span: list[tuple[int, int]] = []
+        if self.cooperation.every_local_step:
+            self.span = round_schedule(np.array([cfg.network.max_data_size]), cfg.training, None)
+        self.push_weight = 1.0  # push-sum: this device's weight w (checkpointed)
+        self._step_mixed: list[str] = []  # D-PSGD: the neighbours mixed with after the first local step
+        exchanges = max(1, len(self.span)) * cfg.consensus.steps  # params messages per round and sender
         self.mailbox = Mailbox(
             max_rounds_ahead=cfg.network.max_rounds_ahead,
-            consensus_steps=cfg.consensus.steps,
+            consensus_steps=exchanges,
             sync_steps_ahead=cfg.network.max_rounds_ahead,
             params_message_bytes=limit,
             allowed_senders=self.peers,
@@ -278,7 +329,7 @@ class NodeRuntime:
             cfg.listen,
             self.tls,
             self.mailbox,
-            self.wire_spec,
+            self.message_spec,
             limit,
             fetch_handler=self._on_fetch,
             insecure=cfg.tls.insecure,
@@ -337,7 +388,10 @@ class NodeRuntime:
     # ------------------------------------------------------------------------ messages
 
     def _header(self, kind: str, round_index: int, step: int, **extras: Any) -> wire.MessageHeader:
-        return wire.MessageHeader(kind, self.cfg.id, round_index, step, self.wire_spec.fingerprint, extras=extras)
+        # What neighbours' servers expect (the compressed message's layout when compressing); a
+        # sync-params reply carries the model itself.
+        spec = self.wire_spec if kind == "sync-params" else self.message_spec
+        return wire.MessageHeader(kind, self.cfg.id, round_index, step, spec.fingerprint, extras=extras)
 
     def _tensors(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: t.contiguous() for name, t in self.spec.unflatten(flat).items()}
@@ -448,6 +502,9 @@ class NodeRuntime:
     def _resume(self, ckpt: NodeCheckpoint) -> int:
         self.params = ckpt.params.reshape(1, -1).clone()
         self.trainer.load_state_tensors(ckpt.optimizer)
+        if PUSH_SUM_WEIGHT in ckpt.optimizer:
+            self.push_weight = float(ckpt.optimizer[PUSH_SUM_WEIGHT][0])
+        self._load_compression(ckpt.optimizer)
         torch.set_rng_state(ckpt.rng_state)
         self.history = ckpt.history
         meta = ckpt.meta
@@ -500,12 +557,41 @@ class NodeRuntime:
                 # Nothing travelled: the owner's init is a public function of (seed, index).
                 init = self.init_of(self.sync.owner_index)
         self.params = init.reshape(1, -1).clone()
+        self._start_compression()
         acc, loss = self._evaluate()
         self.history.eval_rounds.append(0)
         self.history.accuracy.append(acc)
         self.history.loss.append(loss)
         self._checkpoint(0)
         return 1
+
+    def _start_compression(self) -> None:
+        """Sender state from the start row; choco's copies of the neighbours start where each of
+        them starts: the synchronized init every device adopted, or (sync off) its public init."""
+        if self.compressor is None:
+            return
+        self.compressor.start(self.params)
+        if self.compressor.compression.method == "choco":
+            synced = self.cfg.sync.enabled
+            self.copies = {
+                p: (self.params if synced else self.init_of(i).reshape(1, -1)).clone()
+                for p, i in self.peer_index.items()
+            }
+
+    def _compression_state(self) -> dict[str, torch.Tensor]:
+        if self.compressor is None:
+            return {}
+        return self.compressor.state_tensors() | {f"compress.copy.{p}": c for p, c in self.copies.items()}
+
+    def _load_compression(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        if self.compressor is None:
+            return
+        self.compressor.load_state_tensors(tensors)
+        if self.compressor.compression.method == "choco":
+            missing = [p for p in self.peers if f"compress.copy.{p}" not in tensors]
+            if missing:
+                raise P2PLError(f"the node checkpoint holds no choco copy of {missing[0]}; start it with --fresh")
+            self.copies = {p: tensors[f"compress.copy.{p}"].clone() for p in self.peers}
 
     def _served_init(self, init: torch.Tensor) -> torch.Tensor:
         """Flood sync: the parameters this node serves for its own claim (an attacker's hook)."""
@@ -658,7 +744,10 @@ class NodeRuntime:
         before = self.params.clone()
         opt_before = {name: t.clone() for name, t in self.trainer.state_tensors().items()}
         row = self.params.to(self.device)  # train on the configured device; rows live on the CPU
-        stats = self.trainer.train(row, k)
+        if self.cooperation.every_local_step and self._cooperates(k):
+            stats = self.trainer.train(row, k, span=self.span, after_step=lambda j: self._mix_step(k, j, row))
+        else:
+            stats = self.trainer.train(row, k)
         self.params = row.cpu()
         if self._sane(self.params[0], before[0]):
             return float(stats.mean_loss[0])
@@ -671,6 +760,28 @@ class NodeRuntime:
         )
         return float("nan")
 
+    def _cooperates(self, k: int) -> bool:
+        return k % self.cfg.consensus.every == 0 and bool(self.peers) and bool(self.cooperation.stages)
+
+    def _cooperate(self, k: int, first: int, own: torch.Tensor, loss: float) -> tuple[torch.Tensor, list[str]]:
+        """The cooperation's stages for this row (numbered from ``first``), then the affinity
+        blend and the guard, as every runtime finishes a cooperation step; returns the new row
+        and the neighbours mixed with in the first stage."""
+        before = own.clone()
+        mixed: list[str] = []
+        for c, stage in enumerate(self.cooperation.stages):
+            own, live = self._consensus_step(k, first + c, own, loss, stage)
+            if c == 0:
+                mixed = live
+        return finish(self.cooperation, own.reshape(1, -1), before.reshape(1, -1), None)[0].clone(), mixed
+
+    def _mix_step(self, k: int, j: int, row: torch.Tensor) -> None:
+        """D-PSGD: the cooperation after local step ``j``, written into the training row in place."""
+        mixed, live = self._cooperate(k, j * len(self.cooperation.stages), row[0].cpu(), float("nan"))
+        row[0].copy_(mixed)
+        if j == 0:
+            self._step_mixed = live
+
     def _round(self, k: int) -> None:
         cfg = self.cfg
         t0 = time.perf_counter()
@@ -678,21 +789,16 @@ class NodeRuntime:
         self.mailbox.set_round(k)
         self.state = "training"
         sent_before = self._bytes_sent()
+        self._step_mixed = []
         train_loss = self._train(k)
         if cfg.faults.round_delay_s:
             time.sleep(cfg.faults.round_delay_s)  # injected straggler
         t_comm = time.perf_counter()
-        compute_s = t_comm - t0
-        mixed: list[str] = []
-        if k % cfg.consensus.every == 0 and self.peers:
-            before = self.params[0].clone()
-            own = self.params[0]
-            for c in range(cfg.consensus.steps):
-                own, live = self._consensus_step(k, c, own, train_loss)
-                if c == 0:
-                    mixed = live
-            # the affinity blend and the guard, as every runtime finishes a cooperation step
-            self.params = finish(self.cooperation, own.reshape(1, -1), before.reshape(1, -1), None).clone()
+        compute_s = t_comm - t0  # with D-PSGD this includes the exchanges after every local step
+        mixed: list[str] = self._step_mixed
+        if self._cooperates(k) and not self.cooperation.every_local_step:
+            own, mixed = self._cooperate(k, 0, self.params[0], train_loss)
+            self.params = own.reshape(1, -1)
         comm_s = time.perf_counter() - t_comm
         if k % cfg.eval.every == 0 or k == cfg.rounds:
             acc, loss = self._evaluate()
@@ -712,44 +818,99 @@ class NodeRuntime:
         log.info("%s round %d: mixed with %s, acc %s", cfg.id, k, mixed or "nobody",
                  f"{self.history.accuracy[-1]:.4f}" if self.history.eval_rounds[-1] == k else "-")  # fmt: skip
 
-    def _encode_params(self, k: int, c: int, own: torch.Tensor, loss: float) -> bytes | None:
+    def _encode_params(self, k: int, c: int, own: torch.Tensor, loss: float, **extra: Any) -> bytes | None:
         try:
             row = self.outgoing(own, k, c)
-            return wire.encode(self._header("params", k, c, **self.params_extras(loss)), self._tensors(row))
+            if self.compressor is not None:
+                arrays = self.compressor.encode(row.reshape(1, -1), [self.cfg.index], k, c)
+                tensors = {name: arrays[name][0].contiguous() for name in self.message_spec.names}
+            else:
+                tensors = self._tensors(row)
+            extras = self.params_extras(loss) | extra
+            return wire.encode(self._header("params", k, c, **extras), tensors)
         except wire.WireError as err:  # e.g. non-finite values: say so, send nothing, keep going
             log.error("%s round %d: not sending parameters: %s", self.cfg.id, k, err)
             return None
 
-    def _consensus_step(self, k: int, c: int, own: torch.Tensor, loss: float) -> tuple[torch.Tensor, list[str]]:
-        cfg = self.cfg
-        message = self._encode_params(k, c, own, loss)
+    def _exchange_plan(self, k: int, c: int, stage: Stage) -> tuple[dict[str, str], set[str]]:
+        """Whom this node sends to in consensus step ``c`` of round ``k``, and whom it hears.
+
+        Every live neighbour both ways for P2PL's gossip; the out-neighbours and in-neighbours of
+        a one-way topology for push-sum; for random gossip the one neighbour this node draws
+        and the neighbours whose own (public, keyed) draw is this node."""
         targets = self._targets(k)
-        for peer in targets:
+        if isinstance(stage, PushSum):
+            sends = {p: a for p, a in targets.items() if self.peer_cfg[p].sends}
+            return sends, {p for p in targets if self.peer_cfg[p].hears}
+        assert isinstance(stage, Gossip)  # a node has no server step
+        if stage.peers == "one-random":
+            mine = self._draw(k, c, self.cfg.index, sorted(self.peer_index[p] for p in targets))
+            sends = {p: a for p, a in targets.items() if self.peer_index[p] == mine}
+            hears = set()
+            for p in targets:
+                theirs = sorted(self.peer_cfg[p].neighbours)  # its links, as the simulator has them
+                if self._draw(k, c, self.peer_index[p], theirs) == self.cfg.index:
+                    hears.add(p)
+            return sends, hears
+        return targets, set(targets)
+
+    def _draw(self, k: int, c: int, device: int, candidates: list[int]) -> int:
+        indptr = np.array([0, len(candidates)], dtype=np.int64)
+        return int(peer_choice(self.cfg.seed, k, c, np.array([device]), indptr, np.asarray(candidates))[0])
+
+    def _consensus_step(
+        self, k: int, c: int, own: torch.Tensor, loss: float, stage: Stage
+    ) -> tuple[torch.Tensor, list[str]]:
+        cfg = self.cfg
+        targets, hears = self._exchange_plan(k, c, stage)
+        extra: dict[str, Any] = {}
+        if isinstance(stage, PushSum):
+            share = float(push_sum_shares(np.array([self.push_weight]), np.array([len(targets)]))[0])
+            extra["weight"] = share
+        message = self._encode_params(k, c, own, loss, **extra) if targets else None
+        for peer in set(targets) | hears:
             # It spoke to us lately (it is back): do not skip it because of an old failure.
             if self.client.is_down(peer) and self.mailbox.latest_round(peer) >= k - 1:
                 self.client.reset_backoff(peer)
         accepted = self.broadcast(targets, message) if message is not None else {}
-        # Wait for those that took ours; a peer that refused it (already past round k, down, or
+        # Wait for those that took ours (or, on one-way or one-peer steps, those due to send to
+        # us that are not known down); a peer that refused ours (already past round k, down, or
         # cut) will not send a round-k message we could still use -- but take one that is here.
         # A neighbour silent for network.max_missed_rounds rounds is not waited for until it
         # speaks again, so one staller cannot slow every round.
-        waiting = {p for p, ok in accepted.items() if ok and not self._skipped(p, k)}
+        due = {p for p in hears if accepted.get(p, not self.client.is_down(p))}
+        waiting = {p for p in due if not self._skipped(p, k)}
         got = self._wait_params(k, c, waiting)
-        for peer in targets:
+        for peer in hears:
             if peer not in got and (m := self.mailbox.get("params", k, c, peer)) is not None:
                 got[peer] = m
         if c == 0:
-            self._count_missed(f"round {k}", targets, got)
+            self._count_missed(f"round {k}", {p: self.peers[p] for p in hears}, got)
         rows: dict[str, _Row] = {}
         for peer in sorted(got, key=lambda p: self.peer_index[p]):
             try:
-                row = self._read_row(peer, got[peer])
+                row = self._read_row(peer, got[peer], isinstance(stage, PushSum))
             except Exception as err:  # nothing a neighbour says may crash the node
                 log.warning("%s round %d: dropped %s for the round: %s", cfg.id, k, peer, err)
                 continue
             if row is not None:
                 rows[peer] = row
-        return self._mix(k, own, rows)
+        if isinstance(stage, PushSum):
+            return self._push_sum_mix(k, own, rows, extra.get("weight", self.push_weight), stage)
+        return self._mix(k, own, rows, stage)
+
+    def _decompress(self, peer: str, msg: wire.Message) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A neighbour's compressed message as the row this node uses and its sent mask (choco:
+        the message updates this node's copy of that neighbour, which is the row used)."""
+        assert self.compressor is not None and msg.tensors is not None
+        arrays = {name: t.unsqueeze(0) for name, t in msg.tensors.items()}
+        decoded = self.compressor.decode(arrays, [self.peer_index[peer]], msg.round, msg.step)
+        if self.compressor.compression.method != "choco":
+            return decoded.values[0], None if decoded.mask is None else decoded.mask[0]
+        assert decoded.indices is not None
+        q = decoded.values.gather(1, decoded.indices)
+        self.copies[peer] = apply_sparse(self.copies[peer], decoded.indices, q, add=True)
+        return self.copies[peer][0], None
 
     def _skipped(self, peer: str, k: int = 0) -> bool:
         """True while ``peer`` is not waited for: it sent nothing for network.max_missed_rounds
@@ -779,13 +940,23 @@ class NodeRuntime:
                 log.warning("%s %s: %s sent nothing %d times in a row; not waiting for it until it speaks",
                             self.cfg.id, when, peer, limit)  # fmt: skip
 
-    def _read_row(self, peer: str, msg: wire.Message) -> _Row | None:
+    def _read_row(self, peer: str, msg: wire.Message, push_sum: bool = False) -> _Row | None:
         """A neighbour's parameters with its metadata validated (None, logged, if it is invalid):
         degree in [1, network size - 1]; data size a positive integer (the weights count it
-        within [own / r, own * r], r = consensus.max_size_ratio: ``graph.weights.bounded_claims``)."""
+        within [own / r, own * r], r = consensus.max_size_ratio: ``graph.weights.bounded_claims``);
+        for push-sum a weight share that is finite, > 0 and at most the network size (the whole
+        network's weight: honest shares never exceed it)."""
         ex = msg.header.extras
         degree, size = ex.get("degree"), ex.get("data_size")
         max_degree = self.cfg.network.devices - 1 if self.cfg.network.devices else 2**20
+        weight = 0.0
+        if push_sum:
+            claimed = push_sum_share(ex.get("weight"), self.cfg.network.devices)
+            if claimed is None:
+                log.warning("%s: %s claims push-sum weight %r (must be in (0, number of devices]); dropped "
+                            "for the round", self.cfg.id, peer, ex.get("weight"))  # fmt: skip
+                return None
+            weight = claimed
         if not isinstance(degree, int) or not 1 <= degree <= max_degree:
             log.warning("%s: %s claims degree %r (must be 1..%d); dropped for the round",
                         self.cfg.id, peer, degree, max_degree)  # fmt: skip
@@ -794,33 +965,66 @@ class NodeRuntime:
             log.warning("%s: %s claims data size %r (must be a positive integer); dropped for the round",
                         self.cfg.id, peer, size)  # fmt: skip
             return None
-        return _Row(self._flat(msg), degree, float(size))
+        if self.compressor is not None:
+            flat, sent = self._decompress(peer, msg)
+            return _Row(flat, degree, float(size), weight, sent)
+        return _Row(self._flat(msg), degree, float(size), weight)
 
-    def _mix(self, k: int, own: torch.Tensor, rows: Mapping[str, _Row]) -> tuple[torch.Tensor, list[str]]:
-        """One consensus step: this device's row of W over the live neighbours, then the shared
-        gossip step (``core.cooperate.gossip``: the aggregation rule, and the safety net that
-        retries without out-of-bounds neighbours and keeps the own row if that is not enough)."""
+    def _mix(
+        self, k: int, own: torch.Tensor, rows: Mapping[str, _Row], stage: Stage | None = None
+    ) -> tuple[torch.Tensor, list[str]]:
+        """One consensus step: this device's row of W over the live neighbours (equal weights
+        for random gossip), then the shared gossip step (``core.cooperate.gossip``: the
+        aggregation rule, and the safety net that retries without out-of-bounds neighbours and
+        keeps the own row if that is not enough)."""
         cfg = self.cfg
         live = list(rows)
-        max_degree = max(cfg.network.max_degree or len(self.peers), len(live))
-        self_w, row = row_weights(
-            cfg.consensus.weights,
-            cfg.index,
-            len(live),
-            [self.peer_index[p] for p in live],
-            [rows[p].degree for p in live],
-            float(self.data_size),
-            [rows[p].data_size for p in live],
-            max_degree,
-            cfg.consensus.max_size_ratio,
-        )
-        stage = self.cooperation.stages[0] if self.cooperation.stages else Gossip()
+        stage = stage or (self.cooperation.stages[0] if self.cooperation.stages else Gossip())
         assert isinstance(stage, Gossip)
+        if stage.peers == "one-random":
+            self_w = 1.0 / (1 + len(live))
+            weights = [self_w] * len(live)
+        else:
+            max_degree = max(cfg.network.max_degree or len(self.peers), len(live))
+            self_w, row = row_weights(
+                cfg.consensus.weights,
+                cfg.index,
+                len(live),
+                [self.peer_index[p] for p in live],
+                [rows[p].degree for p in live],
+                float(self.data_size),
+                [rows[p].data_size for p in live],
+                max_degree,
+                cfg.consensus.max_size_ratio,
+            )
+            weights = [row[self.peer_index[p]] for p in live]
+        return self._mix_weighted(k, own, rows, self_w, weights, stage)
+
+    def _mix_weighted(
+        self, k: int, own: torch.Tensor, rows: Mapping[str, _Row], self_w: float, weights: list[float], stage: Gossip
+    ) -> tuple[torch.Tensor, list[str]]:
+        live = list(rows)
         suspects = [p for p in live if not self._sane(rows[p].flat, own)]
         if suspects:
-            log.warning("%s round %d: parameters of %s are out of bounds", cfg.id, k, suspects)
-        mixed = mix_row(own, [rows[p].flat for p in live], self_w, [row[self.peer_index[p]] for p in live], stage)
+            log.warning("%s round %d: parameters of %s are out of bounds", self.cfg.id, k, suspects)
+        if self.compressor is None:
+            mixed = mix_row(own, [rows[p].flat for p in live], self_w, weights, stage)
+        else:
+            pool = torch.stack([rows[p].flat for p in live]) if live else own.new_zeros(0, own.shape[-1])
+            masks = [rows[p].sent for p in live]
+            sent = torch.stack([m for m in masks if m is not None]) if live and masks[0] is not None else None
+            hood = one_row(self_w, weights)
+            mixed = compressed_gossip(own.reshape(1, -1), pool, sent, hood, stage, self.compressor)[0]
         return mixed, [p for p in live if p not in suspects]
+
+    def _push_sum_mix(
+        self, k: int, own: torch.Tensor, rows: Mapping[str, _Row], own_share: float, stage: PushSum
+    ) -> tuple[torch.Tensor, list[str]]:
+        """Push-sum: the share-weighted mean of this row and the rows heard; the new push-sum
+        weight is the sum of the shares (``core.neighbours.push_sum_row``)."""
+        live = list(rows)
+        self_w, weights, self.push_weight = push_sum_row(own_share, [rows[p].weight for p in live])
+        return self._mix_weighted(k, own, rows, self_w, weights, stage.as_gossip())
 
     def _wait_params(self, k: int, c: int, waiting: set[str]) -> dict[str, wire.Message]:
         """Wait for the round-k step-c parameters of ``waiting`` until the round deadline; a silent
@@ -866,9 +1070,10 @@ class NodeRuntime:
             "index": self.cfg.index,
         }
         held = self._held[1] if self._held is not None and self.sync is not None else None
-        ckpt = NodeCheckpoint(
-            k, self.params[0], self.trainer.state_tensors(), held, torch.get_rng_state(), self.history, meta
-        )
+        state = self.trainer.state_tensors() | self._compression_state()
+        if any(isinstance(stage, PushSum) for stage in self.cooperation.stages):
+            state = state | {PUSH_SUM_WEIGHT: torch.tensor([self.push_weight], dtype=torch.float64)}
+        ckpt = NodeCheckpoint(k, self.params[0], state, held, torch.get_rng_state(), self.history, meta)
         checkpoint.save(self.dir, ckpt)
 
     def _write_status(self, error: str = "") -> None:

@@ -9,6 +9,14 @@ Service ``p2pl.Peer`` (generic handlers; request and response are plain ``bytes`
     its :class:`~p2pl.node.mailbox.Mailbox`. The ack is ``b"ok"``, ``b"ok: duplicate"`` (already
     had it -- a retry) or ``b"rejected: <reason>"``. Rejections are logged on logger
     ``p2pl.node.transport`` and counted; the server keeps serving.
+``SendStream(chunks) -> ack``
+    The same for a message larger than one chunk (:data:`~p2pl.node.chunks.CHUNK_BYTES`): its
+    chunks (:mod:`p2pl.node.chunks`) are reassembled into one buffer of the size the header
+    announced. The sender, the mailbox and the announced size are checked on the first chunk,
+    before that buffer exists; gRPC itself refuses any single message over one chunk (plus
+    GRPC_SLACK_BYTES), so a unary ``Send`` cannot make the server buffer a large message either.
+    An admitted stream runs against a deadline and takes one of its sender's few stream slots
+    (STREAM_GRACE_S, STREAM_MIN_BYTES_PER_S, MAX_STREAMS_PER_SENDER).
 ``Fetch(request) -> message``
     Pull: ``request`` is a payload-free wire message (e.g. kind ``sync-fetch``), authenticated
     and validated like Send; the runtime's ``fetch_handler(request_message)`` returns the encoded
@@ -52,7 +60,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +69,7 @@ import grpc
 
 from p2pl.errors import P2PLError
 from p2pl.node.certs import TlsConfig, check_device_id
+from p2pl.node.chunks import CHUNK_BYTES, CHUNK_PREFIX, Reassembler, check_chunk_bytes, split
 from p2pl.node.mailbox import ACCEPTED, DUPLICATE, Mailbox
 from p2pl.node.ratelog import LogBudget
 from p2pl.node.wire import (
@@ -68,9 +77,12 @@ from p2pl.node.wire import (
     MAX_HEADER_BYTES,
     PREFIX_SIZE,
     Message,
+    MessageHeader,
     ModelSpec,
     WireError,
+    check_announced,
     decode,
+    decode_payload,
     peek_header,
 )
 
@@ -81,6 +93,7 @@ __all__ = [
     "FETCH_METHOD",
     "GRPC_SLACK_BYTES",
     "SEND_METHOD",
+    "SEND_STREAM_METHOD",
     "SERVICE_NAME",
     "FetchHandler",
     "PeerClient",
@@ -92,6 +105,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "p2pl.Peer"
 SEND_METHOD = f"/{SERVICE_NAME}/Send"
+SEND_STREAM_METHOD = f"/{SERVICE_NAME}/SendStream"
 FETCH_METHOD = f"/{SERVICE_NAME}/Fetch"
 ACK_OK = b"ok"
 ACK_DUPLICATE = b"ok: duplicate"
@@ -99,6 +113,12 @@ ACK_REJECTED_PREFIX = b"rejected: "
 #: gRPC's own size limit is max_message_bytes + this slack, so slightly oversized messages reach
 #: wire.decode (rejected with a logged reason) while huge ones are cut off by gRPC itself.
 GRPC_SLACK_BYTES = 64 * 1024
+#: A chunked message must arrive within STREAM_GRACE_S plus its size at STREAM_MIN_BYTES_PER_S,
+#: or the server cancels it, and a sender may have at most MAX_STREAMS_PER_SENDER admitted streams
+#: in flight: a neighbour that stalls mid-stream cannot hold the server's threads.
+STREAM_GRACE_S = 30.0
+STREAM_MIN_BYTES_PER_S = 256 * 1024
+MAX_STREAMS_PER_SENDER = 2
 #: Fetch requests carry no tensors.
 MAX_FETCH_REQUEST_BYTES = PREFIX_SIZE + MAX_HEADER_BYTES
 
@@ -127,9 +147,10 @@ def _check_limit(max_message_bytes: int) -> int:
     return max_message_bytes
 
 
-def _grpc_limit_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+def _grpc_limit_options(max_message_bytes: int, max_receive_bytes: int | None = None) -> list[tuple[str, Any]]:
     limit = max_message_bytes + GRPC_SLACK_BYTES
-    return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+    receive = limit if max_receive_bytes is None else max_receive_bytes + GRPC_SLACK_BYTES
+    return [("grpc.max_receive_message_length", receive), ("grpc.max_send_message_length", limit)]
 
 
 # --------------------------------------------------------------------------------------- server
@@ -163,8 +184,10 @@ class PeerServer:
         *,
         insecure: bool = False,
         max_workers: int = 8,
+        chunk_bytes: int = CHUNK_BYTES,
     ) -> None:
         _check_security(device_id, tls, insecure, "PeerServer")
+        self.chunk_bytes = check_chunk_bytes(chunk_bytes)
         self.device_id = device_id
         self.listen_addr = listen_addr
         self.tls = tls
@@ -177,6 +200,7 @@ class PeerServer:
         self._port: int | None = None
         self._lock = threading.Lock()
         self._counters: Counter[str] = Counter()
+        self._streams: Counter[str] = Counter()  # admitted streams in flight, per sender
         self._log_budget = LogBudget()
 
     # --------------------------------------------------------------------------- lifecycle
@@ -185,16 +209,20 @@ class PeerServer:
         """Bind and start serving; return the bound port."""
         if self._server is not None:
             raise P2PLError(f"server of {self.device_id} already started")
-        options = [*_grpc_limit_options(self.max_message_bytes), ("grpc.so_reuseport", 0)]
+        # One gRPC message (a unary Send, or one chunk of a stream) is never larger than a chunk.
+        receive = min(self.max_message_bytes, self.chunk_bytes + CHUNK_PREFIX.size)
+        options = [*_grpc_limit_options(self.max_message_bytes, receive), ("grpc.so_reuseport", 0)]
         server = grpc.server(
             futures.ThreadPoolExecutor(self._max_workers, thread_name_prefix=f"p2pl-{self.device_id}"),
             options=options,
             maximum_concurrent_rpcs=4 * self._max_workers,
+            compression=grpc.Compression.NoCompression,
         )
         handler = grpc.method_handlers_generic_handler(
             SERVICE_NAME,
             {
                 "Send": grpc.unary_unary_rpc_method_handler(self._handle_send),
+                "SendStream": grpc.stream_unary_rpc_method_handler(self._handle_send_stream),
                 "Fetch": grpc.unary_unary_rpc_method_handler(self._handle_fetch),
             },
         )
@@ -274,23 +302,84 @@ class PeerServer:
                 grpc.StatusCode.PERMISSION_DENIED,
             )
 
+    def _admit(
+        self, header: MessageHeader, total: int, context: grpc.ServicerContext, limit: int, *, store: bool
+    ) -> None:
+        """Who sent it, then (for Send) whether the mailbox would keep it, then whether its size
+        fits this model: all from the header, so nothing big is read for a refused message."""
+        if total > limit:
+            raise WireError(f"message of {total} bytes exceeds the limit of {limit} bytes")
+        self._authenticate(header.sender, context)
+        if store and (reason := self.mailbox.admit(header)) is not None:
+            why = f"{reason} ({header.kind} round {header.round} step {header.step})"
+            raise _Rejected(f"mailbox.{reason}", why, grpc.StatusCode.FAILED_PRECONDITION)
+        check_announced(header, total, self.spec, limit)
+
     def _validate(self, data: bytes, context: grpc.ServicerContext, limit: int, *, store: bool) -> Message:
-        """Header, then who sent it, then (for Send) whether the mailbox would keep it, and only
-        then the payload: nothing big is decoded for a message that is going to be refused."""
+        """A whole message: its header admitted first, then the payload decoded."""
         try:
             header = peek_header(data, limit)
-            self._authenticate(header.sender, context)
-            if store and (reason := self.mailbox.admit(header)) is not None:
-                why = f"{reason} ({header.kind} round {header.round} step {header.step})"
-                raise _Rejected(f"mailbox.{reason}", why, grpc.StatusCode.FAILED_PRECONDITION)
-            return decode(data, self.spec, limit)
+            self._admit(header, len(data), context, limit, store=store)
+            return decode_payload(header, data, self.spec, limit)
         except WireError as exc:
             raise _Rejected("invalid", str(exc), grpc.StatusCode.INVALID_ARGUMENT) from None
 
+    def _receive_stream(self, chunks: Iterator[bytes], context: grpc.ServicerContext) -> Message:
+        """A chunked message: admitted on its first chunk, reassembled, then decoded in place.
+        Once admitted it holds one of its sender's stream slots and runs against a deadline."""
+        watchdog: threading.Timer | None = None
+        sender: str | None = None
+        too_slow = threading.Event()
+
+        def cancel() -> None:
+            too_slow.set()
+            context.cancel()
+
+        def admit(header: MessageHeader, total: int) -> None:
+            nonlocal watchdog, sender
+            self._admit(header, total, context, self.max_message_bytes, store=True)
+            with self._lock:
+                if self._streams[header.sender] >= MAX_STREAMS_PER_SENDER:
+                    why = f"{header.sender} already has {MAX_STREAMS_PER_SENDER} streams in flight"
+                    raise _Rejected("busy", why, grpc.StatusCode.RESOURCE_EXHAUSTED)
+                self._streams[header.sender] += 1
+            sender = header.sender
+            watchdog = threading.Timer(STREAM_GRACE_S + total / STREAM_MIN_BYTES_PER_S, cancel)
+            watchdog.daemon = True
+            watchdog.start()
+
+        try:
+            assembler = Reassembler(admit, self.chunk_bytes)
+            for chunk in chunks:
+                assembler.add(chunk)
+            buffer = assembler.finish()
+            assert assembler.header is not None  # finish() refuses a stream without one
+            return decode_payload(assembler.header, buffer, self.spec, self.max_message_bytes)
+        except (WireError, grpc.RpcError) as exc:  # an RpcError: the stream was cancelled
+            if too_slow.is_set():
+                raise _Rejected("slow", "stream too slow: cancelled", grpc.StatusCode.CANCELLED) from None
+            if isinstance(exc, WireError):
+                raise _Rejected("invalid", str(exc), grpc.StatusCode.INVALID_ARGUMENT) from None
+            raise _Rejected("stream", "stream cancelled by the sender", grpc.StatusCode.CANCELLED) from None
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+            if sender is not None:
+                with self._lock:
+                    self._streams[sender] -= 1
+
     def _handle_send(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         self._count("send.received")
+        return self._deliver(lambda: self._validate(request, context, self.max_message_bytes, store=True), context)
+
+    def _handle_send_stream(self, chunks: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        self._count("send.received")
+        return self._deliver(lambda: self._receive_stream(chunks, context), context)
+
+    def _deliver(self, receive: Callable[[], Message], context: grpc.ServicerContext) -> bytes:
+        """Receive and validate one message, store it in the mailbox, and say how that went."""
         try:
-            msg = self._validate(request, context, self.max_message_bytes, store=True)
+            msg = receive()
         except _Rejected as rej:
             if rej.category == f"mailbox.{DUPLICATE}":  # a retry of a message we already hold
                 self._count("send.duplicate")
@@ -369,6 +458,7 @@ class _PeerState:
     address: str
     channel: grpc.Channel
     send: Any
+    send_stream: Any
     fetch: Any
     failures: int = 0
     down_until: float = 0.0
@@ -400,8 +490,10 @@ class PeerClient:
         backoff_max: float = 30.0,
         max_parallel: int = 8,
         throttle_bps: float = 0.0,
+        chunk_bytes: int = CHUNK_BYTES,
     ) -> None:
         _check_security(device_id, tls, insecure, "PeerClient")
+        self.chunk_bytes = check_chunk_bytes(chunk_bytes)
         if attempts < 1 or retry_delay < 0 or backoff_initial < 0 or backoff_max < backoff_initial:
             raise P2PLError("PeerClient needs attempts >= 1 and 0 <= backoff_initial <= backoff_max")
         self.device_id = device_id
@@ -470,14 +562,15 @@ class PeerClient:
             ("grpc.min_reconnect_backoff_ms", max(100, int(self.backoff_initial * 1000))),
             ("grpc.max_reconnect_backoff_ms", max(100, int(self.backoff_max * 1000))),
         ]
+        # Parameters are incompressible floats: compressing them costs CPU and saves nothing.
         if self.tls is None:
-            return grpc.insecure_channel(address, options=options)
+            return grpc.insecure_channel(address, options=options, compression=grpc.Compression.NoCompression)
         target = peer_id if self.verify_server_identity else "localhost"
         options.append(("grpc.ssl_target_name_override", target))
         creds = grpc.ssl_channel_credentials(
             root_certificates=self.tls.ca_cert, private_key=self.tls.key, certificate_chain=self.tls.cert
         )
-        return grpc.secure_channel(address, creds, options=options)
+        return grpc.secure_channel(address, creds, options=options, compression=grpc.Compression.NoCompression)
 
     def _state(self, peer_id: str, address: str) -> tuple[_PeerState, grpc.Channel | None]:
         """The peer's state with a live channel; also returns an old channel to close (if any)."""
@@ -492,6 +585,7 @@ class PeerClient:
                 address=address,
                 channel=channel,
                 send=channel.unary_unary(SEND_METHOD),
+                send_stream=channel.stream_unary(SEND_STREAM_METHOD),
                 fetch=channel.unary_unary(FETCH_METHOD),
                 failures=st.failures if st is not None else 0,
                 down_until=st.down_until if st is not None else 0.0,
@@ -507,6 +601,7 @@ class PeerClient:
                 st.channel.close()
                 st.channel = fresh
                 st.send = fresh.unary_unary(SEND_METHOD)
+                st.send_stream = fresh.stream_unary(SEND_STREAM_METHOD)
                 st.fetch = fresh.unary_unary(FETCH_METHOD)
 
     def _mark_up(self, st: _PeerState) -> None:
@@ -542,9 +637,14 @@ class PeerClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            stub = st.send if rpc == "send" else st.fetch
             try:
-                reply: bytes = stub(payload, timeout=remaining)
+                reply: bytes
+                if rpc == "fetch":
+                    reply = st.fetch(payload, timeout=remaining)
+                elif len(payload) <= self.chunk_bytes:
+                    reply = st.send(payload, timeout=remaining)
+                else:  # a fresh chunk iterator per attempt
+                    reply = st.send_stream(split(payload, self.chunk_bytes), timeout=remaining)
             except grpc.RpcError as exc:
                 code = exc.code() if hasattr(exc, "code") else None
                 details = exc.details() if hasattr(exc, "details") else str(exc)

@@ -147,6 +147,7 @@ def exposure_line(result: GridResult) -> str | None:
     trim_cut = np.array([trim_count(cfg.consensus.trim, int(x) + 1) for x in d])
     clip_share = 1 - cfg.consensus.clip_quantile
     q = cfg.consensus.clip_quantile
+    radius_followed = int((2 * a >= np.maximum(d, 1)).sum())  # attackers hold half the neighbour weight or more
     return (
         f"**Exposure** (base graph): {int((a > 0).sum())} of {len(d)} honest devices hear an attacker; "
         f"the most exposed (by share) hears {a[worst]} among its {d[worst] + 1} values (own included). "
@@ -154,7 +155,8 @@ def exposure_line(result: GridResult) -> str | None:
         f"(trim {cfg.consensus.trim:g}); with more than {100 * clip_share:.0f} % of their neighbours attacking "
         f"(so under equal weights an attacker can be among the nearest {q:g} of the weight that sets the "
         f"clipped rule's radius): {int((a > clip_share * np.maximum(d, 1)).sum())}; with attackers as half or "
-        f"more of their values (where the median can follow them): {int((2 * a >= d + 1).sum())}."
+        f"more of their values (where the median can follow them): {int((2 * a >= d + 1).sum())}; as half or more "
+        f"of their neighbours (where the redescending rule's radius can follow them): {radius_followed}."
     )
 
 
@@ -183,7 +185,8 @@ def _setup_lines(s: GridSettings) -> list[str]:
         + (f" (radius {c.topology.radius or 'automatic'})" if c.topology.name == "random-geometric" else "")
         + f"; {c.consensus.weights} weights, {c.consensus.steps} consensus step(s) per round; max norm sync "
         f"{'on' if c.sync.enabled else 'off'}",
-        f"- **Rules:** trimmed-mean trim {c.consensus.trim}, clipped clip_quantile {c.consensus.clip_quantile}",
+        f"- **Rules:** trimmed-mean trim {c.consensus.trim}, clipped clip_quantile {c.consensus.clip_quantile}, "
+        f"redescending radius_factor {c.consensus.radius_factor}",
         f"- **Model:** {c.model.name} {c.model.hidden}; {t.optimizer} lr {t.lr}, batch {t.batch_size}, "
         f"{t.local_epochs} local epochs per round",
         "- **Rows:** the sync hijack under verified and under flooding sync; every other attack under verified "

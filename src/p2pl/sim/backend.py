@@ -40,8 +40,10 @@ class Backend(Protocol):
     def restore(self, params: torch.Tensor, optimizer: dict[str, torch.Tensor]) -> None:
         """Load a checkpoint's full ``[N, P]`` parameters and optimizer state."""
 
-    def train(self, round_index: int, work: np.ndarray | None) -> np.ndarray:
-        """This round's local epochs; returns each device's mean training loss (float64)."""
+    def train(self, round_index: int, work: np.ndarray | None, links: RoundLinks | None = None) -> np.ndarray:
+        """This round's local epochs; returns each device's mean training loss (float64). With a
+        cooperation that runs after every local step (D-PSGD), it mixes over ``links`` there and
+        :meth:`exchange` then only reports the bytes those mixes sent."""
 
     def evaluate(self, devices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Every device's (accuracy, loss) on the common test set, ``[N]``; with ``devices``

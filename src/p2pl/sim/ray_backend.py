@@ -33,7 +33,7 @@ import socket
 import time
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -43,12 +43,22 @@ import torch
 from p2pl.algorithms.base import RoundLinks
 from p2pl.config import ExperimentConfig
 from p2pl.core.adversary import Adversary, SendContext
-from p2pl.core.cooperate import Cooperation, GlobalMean, Gossip, Neighbourhoods, finish, gossip, weighted_average
+from p2pl.core.compress import Compression, Compressor, compressed_gossip
+from p2pl.core.cooperate import (
+    Cooperation,
+    GlobalMean,
+    Gossip,
+    Neighbourhoods,
+    PushSum,
+    finish,
+    gossip,
+    weighted_average,
+)
 from p2pl.core.evaluate import evaluate
 from p2pl.core.params import ParamSpec, init_device_params
-from p2pl.core.rounds import gossip_bytes, network_neighbourhoods, train_with_rollback, upload_bytes
+from p2pl.core.rounds import StagePlanner, gossip_bytes, roll_back_training, train_with_rollback, upload_bytes
 from p2pl.core.schedule import Partition
-from p2pl.core.train import VectorizedTrainer, choose_strategy
+from p2pl.core.train import RoundStats, VectorizedTrainer, choose_strategy, round_schedule
 from p2pl.errors import P2PLError
 from p2pl.experiment import Experiment
 from p2pl.models import build_model
@@ -143,6 +153,7 @@ class ShardWorker:
         threads: int,
         attackers: np.ndarray | None = None,
         device: str = "cpu",
+        compression: Compression | None = None,
     ) -> None:
         torch.set_num_threads(max(1, threads))
         if isinstance(data, list):  # [object ref] from the Ray driver (see RayBackend.__init__)
@@ -171,6 +182,13 @@ class ShardWorker:
         self._plan: tuple[str, ShardPlan] | None = None
         self._before: torch.Tensor | None = None
         self._sent: torch.Tensor | None = None  # what this shard's devices send this step
+        # D-PSGD: the round's local steps, run one at a time between the driver's exchanges
+        self._steps: Generator[int, None, RoundStats] | None = None
+        self._rows: torch.Tensor | None = None  # the rows those steps train (on ``device``)
+        self._train_before: torch.Tensor | None = None
+        # compressed gossip: this shard's devices' sender state, and what they published this step
+        self.compressor = Compressor(compression, self.spec.total, cfg.seed) if compression else None
+        self._published: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def ping(self) -> tuple[int, str]:
         """(pid, Ray node id) of this worker."""
@@ -189,7 +207,12 @@ class ShardWorker:
     def init_norms(self) -> np.ndarray:
         """Each device's own init (from its own seed); returns the rows' L2 norms (float64)."""
         self.params = init_device_params(self.model, self.spec, self.cfg.seed, self.device_ids.tolist())
+        self._start_compression()
         return self.params.double().norm(dim=1).numpy()
+
+    def _start_compression(self) -> None:
+        if self.compressor is not None:
+            self.compressor.start(self.params)
 
     def rows(self, local_rows: np.ndarray) -> np.ndarray:
         return self.params[torch.from_numpy(np.asarray(local_rows, dtype=np.int64))].numpy()
@@ -200,12 +223,42 @@ class ShardWorker:
         self.params = pool[torch.from_numpy(np.asarray(pick, dtype=np.int64))].clone()
         if not np.all(scale == 1.0):
             self.params *= torch.from_numpy(np.asarray(scale, dtype=np.float32)).unsqueeze(1)
+        self._start_compression()
 
     def train(self, round_index: int, work: np.ndarray | None) -> np.ndarray:
         rows = self.params.to(self.device)
         guard, ratio = self.adversary.active, self.cfg.consensus.max_norm_ratio
         stats, _ = train_with_rollback(self.trainer, rows, round_index, work, guard, ratio)
         self.params = rows.cpu()
+        return stats.mean_loss.double().numpy()
+
+    def train_begin(self, round_index: int, work: np.ndarray | None, span: list[tuple[int, int]]) -> None:
+        """Start this round's local steps over the network's ``span`` (run by :meth:`train_step`)."""
+        self._rows = self.params.to(self.device)
+        self._train_before = self._rows.clone() if self.adversary.active else None
+        self._steps = self.trainer.round_steps(self._rows, round_index, work, span)
+
+    def train_step(self) -> None:
+        """One local step of the round (the rows may have been mixed since the last one)."""
+        assert self._steps is not None and self._rows is not None
+        if self.params is not self._rows:
+            self._rows.copy_(self.params)
+        next(self._steps)
+        self.params = self._rows.cpu()
+
+    def train_end(self) -> np.ndarray:
+        """Finish the round's local steps: the mean losses (and the guard of :meth:`train`)."""
+        assert self._steps is not None and self._rows is not None
+        if self.params is not self._rows:
+            self._rows.copy_(self.params)
+        try:
+            next(self._steps)
+            raise AssertionError("the driver ended the round before its last local step")  # a backend bug
+        except StopIteration as done:
+            stats: RoundStats = done.value
+        roll_back_training(self.trainer, self._rows, self._train_before, self.cfg.consensus.max_norm_ratio)
+        self.params = self._rows.cpu()
+        self._steps = self._rows = self._train_before = None
         return stats.mean_loss.double().numpy()
 
     def evaluate(self, local_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -229,9 +282,23 @@ class ShardWorker:
         """This step's boundary rows as sent, one block per receiving shard (Ray: one object each)."""
         assert self._plan is not None
         plan = self._plan[1]
-        rows = self.params if self._sent is None else self._sent
-        blocks = tuple(rows[torch.from_numpy(r)].numpy() for r in plan.send_rows)
+        if self._published is not None:  # compressed: (what receivers use, sent mask) per block
+            rows, mask = self._published
+            blocks: tuple[Any, ...] = tuple(
+                (rows[i].numpy(), None if mask is None else mask[i].numpy())
+                for i in (torch.from_numpy(r) for r in plan.send_rows)
+            )
+        else:
+            rows = self.params if self._sent is None else self._sent
+            blocks = tuple(rows[torch.from_numpy(r)].numpy() for r in plan.send_rows)
         return blocks[0] if len(blocks) == 1 else blocks
+
+    def compress(self, round_index: int, step: int, senders: np.ndarray) -> None:
+        """Encode what this shard's devices send this step (``senders``: bool per row, those
+        heard by somebody), updating their sender state; ``publish`` then carries the result."""
+        assert self.compressor is not None
+        rows = self.params if self._sent is None else self._sent
+        self._published = self.compressor.publish(rows, self.device_ids, round_index, step, senders)
 
     def attack(self, round_index: int, step: int, *halos: np.ndarray) -> None:
         """What this shard's attackers send this step, from the true rows they hear."""
@@ -246,6 +313,15 @@ class ShardWorker:
     def gossip(self, stage: Gossip, *halos: np.ndarray) -> None:
         """One gossip step over ``[own rows as sent; halo rows as sent]``."""
         assert self._plan is not None
+        if self._published is not None:
+            assert self.compressor is not None
+            rows, mask = self._published
+            pool = torch.cat([rows, *(_tensor(h[0]) for h in halos)])
+            sent = None if mask is None else torch.cat([mask, *(_tensor(h[1]) for h in halos)])
+            self.params = compressed_gossip(self.params, pool, sent, self._plan[1].hoods, stage, self.compressor)
+            self._published = None
+            self._sent = None
+            return
         own_sent = self.params if self._sent is None else self._sent
         pool = torch.cat([own_sent, *(_tensor(h) for h in halos)]) if halos else own_sent
         self.params = gossip(self.params, pool, self._plan[1].hoods, stage)
@@ -289,14 +365,19 @@ class ShardWorker:
     def get_state(self) -> tuple[tuple[np.ndarray, dict[str, np.ndarray]], bool]:
         """(rows, optimizer state) copies, and a small 'done' flag (a second Ray object)."""
         opt = {k: v.cpu().clone().numpy() for k, v in self.trainer.state_tensors().items()}
+        if self.compressor is not None:  # compression's per-device state rides with the optimizer's
+            opt |= {k: v.clone().numpy() for k, v in self.compressor.state_tensors().items()}
         return (self.params.clone().numpy(), opt), True
 
     def set_state(self, state: tuple[np.ndarray, dict[str, np.ndarray]]) -> None:
         params, opt = state
         self.params = _tensor(params).clone()
         self.trainer.load_state_tensors({k: _tensor(v) for k, v in opt.items()})
+        if self.compressor is not None:
+            self.compressor.load_state_tensors({k: _tensor(v) for k, v in opt.items()})
         self._before = None
         self._sent = None
+        self._published = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,6 +484,7 @@ class RayBackend:
                     threads,
                     exp.setting.adversary.ids,
                     device,
+                    exp.setting.compression,
                 )
                 for s, ids in enumerate(self.sharding.shards)
             ]
@@ -416,6 +498,10 @@ class RayBackend:
         self._plans: tuple[str, list[ShardPlan], list[Any]] | None = None
         self._coop = exp.algorithm.cooperation(exp.setting)
         self._facts = exp.setting.facts()
+        # who hears whom per stage, and the push-sum weights: kept on the driver ([N] floats)
+        self._planner = StagePlanner(self._coop, self._facts, cfg.seed, n)
+        self._planner_snapshot: dict[str, torch.Tensor] = self._planner.state_tensors()
+        self._step_bytes: np.ndarray | None = None  # D-PSGD: what the mixes during training sent
         self._loaded: list[str | None] = [None] * k
         self.recoveries = 0
         self.halo_rows_moved = 0
@@ -469,6 +555,7 @@ class RayBackend:
         pairs = [a.get_state.options(num_returns=2).remote() for a in self.actors]
         self._get([done for _, done in pairs])  # tiny flags: the states exist, nothing is fetched
         self._snapshot = [state for state, _ in pairs]
+        self._planner_snapshot = self._planner.state_tensors()
 
     def _recover(self) -> None:
         self.recoveries += 1
@@ -476,6 +563,7 @@ class RayBackend:
         self._wait_alive()
         if self._snapshot is not None:
             self._get([a.set_state.remote(s) for a, s in zip(self.actors, self._snapshot, strict=True)])
+        self._planner.load_state_tensors(self._planner_snapshot)  # the rerun advances push-sum again
 
     # -- Backend protocol -----------------------------------------------------------------------
 
@@ -501,6 +589,8 @@ class RayBackend:
         return Started(steps, float(np.mean(sent)))
 
     def restore(self, params: torch.Tensor, optimizer: dict[str, torch.Tensor]) -> None:
+        self._planner.load_state_tensors(optimizer)
+        optimizer = {k: v for k, v in optimizer.items() if k not in self._planner.state_tensors()}
         refs = []
         for actor, ids in zip(self.actors, self.sharding.shards, strict=True):
             rows = torch.from_numpy(ids)
@@ -508,12 +598,27 @@ class RayBackend:
             refs.append(actor.set_state.remote(state))
         self._get(refs)
 
-    def train(self, round_index: int, work: np.ndarray | None) -> np.ndarray:
-        refs = [
-            a.train.remote(round_index, None if work is None else work[ids])
-            for a, ids in zip(self.actors, self.sharding.shards, strict=True)
-        ]
+    def train(self, round_index: int, work: np.ndarray | None, links: RoundLinks | None = None) -> np.ndarray:
+        pairs = list(zip(self.actors, self.sharding.shards, strict=True))
+        self._step_bytes = None
+        coop = self._coop
+        if coop.every_local_step and links is not None and links.cooperate and coop.stages:
+            return self._train_mixing(round_index, work, links)
+        refs = [a.train.remote(round_index, None if work is None else work[ids]) for a, ids in pairs]
         return self._scatter(self._get(refs))
+
+    def _train_mixing(self, round_index: int, work: np.ndarray | None, links: RoundLinks) -> np.ndarray:
+        """D-PSGD: every shard walks the network's step schedule, and after each step the driver
+        runs the cooperation over all shards, as the local backend does over all rows."""
+        pairs = list(zip(self.actors, self.sharding.shards, strict=True))
+        span = round_schedule(self.exp.setting.data_sizes, self.exp.cfg.training, work)
+        self._get([a.train_begin.remote(round_index, None if work is None else work[ids], span) for a, ids in pairs])
+        sent = np.zeros(self.sharding.num_devices, dtype=np.int64)
+        for j in range(len(span)):
+            self._get([a.train_step.remote() for a in self.actors])
+            sent += self._cooperate(links, round_index, j * len(self._coop.stages))
+        self._step_bytes = sent
+        return self._scatter(self._get([a.train_end.remote() for a in self.actors]))
 
     def evaluate(self, devices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         if devices is None:
@@ -532,14 +637,23 @@ class RayBackend:
     def exchange(self, links: RoundLinks, round_index: int) -> np.ndarray:
         """The algorithm's cooperation stages, shard by shard (see core.cooperate)."""
         n = self.sharding.num_devices
-        sent = np.zeros(n, dtype=np.int64)
+        if self._coop.every_local_step:  # mixed during training
+            sent, self._step_bytes = self._step_bytes, None
+            return sent if sent is not None else np.zeros(n, dtype=np.int64)
         if not links.cooperate or not self._coop.stages:
-            return sent
+            return np.zeros(n, dtype=np.int64)
+        return self._cooperate(links, round_index, 0)
+
+    def _cooperate(self, links: RoundLinks, round_index: int, first_step: int) -> np.ndarray:
+        n = self.sharding.num_devices
+        sent = np.zeros(n, dtype=np.int64)
         self._get([a.begin.remote() for a in self.actors])
-        for step, stage in enumerate(self._coop.stages):
-            if isinstance(stage, Gossip):
-                self._gossip(stage, links, round_index, step)
-                sent += gossip_bytes(n, links.live_edges, self._facts)
+        for step, stage in enumerate(self._coop.stages, start=first_step):
+            if isinstance(stage, (Gossip, PushSum)):
+                hoods = self._planner.neighbourhoods(stage, links.live_edges, round_index, step)
+                mix = stage.as_gossip() if isinstance(stage, PushSum) else stage
+                self._gossip(mix, hoods, links.live_edges, round_index, step)
+                sent += self._planner.bytes_sent(stage, links.live_edges, hoods)
             elif isinstance(stage, GlobalMean):
                 self._global_mean(links, round_index, step)
                 sent += upload_bytes(links.active, self._facts)
@@ -560,10 +674,12 @@ class RayBackend:
         pairs = zip(self.actors, self.sharding.shards, strict=True)
         self._get([a.set_rows.remote(links.active[ids], ref) for a, ids in pairs])
 
-    def _plans_for(self, live_edges: np.ndarray) -> tuple[str, list[ShardPlan], list[Any]]:
-        key = hashlib.sha256(live_edges.tobytes()).hexdigest()[:16]
+    def _plans_for(self, hoods: Neighbourhoods) -> tuple[str, list[ShardPlan], list[Any]]:
+        digest = hashlib.sha256()
+        for part in (hoods.indptr, hoods.src, hoods.weight, hoods.self_weight):
+            digest.update(np.ascontiguousarray(part).tobytes())
+        key = digest.hexdigest()[:16]  # the plans stay put while who hears whom (and W) does
         if self._plans is None or self._plans[0] != key:
-            hoods = network_neighbourhoods(self.sharding.num_devices, live_edges, self._facts)
             plans = consensus_plans(hoods, self.sharding)
             self._plans = (key, plans, [self._ray.put(p) for p in plans])
         return self._plans
@@ -581,15 +697,24 @@ class RayBackend:
             self.halo_rows_moved += plans[s].halo_rows
         return [[blocks[(t, s)] for t in plans[s].sources] for s in range(len(self.actors))]
 
-    def _gossip(self, stage: Gossip, links: RoundLinks, round_index: int, step: int) -> None:
-        key, plans, plan_refs = self._plans_for(links.live_edges)
+    def _gossip(
+        self, stage: Gossip, hoods: Neighbourhoods, live_edges: np.ndarray, round_index: int, step: int
+    ) -> None:
+        key, plans, plan_refs = self._plans_for(hoods)
         loads = [a.load_plan.remote(key, plan_refs[s]) for s, a in enumerate(self.actors) if self._loaded[s] != key]
         self._get(loads)
         self._loaded = [key] * len(self.actors)
-        halos = self._halo_exchange(plans)
+        compressing = self.exp.setting.compression is not None
+        halos = self._halo_exchange(plans) if self._facts.adversary.rewrites_rows or not compressing else []
         if self._facts.adversary.rewrites_rows:
             # Attackers answer what they hear (ALIE): a second exchange carries the rows as sent.
             self._get([a.attack.remote(round_index, step, *h) for a, h in zip(self.actors, halos, strict=True)])
+            halos = self._halo_exchange(plans)
+        if compressing:
+            # Each shard encodes what its devices send; the exchange then carries what receivers use.
+            senders = gossip_bytes(self.sharding.num_devices, live_edges, self._facts) > 0
+            pairs = zip(self.actors, self.sharding.shards, strict=True)
+            self._get([a.compress.remote(round_index, step, senders[ids]) for a, ids in pairs])
             halos = self._halo_exchange(plans)
         self._get([a.gossip.remote(stage, *h) for a, h in zip(self.actors, halos, strict=True)])
 
@@ -623,7 +748,8 @@ class RayBackend:
         return self._gather()[0]
 
     def optimizer_state(self) -> dict[str, torch.Tensor]:
-        return self._gather()[1]
+        """The shards' optimizer state and the driver's per-device cooperation state."""
+        return self._gather()[1] | self._planner_snapshot
 
     def peak_rss_bytes(self) -> list[int]:
         """Each actor's peak resident memory (for benchmarks)."""

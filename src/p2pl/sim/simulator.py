@@ -70,7 +70,9 @@ class LocalBackend:
         self.exp = exp
         self.trainer = exp.trainer(strategy)
         self.strategy = getattr(self.trainer, "strategy", "reference")
-        self.cooperation = NetworkCooperation(exp.algorithm.cooperation(exp.setting), exp.setting.facts(), exp.cfg.seed)
+        self.cooperation = NetworkCooperation(
+            exp.algorithm.cooperation(exp.setting), exp.setting.facts(), exp.cfg.seed, num_params=exp.spec.total
+        )
         self.device = _engine_device(exp.cfg)
         self.x_test, self.y_test = exp.dataset.x_test, exp.dataset.y_test
         if self.device.type != "cpu":
@@ -78,22 +80,44 @@ class LocalBackend:
             self.trainer.to(self.device)
             self.x_test, self.y_test = self.x_test.to(self.device), self.y_test.to(self.device)
         self._params = torch.empty(0)
+        self._step_bytes: np.ndarray | None = None  # D-PSGD: what the mixes during training sent
 
     def start(self) -> Started:
         params, start = self.exp.start_params()
         self._params = params.to(self.device)
+        self.cooperation.start_compression(params.cpu())
         return Started(start.steps, float(np.mean(start.bytes_sent)))
 
     def restore(self, params: torch.Tensor, optimizer: dict[str, torch.Tensor]) -> None:
         self._params = params.to(self.device)
         self.trainer.load_state_tensors(optimizer)
+        self.cooperation.load_state_tensors(optimizer)
 
-    def train(self, round_index: int, work: np.ndarray | None) -> np.ndarray:
+    def train(self, round_index: int, work: np.ndarray | None, links: RoundLinks | None = None) -> np.ndarray:
         # Under attack a neighbour's parameters can make training blow up: roll such rows back.
         guard = self.exp.setting.adversary.active
         ratio = self.exp.cfg.consensus.max_norm_ratio
-        stats, _ = train_with_rollback(self.trainer, self._params, round_index, work, guard, ratio)
+        mix = self._mix_each_step(round_index, links)
+        stats, _ = train_with_rollback(self.trainer, self._params, round_index, work, guard, ratio, after_step=mix)
         return stats.mean_loss.double().numpy()
+
+    def _mix_each_step(self, round_index: int, links: RoundLinks | None) -> Callable[[int], None] | None:
+        """D-PSGD's hook: the cooperation after local step j, written into the rows in place."""
+        coop = self.cooperation.coop
+        self._step_bytes = None
+        if not coop.every_local_step or links is None or not links.cooperate or not coop.stages:
+            return None
+        self._step_bytes = np.zeros(self._params.shape[0], dtype=np.int64)
+
+        def mix(j: int) -> None:
+            rows = self._params if self.device.type == "cpu" else self._params.cpu()
+            first = j * len(coop.stages)
+            mixed, sent = self.cooperation.run(rows, links.live_edges, links.active, round_index, first)
+            self._params.copy_(mixed)
+            assert self._step_bytes is not None
+            self._step_bytes += sent
+
+        return mix
 
     def evaluate(self, devices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         exp = self.exp
@@ -105,6 +129,9 @@ class LocalBackend:
         return _scatter_evaluated(devices, self.exp.num_devices, acc.numpy(), loss.numpy())
 
     def exchange(self, links: RoundLinks, round_index: int) -> np.ndarray:
+        if self.cooperation.coop.every_local_step:  # mixed during training
+            sent, self._step_bytes = self._step_bytes, None
+            return sent if sent is not None else np.zeros(self._params.shape[0], dtype=np.int64)
         if not links.cooperate:
             return np.zeros(self._params.shape[0], dtype=np.int64)
         # The cooperation runs on the CPU (scipy CSR products, numpy sorts): on an accelerator it
@@ -121,7 +148,9 @@ class LocalBackend:
         return self._params.cpu()
 
     def optimizer_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.cpu() for k, v in self.trainer.state_tensors().items()}
+        """The optimizer state and the cooperation's per-device state (push-sum weights,
+        compression), so a resumed run continues it."""
+        return {k: v.cpu() for k, v in self.trainer.state_tensors().items()} | self.cooperation.state_tensors()
 
     def guarded(self, step: Callable[[], T]) -> T:
         return step()
@@ -179,7 +208,8 @@ def _round(backend: Backend, cfg: ExperimentConfig, k: int, net: RoundNetwork) -
     clock = {p: 0.0 for p in PHASES}
     t = time.perf_counter()
     work = None if net.work.min() >= 1.0 else net.work
-    train_loss = backend.train(k, work)
+    links = RoundLinks(net.live_edges, net.active, net.cooperate)
+    train_loss = backend.train(k, work, links)  # D-PSGD mixes in here, after every local step
     clock["train"] += time.perf_counter() - t
     evaluate_now = _should_eval(cfg, k)
     local_eval = None
@@ -189,7 +219,7 @@ def _round(backend: Backend, cfg: ExperimentConfig, k: int, net: RoundNetwork) -
         local_eval = backend.evaluate(devices)
         clock["evaluate"] += time.perf_counter() - t
     t = time.perf_counter()
-    sent = backend.exchange(RoundLinks(net.live_edges, net.active, net.cooperate), k)
+    sent = backend.exchange(links, k)
     clock["exchange"] += time.perf_counter() - t
     distance = backend.consensus_distance()
     t = time.perf_counter()
@@ -361,11 +391,12 @@ def _run(
         "parameters": exp.spec.total,
         "topology": exp.topology.name,
         "edges": len(exp.topology.edges),
-        "weights": cfg.consensus.weights if exp.algorithm.uses_graph else None,
+        "weights": (exp.algorithm.own_weights or cfg.consensus.weights) if exp.algorithm.uses_graph else None,
         "sync": bool(cfg.sync.enabled and exp.algorithm.uses_graph),
         "sync_mode": cfg.sync.mode if cfg.sync.enabled and exp.algorithm.uses_graph else None,
         "aggregation": cfg.consensus.aggregation if exp.algorithm.uses_graph else None,
         "attack": exp.setting.adversary.attack if exp.setting.adversary.active else None,
+        "compression": cfg.compression.method if exp.setting.compression is not None else None,
         "sync_steps": sync_steps,
         "sync_bytes_per_device": sync_bytes,
         "wall_time_s": float(sum(history.round_time_s)),
