@@ -463,8 +463,9 @@ class VectorizedTrainer:
         steps chunks whose parameters, optimizer state and gradient stay in cache between its
         forward, backward and update (at 10,000 devices these no longer fit, and each pass over
         them went to memory), and splits a step over the cores torch leaves free (a device's
-        numbers do not depend on its chunk). Other strategies step every device at once."""
-        if self.strategy != "bmm" or count <= 1:
+        numbers do not depend on its chunk). Other strategies, and accelerators (which want one
+        large batch), step every device at once."""
+        if self.strategy != "bmm" or count <= 1 or self.device.type != "cpu":
             return max(count, 1), 1
         size = min(count, max(1, CHUNK_FLOATS // max(self.spec.total, 1)))
         workers = free_cores(self.device)
