@@ -13,7 +13,7 @@ import torch
 
 from p2pl.cli import main as cli
 from p2pl.config import load_config
-from p2pl.core.compress import Compression, Compressor, check_indices, message_layout
+from p2pl.core.compress import Compression, Compressor, check_indices, compressed_gossip, message_layout
 from p2pl.core.cooperate import AGGREGATION_RULES, Gossip, Neighbourhoods, aggregate
 from p2pl.errors import P2PLError
 from p2pl.node import wire
@@ -153,10 +153,63 @@ def test_every_rule_fills_unsent_coordinates_with_the_receivers_own(rule: str, d
         assert torch.allclose(got[r], want[0], atol=1e-6)
 
 
+@pytest.mark.parametrize("density", [0.3, 0.02])  # the dense path and the sent-entries path
+@pytest.mark.parametrize("rule", ["mean", "clipped"])
+def test_renormalized_mean_averages_each_coordinate_over_its_senders(rule: str, density: float) -> None:
+    """unsent = "renormalize": each coordinate is the weighted mean over the receiver and the
+    neighbours that sent it (a coordinate nobody sent stays), and one receiver with its own
+    neighbourhood (a node, a Ray shard) gets what the vectorized rows give it."""
+    gen = np.random.default_rng(5)
+    n, p = 6, 400
+    edges = [(i, j) for i in range(n) for j in range(n) if i != j and (i + j) % 3]
+    dst, src = np.array([e[0] for e in edges]), np.array([e[1] for e in edges])
+    weight = gen.uniform(0.05, 0.15, len(edges))
+    self_weight = 1 - np.bincount(dst, weights=weight, minlength=n)
+    hoods = Neighbourhoods.from_edges(n, dst, src, weight, self_weight)
+    own = torch.from_numpy(gen.normal(size=(n, p)).astype(np.float32))
+    pool = torch.from_numpy(gen.normal(size=(n, p)).astype(np.float32)) * 0.1 + own.mean(0)  # not clipped away
+    sent = torch.from_numpy(gen.random((n, p)) < density)
+    stage = Gossip(rule, clip_quantile=1.0, sent_only=True)
+    got = aggregate(own, pool * sent, hoods, stage, sent)
+    if rule == "mean":  # the formula, coordinate by coordinate
+        w = np.zeros((n, n))
+        w[dst, src] = weight
+        s = sent.double().numpy()
+        num = self_weight[:, None] * own.double().numpy() + w @ (s * pool.double().numpy())
+        want = torch.from_numpy(num / (self_weight[:, None] + w @ s)).float()
+        assert torch.allclose(got, want, atol=1e-5)
+        nobody = ~(w @ s > 0)
+        assert nobody.any() and torch.allclose(got[torch.from_numpy(nobody)], own[torch.from_numpy(nobody)])
+    assert not torch.allclose(got, aggregate(own, pool * sent, hoods, Gossip(rule, clip_quantile=1.0), sent))
+    for r in range(n):
+        one = Neighbourhoods.from_edges(1, np.zeros((dst == r).sum()), src[dst == r], weight[dst == r],
+                                        self_weight[r : r + 1])  # fmt: skip
+        assert torch.allclose(aggregate(own[r : r + 1], pool * sent, one, stage, sent)[0], got[r], atol=1e-6)
+
+
+def test_unsent_setting_reaches_the_gossip_step() -> None:
+    """compressed_gossip renormalizes the mean by default and fills with the receiver's own value
+    with unsent = "own" (the old rule)."""
+    n = 5
+    dst, src = np.array([0, 1, 1, 2, 3, 4]), np.array([1, 0, 2, 1, 4, 3])
+    weight = np.full(len(dst), 0.25)
+    hoods = Neighbourhoods.from_edges(n, dst, src, weight, 1 - np.bincount(dst, weights=weight, minlength=n))
+    rows = _rows(n)
+    results = {}
+    for unsent in ("renormalize", "own"):
+        compressor = Compressor(Compression("top-k", ratio=0.05, unsent=unsent), P, seed=0)
+        compressor.start(torch.zeros(n, P))
+        pool, mask = compressor.publish(rows, np.arange(n), 1, 0)
+        results[unsent] = compressed_gossip(rows, pool, mask, hoods, Gossip(), compressor)
+        assert torch.equal(results[unsent], aggregate(rows, pool, hoods, Gossip(sent_only=unsent != "own"), mask))
+    assert not torch.equal(results["renormalize"], results["own"])
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
         (["compression.method=zip"], "compression.method"),
+        (["compression.method=top-k", "compression.unsent=zero"], "compression.unsent"),
         (["compression.method=quantize", "compression.bits=32"], "bits = 8 or 4"),
         (["compression.method=top-k", "compression.ratio=0"], "compression.ratio"),
         (["compression.method=choco", "links.model=bernoulli", "links.p_up=0.5"], "every message to arrive"),
