@@ -13,7 +13,7 @@ import torch
 
 from p2pl.cli import main as cli
 from p2pl.config import load_config
-from p2pl.core.compress import Compression, Compressor, check_indices, compressed_gossip, message_layout
+from p2pl.core.compress import ArraySpec, Compression, Compressor, check_indices, compressed_gossip, message_layout
 from p2pl.core.cooperate import AGGREGATION_RULES, Gossip, Neighbourhoods, aggregate
 from p2pl.errors import P2PLError
 from p2pl.node import wire
@@ -50,13 +50,17 @@ def test_messages_have_exactly_the_layout_and_its_byte_size(compression: Compres
     assert sum(a[0].numel() * a.element_size() for a in arrays.values()) == layout.nbytes
     k = compression.kept(P)
     expected = {
-        "top-k": k * (4 + compression.value_bits // 8) + (4 * -(-k // 256) if compression.value_bits < 32 else 0),
+        "top-k": k * (2 + compression.value_bits // 8) + (4 * -(-k // 256) if compression.value_bits < 32 else 0),
         "random-k": (k + 1) // 2 + 4 * -(-k // 16) if compression.value_bits == 4 else 4 * k,
         "quantize": P + 4 * -(-P // 256) if compression.bits == 8 else P // 2 + 4 * len(SEGMENTS),
-        "choco": k * 5 + 4,
+        "choco": k * 3 + 4,  # int16 indices (P < 32,768), 8-bit codes, one scale
     }[compression.method]
     assert layout.nbytes == expected
     assert message_layout(Compression(), P).nbytes == 4 * P  # uncompressed: the float32 row
+    if compression.method in ("top-k", "choco"):  # indices of larger models need 32 bits
+        big = 2**15 + 1
+        assert message_layout(compression, big).arrays[0] == ArraySpec("indices", "int32", (compression.kept(big),))
+        assert message_layout(compression, big - 1).arrays[0].dtype == "int16"
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -114,8 +118,8 @@ def test_receivers_refuse_bad_layouts_and_indices() -> None:
     arrays = {name: t[0] for name, t in comp.encode(_rows(1), [0], 1, 0).items()}
     header = wire.MessageHeader("params", "dev-1", 1, 0, spec.fingerprint)
     message = wire.encode(header, arrays)
-    assert wire.decode(message, spec).tensors is not None  # uint8 codes and int32 indices travel
-    longer = dict(arrays, indices=torch.arange(len(arrays["indices"]) + 1, dtype=torch.int32))
+    assert wire.decode(message, spec).tensors is not None  # uint8 codes and int16 indices travel
+    longer = dict(arrays, indices=torch.arange(len(arrays["indices"]) + 1, dtype=torch.int16))
     bad_header = wire.MessageHeader("params", "dev-1", 1, 0, wire.ModelSpec.from_tensors(longer).fingerprint)
     wrong = wire.encode(bad_header, longer)
     with pytest.raises(wire.WireError, match="fingerprint"):
@@ -244,9 +248,9 @@ def test_a_resumed_run_continues_the_compressor_state(tmp_path: Path, method: st
 def test_bytes_are_the_encoded_message_size() -> None:
     plain = run_experiment(load_config(None, SMALL))
     topk = run_experiment(load_config(None, [*SMALL, "compression.method=top-k", "compression.ratio=0.01"]))
-    k = -(-plain.experiment.spec.total // 100)
+    k = -(-plain.experiment.spec.total // 100)  # each sent as an int16 index and a float32 value
     assert np.array_equal(
-        topk.history.bytes_sent[0] * plain.experiment.spec.total * 4, plain.history.bytes_sent[0] * k * 8
+        topk.history.bytes_sent[0] * plain.experiment.spec.total * 4, plain.history.bytes_sent[0] * k * 6
     )
 
 
@@ -295,7 +299,7 @@ def test_every_compressor_gives_the_same_numbers_on_ray_shards() -> None:
 @pytest.mark.timeout(300)
 def test_launched_nodes_send_compressed_messages_and_equal_the_simulator(tmp_path: Path) -> None:
     """Real node processes with choco (8-bit values): the wire carries the encoded arrays (int8
-    codes, int32 indices), every node keeps its copies of its neighbours in step with theirs, and
+    codes, int16 indices), every node keeps its copies of its neighbours in step with theirs, and
     its row equals the simulator's."""
     from p2pl.node import checkpoint
 

@@ -57,7 +57,15 @@ GRANULARITIES = ("block", "tensor")
 UNSENT = ("renormalize", "own")
 VALUE_BITS = (32, 8, 4)
 _PURPOSE = "compress"
-_DTYPES = {"float32": torch.float32, "int32": torch.int32, "int8": torch.int8, "uint8": torch.uint8}
+_DTYPES = {
+    "float32": torch.float32,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+}
+#: models up to this many parameters send their indices as int16 (indices < 32,768), others int32
+INT16_INDICES_MAX_PARAMS = 2**15
 
 
 @dataclass(frozen=True)
@@ -129,7 +137,7 @@ class ArraySpec:
     """One array of an encoded message: its name, dtype name and shape."""
 
     name: str
-    dtype: str  # float32 | int32 | int8 | uint8
+    dtype: str  # float32 | int32 | int16 | int8 | uint8
     shape: tuple[int, ...]
 
     @property
@@ -176,9 +184,10 @@ def message_layout(compression: Compression, num_params: int) -> MessageLayout:
     """The arrays of one encoded message for a model of ``num_params`` parameters.
 
     ``quantize``: ``codes`` (int8 [P], or uint8 [ceil(P/2)] holding two 4-bit codes each) and
-    ``scales`` (float32, one per group). ``top-k`` / ``choco``: ``indices`` (int32 [k], strictly
-    increasing) and the values; ``random-k``: the values only (indices come from the key). Values
-    are ``values`` (float32 [k]) at 32 bits, else ``codes`` + ``scales`` over blocks of the k values.
+    ``scales`` (float32, one per group). ``top-k`` / ``choco``: ``indices`` (int16 [k] when
+    P <= 32,768, else int32; strictly increasing) and the values; ``random-k``: the values only
+    (indices come from the key). Values are ``values`` (float32 [k]) at 32 bits, else ``codes`` +
+    ``scales`` over blocks of the k values.
     ``none``: ``values`` float32 [P] (the plain row)."""
     c = compression
     if not c.active:
@@ -189,7 +198,12 @@ def message_layout(compression: Compression, num_params: int) -> MessageLayout:
     values = _value_arrays(c, k, over_params=False)
     if c.method == "random-k":
         return MessageLayout(values)
-    return MessageLayout((ArraySpec("indices", "int32", (k,)), *values))
+    return MessageLayout((ArraySpec("indices", index_dtype(num_params), (k,)), *values))
+
+
+def index_dtype(num_params: int) -> str:
+    """The narrowest signed integer type that holds every index of a model of ``num_params``."""
+    return "int16" if num_params <= INT16_INDICES_MAX_PARAMS else "int32"
 
 
 # ------------------------------------------------------------------------ keyed random draws
@@ -383,7 +397,8 @@ class Compressor:
         delta = rows - base
         indices = torch.topk(delta.abs(), self.k, dim=1, sorted=False).indices.sort(dim=1).values
         chosen = delta if c.method == "choco" else rows
-        arrays = {"indices": indices.to(torch.int32), **self._values_arrays(chosen.gather(1, indices), draws)}
+        index_type = _DTYPES[index_dtype(self.num_params)]
+        arrays = {"indices": indices.to(index_type), **self._values_arrays(chosen.gather(1, indices), draws)}
         sent = self._values_of(arrays)
         if senders is not None and not bool(np.all(senders)):
             quiet = torch.from_numpy(~np.asarray(senders, dtype=bool))  # sent nothing: state unchanged
@@ -538,6 +553,7 @@ __all__ = [
     "compressed_gossip",
     "dequantize",
     "incompressible",
+    "index_dtype",
     "message_layout",
     "quantize",
 ]

@@ -109,13 +109,14 @@ _DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "int64": torch.int64,
     "int32": torch.int32,
+    "int16": torch.int16,  # compressed messages: indices of models under 32,768 parameters
     "int8": torch.int8,  # compressed messages: quantized codes (p2pl.core.compress)
     "uint8": torch.uint8,
 }
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 #: safetensors' dtype codes of the wire dtypes (its header names them so).
 _ST_CODES = {"float32": "F32", "float64": "F64", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32"}
-_ST_CODES |= {"int8": "I8", "uint8": "U8"}  # compressed messages' codes
+_ST_CODES |= {"int16": "I16", "int8": "I8", "uint8": "U8"}  # compressed messages' indices and codes
 _ST_LEN = struct.Struct("<Q")
 _HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
 _HEADER_KEYS = frozenset({"version", "kind", "sender", "round", "step", "fingerprint", "payload_size", "extras"})
