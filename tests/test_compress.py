@@ -259,10 +259,9 @@ def test_bytes_are_the_encoded_message_size() -> None:
 TOL = 1e-5
 ENGINES = ["devices=6", "rounds=3", "topology.radius=0.8", "consensus.weights='metropolis'", "model.hidden=[16]",
            "training.local_epochs=1", "output.progress=false"]  # fmt: skip
-# Between them: sender state (choco's copies), sent masks, keyed indices, 8- and 4-bit codes, a
-# robust rule and two consensus steps. top-k and quantize add no Ray-specific path (top-k's memory
-# is per-device state like choco's, its mask like random-k's); the single-row == vectorized test
-# above holds every method to the same draws.
+# Between them: sender state (choco's copies, top-k's memory), sent masks, keyed indices, 8- and
+# 4-bit codes, a robust rule, the renormalized mean and two consensus steps. quantize adds no
+# Ray-specific path; the single-row == vectorized test above holds every method to the same draws.
 ON_RAY = {
     "random-k-4-median-2steps": [
         "compression.method='random-k'",
@@ -272,6 +271,8 @@ ON_RAY = {
         "consensus.steps=2",
     ],
     "choco-8": ["compression.method='choco'", "compression.ratio=0.1", "compression.bits=8"],
+    # the renormalized mean (unsent = "renormalize"): each shard's receivers over the whole pool
+    "top-k-mean-2steps": ["compression.method='top-k'", "compression.ratio=0.1", "consensus.steps=2"],
 }
 
 
