@@ -406,7 +406,8 @@ def _clipped(
 
 #: consensus.aggregation name -> the rule, over (own rows, pool of sent rows, neighbourhoods, stage,
 #: sent mask). ``sent`` (bool [S, P] or None): the coordinates each pool row carries (compressed
-#: messages); a receiver uses its own value at the others.
+#: messages); a receiver uses its own value at the others, or (the mean with ``stage.sent_only``)
+#: averages each coordinate over the neighbours that sent it.
 AGGREGATION_RULES: dict[str, Callable[..., torch.Tensor]] = {
     "mean": _mean,
     "trimmed-mean": _trimmed_mean,
