@@ -13,7 +13,7 @@ import torch
 
 from p2pl.cli import main as cli
 from p2pl.config import load_config
-from p2pl.core.compress import Compression, Compressor, check_indices, message_layout
+from p2pl.core.compress import ArraySpec, Compression, Compressor, check_indices, compressed_gossip, message_layout
 from p2pl.core.cooperate import AGGREGATION_RULES, Gossip, Neighbourhoods, aggregate
 from p2pl.errors import P2PLError
 from p2pl.node import wire
@@ -50,13 +50,17 @@ def test_messages_have_exactly_the_layout_and_its_byte_size(compression: Compres
     assert sum(a[0].numel() * a.element_size() for a in arrays.values()) == layout.nbytes
     k = compression.kept(P)
     expected = {
-        "top-k": k * (4 + compression.value_bits // 8) + (4 * -(-k // 256) if compression.value_bits < 32 else 0),
+        "top-k": k * (2 + compression.value_bits // 8) + (4 * -(-k // 256) if compression.value_bits < 32 else 0),
         "random-k": (k + 1) // 2 + 4 * -(-k // 16) if compression.value_bits == 4 else 4 * k,
         "quantize": P + 4 * -(-P // 256) if compression.bits == 8 else P // 2 + 4 * len(SEGMENTS),
-        "choco": k * 5 + 4,
+        "choco": k * 3 + 4,  # int16 indices (P < 32,768), 8-bit codes, one scale
     }[compression.method]
     assert layout.nbytes == expected
     assert message_layout(Compression(), P).nbytes == 4 * P  # uncompressed: the float32 row
+    if compression.method in ("top-k", "choco"):  # indices of larger models need 32 bits
+        big = 2**15 + 1
+        assert message_layout(compression, big).arrays[0] == ArraySpec("indices", "int32", (compression.kept(big),))
+        assert message_layout(compression, big - 1).arrays[0].dtype == "int16"
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -114,8 +118,8 @@ def test_receivers_refuse_bad_layouts_and_indices() -> None:
     arrays = {name: t[0] for name, t in comp.encode(_rows(1), [0], 1, 0).items()}
     header = wire.MessageHeader("params", "dev-1", 1, 0, spec.fingerprint)
     message = wire.encode(header, arrays)
-    assert wire.decode(message, spec).tensors is not None  # uint8 codes and int32 indices travel
-    longer = dict(arrays, indices=torch.arange(len(arrays["indices"]) + 1, dtype=torch.int32))
+    assert wire.decode(message, spec).tensors is not None  # uint8 codes and int16 indices travel
+    longer = dict(arrays, indices=torch.arange(len(arrays["indices"]) + 1, dtype=torch.int16))
     bad_header = wire.MessageHeader("params", "dev-1", 1, 0, wire.ModelSpec.from_tensors(longer).fingerprint)
     wrong = wire.encode(bad_header, longer)
     with pytest.raises(wire.WireError, match="fingerprint"):
@@ -153,10 +157,63 @@ def test_every_rule_fills_unsent_coordinates_with_the_receivers_own(rule: str, d
         assert torch.allclose(got[r], want[0], atol=1e-6)
 
 
+@pytest.mark.parametrize("density", [0.3, 0.02])  # the dense path and the sent-entries path
+@pytest.mark.parametrize("rule", ["mean", "clipped"])
+def test_renormalized_mean_averages_each_coordinate_over_its_senders(rule: str, density: float) -> None:
+    """unsent = "renormalize": each coordinate is the weighted mean over the receiver and the
+    neighbours that sent it (a coordinate nobody sent stays), and one receiver with its own
+    neighbourhood (a node, a Ray shard) gets what the vectorized rows give it."""
+    gen = np.random.default_rng(5)
+    n, p = 6, 400
+    edges = [(i, j) for i in range(n) for j in range(n) if i != j and (i + j) % 3]
+    dst, src = np.array([e[0] for e in edges]), np.array([e[1] for e in edges])
+    weight = gen.uniform(0.05, 0.15, len(edges))
+    self_weight = 1 - np.bincount(dst, weights=weight, minlength=n)
+    hoods = Neighbourhoods.from_edges(n, dst, src, weight, self_weight)
+    own = torch.from_numpy(gen.normal(size=(n, p)).astype(np.float32))
+    pool = torch.from_numpy(gen.normal(size=(n, p)).astype(np.float32)) * 0.1 + own.mean(0)  # not clipped away
+    sent = torch.from_numpy(gen.random((n, p)) < density)
+    stage = Gossip(rule, clip_quantile=1.0, sent_only=True)
+    got = aggregate(own, pool * sent, hoods, stage, sent)
+    if rule == "mean":  # the formula, coordinate by coordinate
+        w = np.zeros((n, n))
+        w[dst, src] = weight
+        s = sent.double().numpy()
+        num = self_weight[:, None] * own.double().numpy() + w @ (s * pool.double().numpy())
+        want = torch.from_numpy(num / (self_weight[:, None] + w @ s)).float()
+        assert torch.allclose(got, want, atol=1e-5)
+        nobody = ~(w @ s > 0)
+        assert nobody.any() and torch.allclose(got[torch.from_numpy(nobody)], own[torch.from_numpy(nobody)])
+    assert not torch.allclose(got, aggregate(own, pool * sent, hoods, Gossip(rule, clip_quantile=1.0), sent))
+    for r in range(n):
+        one = Neighbourhoods.from_edges(1, np.zeros((dst == r).sum()), src[dst == r], weight[dst == r],
+                                        self_weight[r : r + 1])  # fmt: skip
+        assert torch.allclose(aggregate(own[r : r + 1], pool * sent, one, stage, sent)[0], got[r], atol=1e-6)
+
+
+def test_unsent_setting_reaches_the_gossip_step() -> None:
+    """compressed_gossip renormalizes the mean by default and fills with the receiver's own value
+    with unsent = "own" (the old rule)."""
+    n = 5
+    dst, src = np.array([0, 1, 1, 2, 3, 4]), np.array([1, 0, 2, 1, 4, 3])
+    weight = np.full(len(dst), 0.25)
+    hoods = Neighbourhoods.from_edges(n, dst, src, weight, 1 - np.bincount(dst, weights=weight, minlength=n))
+    rows = _rows(n)
+    results = {}
+    for unsent in ("renormalize", "own"):
+        compressor = Compressor(Compression("top-k", ratio=0.05, unsent=unsent), P, seed=0)
+        compressor.start(torch.zeros(n, P))
+        pool, mask = compressor.publish(rows, np.arange(n), 1, 0)
+        results[unsent] = compressed_gossip(rows, pool, mask, hoods, Gossip(), compressor)
+        assert torch.equal(results[unsent], aggregate(rows, pool, hoods, Gossip(sent_only=unsent != "own"), mask))
+    assert not torch.equal(results["renormalize"], results["own"])
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
         (["compression.method=zip"], "compression.method"),
+        (["compression.method=top-k", "compression.unsent=zero"], "compression.unsent"),
         (["compression.method=quantize", "compression.bits=32"], "bits = 8 or 4"),
         (["compression.method=top-k", "compression.ratio=0"], "compression.ratio"),
         (["compression.method=choco", "links.model=bernoulli", "links.p_up=0.5"], "every message to arrive"),
@@ -191,9 +248,9 @@ def test_a_resumed_run_continues_the_compressor_state(tmp_path: Path, method: st
 def test_bytes_are_the_encoded_message_size() -> None:
     plain = run_experiment(load_config(None, SMALL))
     topk = run_experiment(load_config(None, [*SMALL, "compression.method=top-k", "compression.ratio=0.01"]))
-    k = -(-plain.experiment.spec.total // 100)
+    k = -(-plain.experiment.spec.total // 100)  # each sent as an int16 index and a float32 value
     assert np.array_equal(
-        topk.history.bytes_sent[0] * plain.experiment.spec.total * 4, plain.history.bytes_sent[0] * k * 8
+        topk.history.bytes_sent[0] * plain.experiment.spec.total * 4, plain.history.bytes_sent[0] * k * 6
     )
 
 
@@ -202,10 +259,9 @@ def test_bytes_are_the_encoded_message_size() -> None:
 TOL = 1e-5
 ENGINES = ["devices=6", "rounds=3", "topology.radius=0.8", "consensus.weights='metropolis'", "model.hidden=[16]",
            "training.local_epochs=1", "output.progress=false"]  # fmt: skip
-# Between them: sender state (choco's copies), sent masks, keyed indices, 8- and 4-bit codes, a
-# robust rule and two consensus steps. top-k and quantize add no Ray-specific path (top-k's memory
-# is per-device state like choco's, its mask like random-k's); the single-row == vectorized test
-# above holds every method to the same draws.
+# Between them: sender state (choco's copies, top-k's memory), sent masks, keyed indices, 8- and
+# 4-bit codes, a robust rule, the renormalized mean and two consensus steps. quantize adds no
+# Ray-specific path; the single-row == vectorized test above holds every method to the same draws.
 ON_RAY = {
     "random-k-4-median-2steps": [
         "compression.method='random-k'",
@@ -215,6 +271,8 @@ ON_RAY = {
         "consensus.steps=2",
     ],
     "choco-8": ["compression.method='choco'", "compression.ratio=0.1", "compression.bits=8"],
+    # the renormalized mean (unsent = "renormalize"): each shard's receivers over the whole pool
+    "top-k-mean-2steps": ["compression.method='top-k'", "compression.ratio=0.1", "consensus.steps=2"],
 }
 
 
@@ -242,7 +300,7 @@ def test_every_compressor_gives_the_same_numbers_on_ray_shards() -> None:
 @pytest.mark.timeout(300)
 def test_launched_nodes_send_compressed_messages_and_equal_the_simulator(tmp_path: Path) -> None:
     """Real node processes with choco (8-bit values): the wire carries the encoded arrays (int8
-    codes, int32 indices), every node keeps its copies of its neighbours in step with theirs, and
+    codes, int16 indices), every node keeps its copies of its neighbours in step with theirs, and
     its row equals the simulator's."""
     from p2pl.node import checkpoint
 

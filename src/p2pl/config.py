@@ -181,9 +181,11 @@ class CompressionConfig:
     block_size: int = 256  # values per quantization scale
     granularity: str = "block"  # quantize: one scale per block | per model tensor ("tensor")
     gamma: float = 0.1  # choco: consensus step size
+    unsent: str = "renormalize"  # top-k / random-k with the mean: renormalize | own (see docs/compression.md)
 
     def validate(self) -> None:
         choose("compression.method", self.method, COMPRESSION_METHODS)
+        choose("compression.unsent", self.unsent, ("renormalize", "own"))
         choose("compression.granularity", self.granularity, ("block", "tensor"))
         _require({"compression.ratio": self.ratio}, lambda v: 0 < v <= 1, "in (0, 1]", "0.01")
         _require({"compression.gamma": self.gamma}, lambda v: 0 < v <= 1, "in (0, 1]", "0.5")

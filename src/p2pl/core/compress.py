@@ -16,10 +16,12 @@
   ``x̂`` of itself and its neighbours; it sends ``q = top-k(θ − x̂_self)``, everyone adds ``q`` to
   that sender's copy, and then ``θ_n ← θ_n + γ (agg(x̂_n, x̂_neighbours) − x̂_n)``.
 
-For ``top-k`` and ``random-k`` a receiver uses the sent values and, at coordinates a neighbour did
-not send, its own value, so a neighbour only pulls on what it sent (the aggregation rules take a
-``sent`` mask, see :mod:`p2pl.core.cooperate`). The sparse methods' values are float32 when
-``bits`` is 32 and are quantized like ``quantize`` (blocks over the sent values) when it is 8 or 4.
+For ``top-k`` and ``random-k`` a neighbour only pulls on what it sent (the aggregation rules take a
+``sent`` mask, see :mod:`p2pl.core.cooperate`): with the mean, each coordinate is averaged over the
+receiver and the neighbours that sent it (``unsent = "renormalize"``, the default) or the receiver's
+own value stands in for the others (``"own"``); the robust sorting rules always do the latter.
+The sparse methods' values are float32 when ``bits`` is 32 and are quantized like ``quantize``
+(blocks over the sent values) when it is 8 or 4.
 
 Every random choice (random-k's indices, stochastic rounding) comes from a generator keyed by
 (seed, round, consensus step, device) (:func:`p2pl.core.rng.derive_seed`), so a real node encoding
@@ -40,7 +42,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -52,9 +54,18 @@ from p2pl.errors import P2PLError, choose
 
 METHODS = ("none", "top-k", "random-k", "quantize", "choco")
 GRANULARITIES = ("block", "tensor")
+UNSENT = ("renormalize", "own")
 VALUE_BITS = (32, 8, 4)
 _PURPOSE = "compress"
-_DTYPES = {"float32": torch.float32, "int32": torch.int32, "int8": torch.int8, "uint8": torch.uint8}
+_DTYPES = {
+    "float32": torch.float32,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+}
+#: models up to this many parameters send their indices as int16 (indices < 32,768), others int32
+INT16_INDICES_MAX_PARAMS = 2**15
 
 
 @dataclass(frozen=True)
@@ -68,15 +79,19 @@ class Compression:
     granularity: str = "block"  # quantize: one scale per block, or per model tensor ("tensor")
     gamma: float = 0.1  # choco: consensus step size
     segments: tuple[int, ...] = ()  # the model tensors' sizes (for granularity = "tensor")
+    unsent: str = "renormalize"  # top-k / random-k with the mean: how a receiver treats unsent coordinates
 
     @classmethod
     def of(cls, cfg: CompressionConfig, segments: Sequence[int] = ()) -> Compression:
         """From the ``[compression]`` config section (``segments``: the model tensors' sizes)."""
-        return cls(cfg.method, cfg.ratio, cfg.bits, cfg.block_size, cfg.granularity, cfg.gamma, tuple(segments))
+        return cls(
+            cfg.method, cfg.ratio, cfg.bits, cfg.block_size, cfg.granularity, cfg.gamma, tuple(segments), cfg.unsent
+        )
 
     def __post_init__(self) -> None:
         choose("compression.method", self.method, METHODS)
         choose("compression.granularity", self.granularity, GRANULARITIES)
+        choose("compression.unsent", self.unsent, UNSENT)
         if not 0 < self.ratio <= 1:
             raise P2PLError(
                 f"compression.ratio must be in (0, 1], got {self.ratio}; set e.g. --set compression.ratio=0.01"
@@ -122,7 +137,7 @@ class ArraySpec:
     """One array of an encoded message: its name, dtype name and shape."""
 
     name: str
-    dtype: str  # float32 | int32 | int8 | uint8
+    dtype: str  # float32 | int32 | int16 | int8 | uint8
     shape: tuple[int, ...]
 
     @property
@@ -169,9 +184,10 @@ def message_layout(compression: Compression, num_params: int) -> MessageLayout:
     """The arrays of one encoded message for a model of ``num_params`` parameters.
 
     ``quantize``: ``codes`` (int8 [P], or uint8 [ceil(P/2)] holding two 4-bit codes each) and
-    ``scales`` (float32, one per group). ``top-k`` / ``choco``: ``indices`` (int32 [k], strictly
-    increasing) and the values; ``random-k``: the values only (indices come from the key). Values
-    are ``values`` (float32 [k]) at 32 bits, else ``codes`` + ``scales`` over blocks of the k values.
+    ``scales`` (float32, one per group). ``top-k`` / ``choco``: ``indices`` (int16 [k] when
+    P <= 32,768, else int32; strictly increasing) and the values; ``random-k``: the values only
+    (indices come from the key). Values are ``values`` (float32 [k]) at 32 bits, else ``codes`` +
+    ``scales`` over blocks of the k values.
     ``none``: ``values`` float32 [P] (the plain row)."""
     c = compression
     if not c.active:
@@ -182,7 +198,12 @@ def message_layout(compression: Compression, num_params: int) -> MessageLayout:
     values = _value_arrays(c, k, over_params=False)
     if c.method == "random-k":
         return MessageLayout(values)
-    return MessageLayout((ArraySpec("indices", "int32", (k,)), *values))
+    return MessageLayout((ArraySpec("indices", index_dtype(num_params), (k,)), *values))
+
+
+def index_dtype(num_params: int) -> str:
+    """The narrowest signed integer type that holds every index of a model of ``num_params``."""
+    return "int16" if num_params <= INT16_INDICES_MAX_PARAMS else "int32"
 
 
 # ------------------------------------------------------------------------ keyed random draws
@@ -376,7 +397,8 @@ class Compressor:
         delta = rows - base
         indices = torch.topk(delta.abs(), self.k, dim=1, sorted=False).indices.sort(dim=1).values
         chosen = delta if c.method == "choco" else rows
-        arrays = {"indices": indices.to(torch.int32), **self._values_arrays(chosen.gather(1, indices), draws)}
+        index_type = _DTYPES[index_dtype(self.num_params)]
+        arrays = {"indices": indices.to(index_type), **self._values_arrays(chosen.gather(1, indices), draws)}
         sent = self._values_of(arrays)
         if senders is not None and not bool(np.all(senders)):
             quiet = torch.from_numpy(~np.asarray(senders, dtype=bool))  # sent nothing: state unchanged
@@ -471,8 +493,14 @@ def compressed_gossip(
     compressor: Compressor,
 ) -> torch.Tensor:
     """One gossip step on what the neighbours published (:meth:`Compressor.publish`): the
-    aggregation rule around each receiver's own row (choco: its copy) with unsent coordinates
-    filled by the receiver's own value, then :meth:`Compressor.finish`."""
+    aggregation rule around each receiver's own row (choco: its copy), then
+    :meth:`Compressor.finish`. Where a neighbour sent only some coordinates (top-k, random-k),
+    the mean (and ``clipped``'s mean) takes each coordinate over the receiver and the neighbours
+    that sent it (``unsent = "renormalize"``) or fills the others with the receiver's own value
+    (``"own"``); the robust sorting rules always fill with the receiver's own value, so a lone
+    sender of a coordinate never outweighs the receiver there."""
+    if sent is not None and compressor.compression.unsent == "renormalize":
+        stage = replace(stage, sent_only=True)
     mixed = gossip(compressor.own(rows), pool, hoods, stage, sent=sent)
     return compressor.finish(rows, mixed)
 
@@ -512,6 +540,7 @@ def check_compression(compression: Compression, *, lossy_links: str = "", incomp
 __all__ = [
     "GRANULARITIES",
     "METHODS",
+    "UNSENT",
     "ArraySpec",
     "Compression",
     "Compressor",
@@ -524,6 +553,7 @@ __all__ = [
     "compressed_gossip",
     "dequantize",
     "incompressible",
+    "index_dtype",
     "message_layout",
     "quantize",
 ]

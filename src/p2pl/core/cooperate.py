@@ -146,6 +146,10 @@ class Gossip:
     clip_quantile: float = 0.8  # clipped: share of the neighbour weight trusted to set the radius
     radius_factor: float = 1.5  # redescending: radius = this x the weighted median neighbour distance
     max_norm_ratio: float = MAX_NORM_RATIO  # see unsound_rows
+    # compressed messages and the mean: each coordinate's mean over the receiver and the neighbours
+    # that sent it (weights renormalized), rather than the receiver's own value standing in for the
+    # others (p2pl.core.compress, compression.unsent)
+    sent_only: bool = False
     # Who sends to whom (GOSSIP_PEERS): "all" live neighbours with W's weights, or "one-random":
     # every device sends to one live neighbour drawn by keyed randomness and each receiver
     # weighs itself and what it received equally (core.neighbours.one_peer_neighbourhoods).
@@ -223,21 +227,37 @@ def _mean(
 def _mean_filled(
     own: torch.Tensor, pool: torch.Tensor, hoods: Neighbourhoods, stage: Gossip, sent: torch.Tensor
 ) -> torch.Tensor:
-    """The weighted mean where pool row m carries only the coordinates ``sent[m]`` and a receiver
-    uses its own value elsewhere: ``W_nn θ_n + Σ_m W_nm (s_m v_m + (1 − s_m) θ_n)``, as two sparse
-    products, ``Σ W (s ⊙ v)`` and ``Σ W s``, so no per-edge copy of the rows is made."""
+    """The weighted mean where pool row m carries only the coordinates ``sent[m]``, from two
+    sparse products, ``Σ W (s ⊙ v)`` and ``Σ W s``, so no per-edge copy of the rows is made.
+
+    A receiver uses its own value where a neighbour sent nothing,
+    ``W_nn θ_n + Σ_m W_nm (s_m v_m + (1 − s_m) θ_n)``, or, with ``stage.sent_only``, each
+    coordinate's mean over itself and the neighbours that sent it,
+    ``(W_nn θ_n + Σ_m W_nm s_m v_m) / (W_nn + Σ_m W_nm s_m)``: filling with its own value gives a
+    coordinate one neighbour sent a pull of only ``W_nm`` (~1/degree), so sparse gossip barely mixes."""
     total = np.bincount(hoods.dst, weights=hoods.weight, minlength=hoods.num_rows)
+    self_weight = torch.from_numpy(np.asarray(hoods.self_weight, dtype=np.float64)).to(own.dtype).unsqueeze(1)
     probe = sent[:64]  # the share sent, estimated from a few rows (it picks the faster path only)
     if own.device.type == "cpu" and len(hoods.src) and int(probe.sum()) * 20 < probe.numel():
         kept, heard = _sparse_sums(own, pool, hoods, sent)  # few coordinates sent: walk only those
+        if stage.sent_only:
+            return _renormalized(kept.addcmul_(own, self_weight), heard.add_(self_weight), own)
         # own-value weight: W_nn + Σ W (1 − s), in place over Σ W s
         own_weight = torch.from_numpy(total + hoods.self_weight).to(own.dtype).unsqueeze(1)
         return torch.addcmul(kept, own, heard.neg_().add_(own_weight))
     mask = sent.to(own.dtype)
     kept = _mean(own, pool * mask, hoods, stage)  # W_nn θ_n + Σ W s ⊙ v
     heard = _mean(torch.zeros_like(own), mask, hoods, stage)  # Σ W s
+    if stage.sent_only:
+        return _renormalized(kept, heard.add_(self_weight.to(own.device)), own)
     unsent = torch.from_numpy(total).to(own.device, own.dtype).unsqueeze(1) - heard  # Σ W (1 − s)
     return torch.addcmul(kept, own, unsent)
+
+
+def _renormalized(weighted_sum: torch.Tensor, weight: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """``weighted_sum / weight`` per coordinate; the receiver's own value where the weight is 0
+    (a receiver with no self weight that heard nothing at that coordinate)."""
+    return torch.where(weight > 0, weighted_sum / weight.clamp_min(1e-30), own)
 
 
 def _sparse_sums(
@@ -506,7 +526,8 @@ def _redescending(
 
 #: consensus.aggregation name -> the rule, over (own rows, pool of sent rows, neighbourhoods, stage,
 #: sent mask). ``sent`` (bool [S, P] or None): the coordinates each pool row carries (compressed
-#: messages); a receiver uses its own value at the others.
+#: messages); a receiver uses its own value at the others, or (the mean with ``stage.sent_only``)
+#: averages each coordinate over the neighbours that sent it.
 AGGREGATION_RULES: dict[str, Callable[..., torch.Tensor]] = {
     "mean": _mean,
     "trimmed-mean": _trimmed_mean,
