@@ -25,14 +25,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 
-def overrides(devices: int, rounds: int, epochs: int, samples: int, eval_devices: int) -> list[str]:
+def overrides(devices: int, rounds: int, epochs: int, samples: int, eval_devices: int, threads: int = 0) -> list[str]:
     radius = math.sqrt(20.0 / (math.pi * devices))  # ~20 neighbours on average at any N
     return [
         f"devices={devices}", f"rounds={rounds}", f"training.local_epochs={epochs}",
         f"partition.samples_per_device={samples}", f"topology.radius={radius:.4f}",
-        "eval.every=1", f"eval.devices={eval_devices}", "output.checkpoint_every=0",
+        "eval.every=1", f"eval.devices={eval_devices}", "output.checkpoint_every=0", f"threads={threads}",
     ]  # fmt: skip
 
 
@@ -44,7 +45,9 @@ def child(args: argparse.Namespace) -> None:
         import ray
 
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    cfg = load_config(None, overrides(args.devices, args.rounds, args.epochs, args.samples, args.eval_devices))
+    cfg = load_config(
+        None, overrides(args.devices, args.rounds, args.epochs, args.samples, args.eval_devices, args.threads)
+    )
     cpu_marks = [time.process_time()]  # this process's CPU time (the local backend's, not Ray actors')
     t0 = time.perf_counter()
     result = run_experiment(
@@ -79,6 +82,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--eval-devices", type=int, default=1000, help="eval.devices (0 = all, every round)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: OMP_NUM_THREADS, default 1)")
     parser.add_argument("--out", default=None, help="write all results as JSON here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--backend", default="local", help=argparse.SUPPRESS)
@@ -93,7 +97,8 @@ def main() -> None:
         for backend in args.backends:
             cmd = [sys.executable, __file__, "--child", "--backend", backend, "--devices", str(n),
                    "--rounds", str(args.rounds), "--epochs", str(args.epochs),
-                   "--samples", str(args.samples), "--eval-devices", str(args.eval_devices)]  # fmt: skip
+                   "--samples", str(args.samples), "--eval-devices", str(args.eval_devices),
+                   "--threads", str(args.threads)]  # fmt: skip
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if not lines:
@@ -101,6 +106,12 @@ def main() -> None:
                 raise SystemExit(f"{backend} x{n} failed")
             r = json.loads(lines[-1][7:])
             results.append(r)
+            steady = r["round_s_each"][1:-1] or r["round_s_each"]  # rounds 2..R-1: a subset evaluated
+            steady_cpu = r["round_cpu_s_each"][:-1] or r["round_cpu_s_each"]
+            last = len(r["round_s_each"]) - 1
+            print(f"{backend:5s} N={n:6d}  steady rounds (2..{last}) median {median(steady):.2f} s "
+                  f"(CPU {median(steady_cpu):.2f}); last round (every device evaluated) {r['round_s_each'][-1]:.2f} s "
+                  f"(CPU {r['round_cpu_s_each'][-1]:.2f}); {r['threads']} torch thread(s)", flush=True)  # fmt: skip
             each = " ".join(f"{t:.2f}" for t in r["round_s_each"])
             each += "; CPU of rounds 2..: " + " ".join(f"{t:.2f}" for t in r["round_cpu_s_each"])
             ph = r["phase_s_per_round"]

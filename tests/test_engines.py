@@ -118,9 +118,17 @@ class _Recorder:
         self.real = real
         self.reads: list[torch.Tensor] = []
 
+    @property
+    def shape(self) -> torch.Size:
+        return self.real.shape
+
     def __getitem__(self, idx: Any) -> torch.Tensor:
         self.reads.append(torch.as_tensor(idx).clone())
         return self.real[idx]
+
+    def index_select(self, dim: int, index: torch.Tensor) -> torch.Tensor:
+        self.reads.append(index.clone())
+        return self.real.index_select(dim, index)
 
 
 @pytest.mark.parametrize("engine", ["bmm", "reference"])
@@ -145,7 +153,7 @@ def test_fewer_samples_fewer_steps_and_no_sample_dropped(
     sizes = exp.setting.data_sizes
     assert stats.steps.tolist() == [epochs * math.ceil(s / b) for s in sizes]
     if masks:
-        used = [i for idx, m in zip(recorder.reads, masks, strict=True) for i in idx[m].tolist()]
+        used = [i for idx, m in zip(recorder.reads, masks, strict=True) for i in idx.reshape(m.shape)[m].tolist()]
     else:
         used = [i for idx in recorder.reads for i in idx.tolist()]
     expected = Counter({int(i): epochs for part in exp.parts for i in part})

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from p2pl.core.parallel import free_cores, run_jobs
 from p2pl.core.params import ParamSpec
 from p2pl.core.probe import outputs_per_sample
-from p2pl.core.train import choose_strategy
+from p2pl.core.train import MIN_CHUNK_DEVICES, choose_strategy
 
 # Floats of activations alive at once on a CPU (2M floats = 8 MiB): chunks that stay in cache
 # were 1.4x faster than one 256 MiB chunk for 1,000 MLPs (BENCHMARKS.md), and a chunk this size
@@ -97,14 +98,21 @@ def evaluate(
     n = distinct.shape[0]
     correct = torch.zeros(n, dtype=torch.float64, device=params.device)
     loss = torch.zeros(n, dtype=torch.float64, device=params.device)
-    for s in range(0, n_test, sample_chunk):
-        x, y = x_test[s : s + sample_chunk], y_test[s : s + sample_chunk]
-        for lo in range(0, n, device_chunk):
-            hi = min(n, lo + device_chunk)
-            logits = forward(distinct[lo:hi], x)  # [n, C, b]
-            hits, ce = _scores(logits, y)
+    # Over the free cores when there are enough devices for chunks worth a thread (see
+    # core.train.MIN_CHUNK_DEVICES), at least one chunk per core.
+    workers = free_cores(params.device) if chosen != "loop" and n >= 2 * MIN_CHUNK_DEVICES else 1
+    if workers > 1:
+        device_chunk = min(device_chunk, -(-n // workers))
+
+    def run(worker: int, lo: int) -> None:
+        hi = min(n, lo + device_chunk)
+        for s in range(0, n_test, sample_chunk):  # each device's sums in sample order, as one chunk
+            logits = forward(distinct[lo:hi], x_test[s : s + sample_chunk])  # [n, C, b]
+            hits, ce = _scores(logits, y_test[s : s + sample_chunk])
             correct[lo:hi] += hits
             loss[lo:hi] += ce
+
+    run_jobs(run, range(0, n, device_chunk), workers)
     acc, mean_loss = (correct / n_test).cpu(), (loss / n_test).cpu()
     if n < n_dev:
         acc, mean_loss = acc[inverse.cpu()], mean_loss[inverse.cpu()]
@@ -118,11 +126,24 @@ def _scores(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.
     a short last dim was 2-4x slower on CPU). ``max`` returns the first maximal class, as argmax.
     """
     n = logits.shape[0]
-    best, pred = logits.max(1)
-    hits = (pred == y).sum(1, dtype=torch.float64)
+    # amax, not max: max over a non-last dim with indices was 13x slower than amax (BENCHMARKS.md).
+    best = logits.amax(1)
     target = logits.gather(1, y.view(1, 1, -1).expand(n, 1, -1)).squeeze(1)
+    shifted = logits - best.unsqueeze(1)  # 0 exactly where a class attains the maximum
+    # argmax's rule: the first maximal class (NaN counts as maximal). The target is predicted when
+    # it is the only class attaining the maximum; ties and NaN (no exact 0: rare) ask argmax itself.
+    hit = target == best
+    maxima = (shifted == 0).view(torch.uint8).sum(1, dtype=torch.uint8)
+    unclear = maxima != 1
+    if bool(unclear.any()):
+        device, sample = unclear.nonzero(as_tuple=True)
+        hit[device, sample] = logits[device, :, sample].argmax(1) == y[sample]
+    hits = hit.sum(1, dtype=torch.float64)
     # cross-entropy = logsumexp - the target's logit; float32 per sample, summed in float64.
-    ce = (logits - best.unsqueeze(1)).exp_().sum(1).log_().add_(best).sub_(target)
+    # Shifted logits are clamped at -80 before exp: exp below ~-87 gives a subnormal, which the
+    # CPU computes 15x slower, and a term under 2e-35 cannot change a sum that holds the max's
+    # exp(0) = 1 in float32, so the loss is the same.
+    ce = shifted.clamp_min_(-80.0).exp_().sum(1).log_().add_(best).sub_(target)
     return hits, ce.sum(1, dtype=torch.float64)
 
 

@@ -11,6 +11,7 @@ holding only its own data all walk exactly the same batches.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -38,13 +39,54 @@ class Partition:
     def sizes(self) -> np.ndarray:
         return np.array([len(p) for p in self.indices], dtype=np.int64)
 
+    @cached_property
+    def _layout(self) -> _SampleLayout:
+        """What every epoch's plan reuses (computed once per partition: a plan is built every
+        local epoch of every round, and these parts were half of its cost)."""
+        return _SampleLayout.of(self)
+
+
+@dataclass(frozen=True)
+class _SampleLayout:
+    """Every device's samples in its row of a padded ``[N, max_size]`` rectangle, with the part of
+    each sample's shuffle key that does not depend on the round or epoch."""
+
+    sizes: np.ndarray  # int64 [N]
+    samples: np.ndarray  # int64 [N, max_size]: global training indices, 0 on padding
+    fixed_key: np.ndarray  # uint64 [N, max_size]: hash(device id) ^ hash(position), see shuffle_keys
+    padding: np.ndarray | None  # bool [N, max_size], None when every device has max_size samples
+    valid: torch.Tensor  # float32 [N, max_size]: 1 on a real sample, 0 on padding
+
+    @staticmethod
+    def of(partition: Partition) -> _SampleLayout:
+        sizes = partition.sizes
+        n_dev, width = len(sizes), int(sizes.max()) if len(sizes) else 0
+        position = np.broadcast_to(np.arange(width), (n_dev, width))
+        real = position < sizes[:, None]
+        samples = np.zeros((n_dev, width), dtype=np.int64)
+        if real.any():
+            samples[real] = np.concatenate(partition.indices)
+        device = np.broadcast_to(np.asarray(partition.device_ids, dtype=np.int64)[:, None], (n_dev, width))
+        valid = torch.from_numpy(real.astype(np.float32))
+        return _SampleLayout(sizes, samples, _fixed_keys(device, position), None if real.all() else ~real, valid)
+
+
+def _fixed_keys(device: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """The round- and epoch-independent part of :func:`shuffle_keys`."""
+    with np.errstate(over="ignore"):
+        dev = mix64(device.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15))
+        return dev ^ mix64(position.astype(np.uint64))
+
+
+def _keys(seed: int, round_index: int, epoch: int, fixed_key: np.ndarray) -> np.ndarray:
+    base = np.uint64(derive_seed(seed, "shuffle", round_index, epoch))
+    with np.errstate(over="ignore"):
+        return mix64(base ^ fixed_key)
+
 
 def shuffle_keys(seed: int, round_index: int, epoch: int, device: np.ndarray, position: np.ndarray) -> np.ndarray:
     """Sort keys for samples at ``position`` of ``device``'s data in this (round, epoch)."""
-    base = np.uint64(derive_seed(seed, "shuffle", round_index, epoch))
-    with np.errstate(over="ignore"):
-        dev = mix64(device.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15))
-        return mix64(base ^ dev ^ mix64(position.astype(np.uint64)))
+    return _keys(seed, round_index, epoch, _fixed_keys(device, position))
 
 
 @dataclass(frozen=True)
@@ -58,6 +100,7 @@ class EpochPlan:
     order: torch.Tensor  # int64 [N, max_size]
     sizes: torch.Tensor  # int64 [N]
     batch_size: int
+    valid: torch.Tensor  # float32 [N, max_size]: 1 where ``order`` holds a real sample, 0 on padding
 
     @property
     def steps(self) -> torch.Tensor:
@@ -78,17 +121,12 @@ class EpochPlan:
 
 
 def epoch_plan(partition: Partition, seed: int, round_index: int, epoch: int, batch_size: int) -> EpochPlan:
-    sizes = partition.sizes
-    n_dev, total = len(sizes), int(sizes.sum())
-    max_size = int(sizes.max()) if n_dev else 0
-    order = torch.zeros(n_dev, max_size, dtype=torch.int64)
-    if total == 0:
-        return EpochPlan(order, torch.from_numpy(sizes), batch_size)
-    segment = np.repeat(np.arange(n_dev), sizes)
-    within = np.arange(total) - np.repeat(np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes)
-    keys = shuffle_keys(seed, round_index, epoch, np.asarray(partition.device_ids)[segment], within)
-    # One sort orders every device's samples by its own keys (segments never interleave).
-    rank = np.lexsort((within, keys, segment))
-    samples = np.concatenate(partition.indices)
-    order[torch.from_numpy(segment), torch.from_numpy(within)] = torch.from_numpy(samples[rank])
-    return EpochPlan(order, torch.from_numpy(sizes), batch_size)
+    layout = partition._layout
+    order = layout.samples
+    if order.size:
+        keys = _keys(seed, round_index, epoch, layout.fixed_key)
+        if layout.padding is not None:  # padding sorts after every real sample (stable on ties)
+            keys[layout.padding] = np.iinfo(np.uint64).max
+        # A stable sort of each device's row of keys: equal keys keep their positions' order.
+        order = np.take_along_axis(order, np.argsort(keys, axis=1, kind="stable"), axis=1)
+    return EpochPlan(torch.from_numpy(order.copy()), torch.from_numpy(layout.sizes.copy()), batch_size, layout.valid)

@@ -19,6 +19,7 @@ from torch.func import functional_call, vmap
 
 from p2pl.config import TrainingConfig
 from p2pl.core import optim
+from p2pl.core.parallel import free_cores, run_jobs
 from p2pl.core.params import ParamSpec
 from p2pl.core.probe import outputs_per_sample
 from p2pl.core.schedule import EpochPlan, Partition, epoch_plan
@@ -44,6 +45,16 @@ def _is_plain_mlp(model: nn.Module) -> bool:
 # 'cnn' on 8x8 (1.5k conv outputs per sample, 4.7x) and LeNet on 28x28 / 32x32 (6.3k / 8.4k,
 # up to 1.5x); the loop won for the 'cnn' on 28x28 / 32x32 (19k / 25k) and the ResNet (>100k).
 VMAP_MAX_CONV_OUTPUTS = 10_000
+
+# Parameters of the devices one chunk of a bmm step holds (1M floats = 4 MiB each for the rows,
+# their optimizer state and their gradient: together they stay in cache). The default
+# experiment's 100 devices are one chunk; 10,000 devices are ~46.
+CHUNK_FLOATS = 1 << 20
+# Fewest devices worth a thread of their own in a step split over cores. Splitting the default
+# experiment's 100 devices made its round 1.16x slower on the shared 2-core box (thread hand-off
+# and the GIL between ~1 ms halves, while other processes held the second core); chunks of a
+# 10,000-device step take ~5 ms each, where the hand-off is noise.
+MIN_CHUNK_DEVICES = 256
 
 
 def conv_outputs_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -116,30 +127,49 @@ class _Workspace:
 
     def get(self, name: str, like: torch.Tensor) -> torch.Tensor:
         buf = self._buffers.get(name)
-        n, rest = like.shape[0], tuple(like.shape[1:])
-        if buf is None or buf.shape[0] < n or tuple(buf.shape[1:]) != rest or buf.device != like.device:
+        n = like.shape[0]
+        if buf is None or buf.shape[0] < n or buf.shape[1:] != like.shape[1:] or buf.device != like.device:
             buf = self._buffers[name] = torch.empty(like.shape, dtype=like.dtype, device=like.device)
-        return buf[:n]
+        return buf if buf.shape[0] == n else buf[:n]
+
+
+BlockSink = Callable[[int, int, torch.Tensor], None]  # (first column, end column, gradient block [n, width])
 
 
 class _MlpLossGrad:
     """A plain MLP's batched forward and hand-written backward: each weight gradient is one
-    batched matmul in its own [n, out, in] layout, written into its slice of a reused [n, P]
-    gradient buffer. Autograd's version transposed every weight gradient back into row layout
-    and concatenated the pieces: ~60 % of a step (BENCHMARKS.md). Same sums as autograd, so
-    results agree with it to float rounding (tests compare both and the reference engine)."""
+    batched matmul in its own [n, out, in] layout into a reused buffer. ``__call__`` assembles
+    them into a reused [n, P] gradient (what the other strategies return); ``train_step`` hands
+    each block straight to the optimizer instead (:class:`p2pl.core.optim.Update`), so no
+    gradient is assembled at all. Autograd's version transposed every weight gradient back into
+    row layout and concatenated the pieces: ~60 % of a step (BENCHMARKS.md). Same sums as
+    autograd, so results agree with it to float rounding (tests compare both and the reference
+    engine)."""
 
     def __init__(self, model: nn.Module, spec: ParamSpec) -> None:
         self.spec = spec
         self.layers = list(model)  # type: ignore[call-overload]
         self.first_linear = min(i for i, layer in enumerate(self.layers) if isinstance(layer, nn.Linear))
+        ends = np.cumsum(spec.numels).tolist()
+        self.columns = {name: (end - size, end) for name, size, end in zip(spec.names, spec.numels, ends, strict=True)}
+        if self.columns[f"{self.first_linear}.weight"][0] != 0:  # a plain MLP's parameters start with it
+            raise P2PLError("the bmm strategy expects the first Linear's weight to lead the parameters")
         self.work = _Workspace()
         self._views: dict[tuple[int, tuple[int, ...], tuple[int, ...]], dict[str, torch.Tensor]] = {}
+        self._minus_one: torch.Tensor | None = None
+        # Per layer, what a step needs (names and column offsets), so a step builds no strings:
+        # (layer index, is a Linear, weight name, bias name)
+        self._plan = [
+            (i, isinstance(layer, nn.Linear), f"{i}.weight", f"{i}.bias")
+            for i, layer in enumerate(self.layers)
+            if isinstance(layer, (nn.Linear, nn.ReLU))
+        ]
+        self._tail_start = self.columns[f"{self.first_linear}.weight"][1]
 
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """``spec.unflatten(flat)``, kept while the same tensor comes back (the parameters when
-        every device steps, the gradient buffer): rebuilding them was 8 % of a step. A kept view
-        holds its storage alive, so no other tensor can take its address until ``release``."""
+        every device steps): rebuilding them was 8 % of a step. A kept view holds its storage
+        alive, so no other tensor can take its address until ``release``."""
         key = (flat.data_ptr(), tuple(flat.shape), tuple(flat.stride()))
         found = self._views.get(key)
         if found is None:
@@ -155,17 +185,29 @@ class _MlpLossGrad:
     def __call__(
         self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        layers, work = self.layers, self.work
-        grads = work.get("grads", flat)
-        p, g = self.views(flat), self.views(grads)
+        grads = self.work.get("grads", flat)
+
+        def into_buffer(lo: int, hi: int, block: torch.Tensor) -> None:
+            grads[:, lo:hi].copy_(block)
+
+        return grads, self.train_step(flat, x, y, mask, into_buffer)
+
+    def train_step(
+        self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, sink: BlockSink
+    ) -> torch.Tensor:
+        """Forward and backward of every device; each gradient block goes to ``sink`` once the
+        parameters it belongs to are no longer needed (so ``sink`` may update them in place).
+        Returns the losses [n]."""
+        work, columns = self.work, self.columns
+        p = self.views(flat)
         h = x.flatten(2)  # [n, b, features]
         inputs: dict[int, torch.Tensor] = {}  # each Linear's input, for its weight gradient
         relu_out: dict[int, torch.Tensor] = {}  # each ReLU's output, for its backward
-        for i, layer in enumerate(layers):
-            if isinstance(layer, nn.Linear):
+        for i, linear, weight, bias in self._plan:
+            if linear:
                 inputs[i] = h
-                h = torch.baddbmm(p[f"{i}.bias"].unsqueeze(1), h, p[f"{i}.weight"].transpose(1, 2))
-            elif isinstance(layer, nn.ReLU):
+                h = torch.baddbmm(p[bias].unsqueeze(1), h, p[weight].transpose(1, 2))
+            else:
                 h = relu_out[i] = torch.relu(h)
         log_probs = torch.log_softmax(h, dim=2)  # [n, b, C]
         target = y.unsqueeze(2)
@@ -174,23 +216,40 @@ class _MlpLossGrad:
         losses = (per_sample * mask).sum(1) / count
         # d(masked mean cross-entropy)/d(logits) = (softmax - onehot) * mask / count
         delta = log_probs.exp_()
-        delta.scatter_add_(2, target, torch.full_like(per_sample, -1.0).unsqueeze(2))
+        delta.scatter_add_(2, target, self._minus_ones(target))
         delta.mul_((mask / count.unsqueeze(1)).unsqueeze(2))
-        for i in range(len(layers) - 1, self.first_linear - 1, -1):
-            if i in relu_out:
+        n, first, tail_start = flat.shape[0], self.first_linear, self._tail_start
+        # The first layer's weight is the leading column block and most of the parameters: its
+        # gradient goes to the sink as it comes out of its matmul. Every later column (that
+        # layer's bias and the later layers) is gathered in one small contiguous block, so
+        # the sink sees two blocks per step rather than two per layer.
+        tail = work.get("tail", flat[:, tail_start:])
+        weight_grad = tail  # (set by the first Linear met below, the last layer)
+        for i, linear, weight, bias in reversed(self._plan):
+            if not linear:
                 # autograd's own ReLU backward: one fused op (a bool mask and a fill were 10x slower)
                 delta = torch.ops.aten.threshold_backward(delta, relu_out[i], 0)
-            elif i in inputs:
-                weight_grad = g[f"{i}.weight"]
-                scratch = work.get(f"{i}.weight", weight_grad)
-                # bmm cannot write into a row-strided view without a copy of its own: a
-                # contiguous scratch, then one plain copy into the [n, P] buffer.
-                torch.bmm(delta.transpose(1, 2), inputs[i], out=scratch)
-                weight_grad.copy_(scratch)
-                g[f"{i}.bias"].copy_(delta.sum(1))
-                if i != self.first_linear:
-                    delta = torch.bmm(delta, p[f"{i}.weight"])
-        return grads, losses
+                continue
+            weight_grad = work.get(weight, p[weight])
+            torch.bmm(delta.transpose(1, 2), inputs[i], out=weight_grad)
+            lo, hi = columns[bias]
+            torch.sum(delta, 1, out=tail[:, lo - tail_start : hi - tail_start])
+            if i != first:
+                delta = torch.bmm(delta, p[weight])
+                lo, hi = columns[weight]
+                tail[:, lo - tail_start : hi - tail_start].copy_(weight_grad.view(n, -1))
+        # Only now are the parameters no longer needed: the sink may update them in place.
+        sink(0, tail_start, weight_grad.view(n, -1))
+        sink(tail_start, flat.shape[1], tail)
+        return losses
+
+    def _minus_ones(self, like: torch.Tensor) -> torch.Tensor:
+        """-1 at every (device, sample): the one-hot subtracted from the softmax. Kept at the
+        largest shape seen: scatter_add_ reads only the part its index covers."""
+        ones = self._minus_one
+        if ones is None or ones.device != like.device or ones.shape[0] < like.shape[0] or ones.shape[1] < like.shape[1]:
+            ones = self._minus_one = torch.full(like.shape, -1.0, device=like.device)
+        return ones
 
 
 def _loop_loss_grad(model: nn.Module, spec: ParamSpec) -> LossGrad:
@@ -295,6 +354,8 @@ class VectorizedTrainer:
         self.seed = seed
         self.strategy = choose_strategy(model, strategy, tuple(x_train.shape[1:]))
         self.loss_grad = make_loss_grad(model, spec, self.strategy)
+        self._model = model
+        self._helpers: list[LossGrad] = []  # workers 1.. of a step split over cores (own scratch)
         self.state = optim.init_state(cfg, len(partition.indices), spec.total)
         self.device = torch.device("cpu")
 
@@ -343,47 +404,110 @@ class VectorizedTrainer:
     ) -> Generator[int, None, RoundStats]:
         """:meth:`train` one iteration at a time: yields each iteration's index after it ran and
         returns the round's stats (a Ray shard steps it between its driver's exchanges)."""
-        limits = step_limits(self.partition.sizes, self.cfg, work)
-        schedule = round_schedule(self.partition.sizes, self.cfg, work) if span is None else span
-        taken = torch.zeros(self.num_devices, dtype=torch.int64)
+        limits = step_limits(self.partition.sizes, self.cfg, work).numpy()
+        sizes = self.partition.sizes
+        per_epoch = (sizes + self.cfg.batch_size - 1) // self.cfg.batch_size  # steps of a full epoch
+        schedule = round_schedule(sizes, self.cfg, work) if span is None else span
+        taken = np.zeros(self.num_devices, dtype=np.int64)
         loss_sum = torch.zeros(self.num_devices, dtype=torch.float64)
         plan: EpochPlan | None = None
         plan_epoch = -1
         for j, (epoch, t) in enumerate(schedule):
-            if plan is None or plan_epoch != epoch:
-                plan, plan_epoch = epoch_plan(self.partition, self.seed, round_index, epoch, self.cfg.batch_size), epoch
-            active = (t < plan.steps) & (taken < limits)
-            if bool(active.any()):
-                self._step(params, plan, t, active, loss_sum)
-                taken += active.long()
+            # Bookkeeping in numpy: [N] torch ops and their syncs were a visible share of a step.
+            active = (t < per_epoch) & (taken < limits)
+            if active.any():
+                if plan is None or plan_epoch != epoch:
+                    plan, plan_epoch = (
+                        epoch_plan(self.partition, self.seed, round_index, epoch, self.cfg.batch_size),
+                        epoch,
+                    )
+                rows = None if active.all() else torch.from_numpy(np.flatnonzero(active))
+                self._step(params, plan, t, rows, loss_sum)
+                taken += active
             yield j
-        if isinstance(self.loss_grad, _MlpLossGrad):
-            self.loss_grad.release()
-        mean = torch.where(taken > 0, loss_sum / taken.clamp_min(1), torch.full_like(loss_sum, float("nan")))
-        return RoundStats(mean.float(), taken)
+        for loss_grad in (self.loss_grad, *self._helpers):
+            if isinstance(loss_grad, _MlpLossGrad):
+                loss_grad.release()
+        steps_taken = torch.from_numpy(taken)
+        mean = torch.where(
+            steps_taken > 0, loss_sum / steps_taken.clamp_min(1), torch.full_like(loss_sum, float("nan"))
+        )
+        return RoundStats(mean.float(), steps_taken)
 
     def _step(
-        self, params: torch.Tensor, plan: EpochPlan, t: int, active: torch.Tensor, loss_sum: torch.Tensor
+        self, params: torch.Tensor, plan: EpochPlan, t: int, rows: torch.Tensor | None, loss_sum: torch.Tensor
     ) -> None:
-        idx, mask = plan.batch(t)
-        everyone = bool(active.all())
-        rows = None if everyone else active.nonzero().squeeze(1)
+        """Step ``t`` of an epoch for every device (``rows`` None) or for ``rows`` only: in chunks
+        of devices spread over the free cores when the strategy allows (see :meth:`chunks`)."""
+        count = self.num_devices if rows is None else len(rows)
+        # The batch width (padding trimmed) is the step's, whatever the chunk: a device's sums
+        # then run over the same samples in the same order in every chunk.
+        top = plan.order.shape[1] if rows is None else int(plan.sizes[rows].max())
+        width = min(plan.batch_size, top - t * plan.batch_size)
+        size, workers = self.chunks(count)
+        if size >= count:
+            self._step_part(params, plan, t, width, rows, loss_sum, self.loss_grad)
+            return
+        parts = [slice(lo, lo + size) if rows is None else rows[lo : lo + size] for lo in range(0, count, size)]
+        while len(self._helpers) < workers - 1:
+            self._helpers.append(make_loss_grad(self._model, self.spec, self.strategy))
+        helpers = [self.loss_grad, *self._helpers]
+
+        def run(worker: int, part: torch.Tensor | slice) -> None:
+            self._step_part(params, plan, t, width, part, loss_sum, helpers[worker])
+
+        run_jobs(run, parts, workers)
+
+    def chunks(self, count: int) -> tuple[int, int]:
+        """(devices per chunk, worker threads) for a step of ``count`` devices. The bmm strategy
+        steps chunks whose parameters, optimizer state and gradient stay in cache between its
+        forward, backward and update (at 10,000 devices these no longer fit, and each pass over
+        them went to memory), and splits a step over the cores torch leaves free (a device's
+        numbers do not depend on its chunk). Other strategies, and accelerators (which want one
+        large batch), step every device at once."""
+        if self.strategy != "bmm" or count <= 1 or self.device.type != "cpu":
+            return max(count, 1), 1
+        size = min(count, max(1, CHUNK_FLOATS // max(self.spec.total, 1)))
+        workers = free_cores(self.device)
+        if workers > 1 and count >= workers * MIN_CHUNK_DEVICES:
+            size = min(size, -(-count // workers))  # at least one chunk per worker
+        return size, workers
+
+    def _step_part(
+        self,
+        params: torch.Tensor,
+        plan: EpochPlan,
+        t: int,
+        width: int,
+        rows: torch.Tensor | slice | None,
+        loss_sum: torch.Tensor,
+        loss_grad: LossGrad,
+    ) -> None:
+        lo = t * plan.batch_size
+        order, valid = plan.order, plan.valid
         if rows is not None:
-            idx, mask = idx[rows], mask[rows]
-        # Trim padding columns nobody in this step uses (keeps batch tensors tight).
-        width = int(mask.sum(1).max())
-        idx, mask = idx[:, :width], mask[:, :width]
-        on_device = rows if rows is None or self.device.type == "cpu" else rows.to(self.device)
+            order, valid = order[rows], valid[rows]
+        idx, mask = order[:, lo : lo + width], valid[:, lo : lo + width]
+        on_device = rows if not isinstance(rows, torch.Tensor) or self.device.type == "cpu" else rows.to(self.device)
         if self.device.type != "cpu":  # the schedule is CPU bookkeeping: ship this step's part
             idx, mask = idx.to(self.device), mask.to(self.device)
-        x, y = self.x_train[idx], self.y_train[idx]
-        flat = params if on_device is None else params[on_device]
-        grads, losses = self.loss_grad(flat, x, y, mask.to(x.dtype))
-        optim.step(self.cfg, params, grads, self.state, on_device)
-        if rows is None:
-            loss_sum += losses.double().cpu()
+        flat_idx = idx.reshape(-1)
+        x = self.x_train.index_select(0, flat_idx).view(*idx.shape, *self.x_train.shape[1:])
+        y = self.y_train.index_select(0, flat_idx).view(idx.shape)
+        mask = mask.to(x.dtype)
+        update = optim.Update(self.cfg, params, self.state, on_device)
+        if isinstance(loss_grad, _MlpLossGrad):
+            losses = loss_grad.train_step(update.params, x, y, mask, update.columns)
         else:
-            loss_sum[rows] += losses.double().cpu()
+            grads, losses = loss_grad(update.params, x, y, mask)
+            update.columns(0, params.shape[1], grads)
+        update.finish()
+        if self.device.type != "cpu":
+            losses = losses.cpu()
+        if rows is None:
+            loss_sum += losses
+        else:
+            loss_sum[rows] += losses
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The optimizer state on the CPU (for checkpoints; a copy only when it lives elsewhere)."""
