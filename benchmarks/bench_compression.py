@@ -94,44 +94,11 @@ def accuracy(args: argparse.Namespace) -> None:
 
 
 def timing(args: argparse.Namespace) -> None:
-    from p2pl.algorithms.base import RoundLinks
-    from p2pl.config import load_config
-    from p2pl.core.train import choose_strategy
-    from p2pl.experiment import build_experiment
-    from p2pl.sim.simulator import LocalBackend, configure_threads
+    from round_timing import time_variants
 
-    n = args.timing_devices
-    radius = math.sqrt(20.0 / (math.pi * n))  # ~20 neighbours per device at any N
-    common = [f"devices={n}", "partition.samples_per_device=16", f"topology.radius={radius:.4f}", *args.set]
-    backends, links = {}, {}
-    for name in TIMED:
-        exp = build_experiment(load_config(None, [*common, *METHODS[name]]))
-        backend = LocalBackend(exp)
-        backend.start()
-        net = exp.dynamics().next_round()
-        backends[name], links[name] = backend, RoundLinks(net.live_edges, net.active, net.cooperate)
-    exp = backends["none"].exp
-    strategy = choose_strategy(exp.model, "auto", exp.dataset.input_shape)
-    threads = configure_threads(exp.cfg.threads, n, exp.spec.total, strategy)
-    degree = 2 * len(exp.topology.edges) / n
-    print(
-        f"(b) round time at {n} devices (mean degree {degree:.1f}, {exp.spec.total} parameters, "
-        f"{exp.cfg.training.local_epochs} local epochs, {threads} thread(s)); {args.repeats} interleaved repeats"
-    )
-    rounds: dict[str, list[float]] = {m: [] for m in TIMED}
-    exchange: dict[str, list[float]] = {m: [] for m in TIMED}
-    for k in range(1, args.repeats + 2):  # the first pass warms up and is not counted
-        order = TIMED[k % len(TIMED) :] + TIMED[: k % len(TIMED)]  # rotate who goes first
-        for name in order:
-            backend = backends[name]
-            t0 = time.perf_counter()
-            backend.train(k, None)
-            t1 = time.perf_counter()
-            backend.exchange(links[name], k)
-            t2 = time.perf_counter()
-            if k > 1:
-                rounds[name].append(t2 - t0)
-                exchange[name].append(t2 - t1)
+    t = time_variants(args.timing_devices, {m: METHODS[m] for m in TIMED}, args.set, args.repeats)
+    print(f"(b) round time at {t.header}")
+    rounds, exchange = t.rounds, t.exchange
     plain = statistics.median(rounds["none"])
     print(f"  {'method':>16} | round s (median) | cooperation s | round / uncompressed round")
     for name in TIMED:

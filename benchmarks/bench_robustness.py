@@ -140,48 +140,13 @@ def first_call_cost() -> tuple[float, float]:
 
 
 def timing(args: argparse.Namespace) -> None:
-    from dataclasses import replace
+    from round_timing import time_variants
 
-    from p2pl.algorithms.base import RoundLinks
-    from p2pl.config import load_config
-    from p2pl.core.train import choose_strategy
-    from p2pl.experiment import build_experiment
-    from p2pl.sim.simulator import LocalBackend, configure_threads
-
-    n = args.timing_devices
-    radius = math.sqrt(20.0 / (math.pi * n))  # ~20 neighbours per device at any N
-    base = load_config(None, [f"devices={n}", "partition.samples_per_device=16", f"topology.radius={radius:.4f}",
-                              *args.set])  # fmt: skip
-    backends, links = {}, {}
-    for rule in RULES:
-        exp = build_experiment(replace(base, consensus=replace(base.consensus, aggregation=rule)))
-        backend = LocalBackend(exp)
-        backend.start()
-        net = exp.dynamics().next_round()
-        backends[rule], links[rule] = backend, RoundLinks(net.live_edges, net.active, net.cooperate)
-    exp = backends["mean"].exp
-    strategy = choose_strategy(exp.model, "auto", exp.dataset.input_shape)
-    threads = configure_threads(base.threads, n, exp.spec.total, strategy)
-    degree = 2 * len(exp.topology.edges) / n
-    print(f"3b. Round time at {n} devices (mean degree {degree:.1f}, {exp.spec.total} parameters, "
-          f"{base.training.local_epochs} local epochs, {threads} thread(s)); "
-          f"{args.repeats} interleaved repeats")  # fmt: skip
-    rounds: dict[str, list[float]] = {r: [] for r in RULES}
-    exchange: dict[str, list[float]] = {r: [] for r in RULES}
-    cpu0 = time.process_time()
-    for k in range(1, args.repeats + 2):  # the first pass warms up and is not counted
-        order = RULES[k % len(RULES) :] + RULES[: k % len(RULES)]  # rotate who goes first
-        for rule in order:
-            backend = backends[rule]
-            t0 = time.perf_counter()
-            backend.train(k, None)
-            t1 = time.perf_counter()
-            backend.exchange(links[rule], k)
-            t2 = time.perf_counter()
-            if k > 1:
-                rounds[rule].append(t2 - t0)
-                exchange[rule].append(t2 - t1)
-    cpu = time.process_time() - cpu0
+    variants = {rule: [f"consensus.aggregation={rule}"] for rule in RULES}
+    t = time_variants(args.timing_devices, variants, args.set, args.repeats)
+    print(f"3b. Round time at {t.header}")
+    rounds, exchange = t.rounds, t.exchange
+    cpu = t.cpu
     plain = statistics.median(rounds["mean"])
     # Local training is the same work under every rule: its median over all rules' rounds, plus
     # each rule's cooperation, gives a ratio that a burst of load on one rule's rounds moves less.
