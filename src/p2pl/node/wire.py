@@ -596,7 +596,7 @@ def encode(header: MessageHeader, tensors: Mapping[str, torch.Tensor] | None = N
     if len(raw) > MAX_HEADER_BYTES:
         raise WireError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
     # Validate what we send with the same rules a receiver applies.
-    _check_header(json.loads(raw))
+    _check_header(full.to_json())
     message = b"".join([_PREFIX.pack(MAGIC, len(raw)), raw, *parts])
     if layout is not None:  # one finiteness pass over the float data, where the layout put it
         start = PREFIX_SIZE + len(raw)
