@@ -440,6 +440,17 @@ def test_backoff_doubles_and_is_capped(net):
     assert not cl.is_down("dev-b") and cl.backoff_remaining("dev-b") == 0.0
 
 
+def test_a_connection_the_server_closed_is_redialled_without_a_failure(net, monkeypatch):
+    monkeypatch.setattr(transport, "IDLE_TIMEOUT_S", 0.2)
+    srv_b, box_b = net.server("dev-b")
+    cl = net.client("dev-a", attempts=1)
+    assert cl.send("dev-b", srv_b.address, _msg("dev-a", step=0), TIMEOUT)
+    time.sleep(0.5)  # the server drops the idle connection; the client still holds its end
+    box_b.set_round(1)
+    assert cl.send("dev-b", srv_b.address, _msg("dev-a", round=1), TIMEOUT)
+    assert cl.stats() == {"send.ok": 2, "bytes.sent": 2 * len(_msg("dev-a"))} and not cl.is_down("dev-b")
+
+
 def test_link_filter_drops_messages(net):
     srv_b, box_b = net.server("dev-b")
     cl = net.client("dev-a")
