@@ -1,10 +1,10 @@
 """The node wire path against plain TCP on one loopback link, side by side in one run.
 
 "The p2pl path" is what a consensus step costs one link end to end: the sender encodes a
-``params`` message (``wire.encode``) and sends it with ``PeerClient.send`` over gRPC with mutual
-TLS as deployed (one unary call, or a stream of 1 MiB chunks for a message larger than one
-chunk); the receiving ``PeerServer`` -- in another process, as a neighbour is -- authenticates
-the sender (TLS CN == header sender), asks the mailbox, reassembles chunks into a buffer of the
+``params`` message (``wire.encode``) and sends it with ``PeerClient.send`` over its persistent
+mutual-TLS connection as deployed (a message over 64 KiB sends its head first and its body once
+admitted); the receiving ``PeerServer`` -- in another process, as a neighbour is -- authenticates
+the sender (TLS CN == header sender), asks the mailbox, receives the message into a buffer of the
 announced size, validates the payload (sizes, layout, finiteness) and stores the decoded
 tensors, views over the received bytes, in its mailbox (which drops the previous round, as the
 runtime does); only then does the sender get its acknowledgement. One message at a time.
@@ -14,10 +14,7 @@ It is measured next to, in the same run and interleaved (each repeat runs every 
 * ``tcp``: a plain socket to a receiver process that reads the same bytes into a buffer and
   answers a 2-byte ack (the reporter's baseline);
 * ``tls``: the same over Python's ``ssl`` with the same mutual-TLS certificates (what the
-  encryption alone costs);
-* ``grpc``: the same gRPC+TLS calls (unary, or the chunk stream) to a server that acks without
-  looking at the bytes (what gRPC and its TLS cost before p2pl does anything);
-* ``grpc-plain``: the same without TLS (what gRPC alone costs).
+  encryption alone costs: the floor of any encrypted path in Python).
 
 Wall time per message (sequential: send, wait for the ack) and CPU time per message of both
 processes (less sensitive to other load on the machine) are reported, as medians of the repeats.
@@ -42,19 +39,16 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # no log lines when channels close
 
 import torch
 
 from p2pl.config import ModelConfig
 from p2pl.models import build_model
-from p2pl.node import certs, wire
-from p2pl.node.chunks import CHUNK_BYTES, split
+from p2pl.node import certs, transport, wire
 from p2pl.node.mailbox import Mailbox
 from p2pl.node.transport import PeerClient, PeerServer
 
@@ -63,7 +57,7 @@ MODELS: dict[str, tuple[ModelConfig, tuple[int, ...], int]] = {
     "default": (ModelConfig("mlp", [64]), (64,), 10),
     "1M": (ModelConfig("mlp", [1024, 192]), (784,), 10),
 }
-PATHS = ("tcp", "tls", "grpc-plain", "grpc", "p2pl")
+PATHS = ("tcp", "tls", "p2pl")
 
 
 def _tensors(name: str) -> dict[str, torch.Tensor]:
@@ -105,40 +99,6 @@ def _socket_receiver(size: int, cert_dir: str | None, ready: Any) -> None:
         conn.sendall(b"ok")
 
 
-def _grpc_receiver(cert_dir: str | None, limit: int, chunk_bytes: int, ready: Any, stop: Any) -> None:
-    """gRPC with the PeerServer's limits (and TLS, unless ``cert_dir`` is None), acking without
-    looking at the bytes."""
-    import grpc
-
-    receive = min(limit, chunk_bytes + 8) + 64 * 1024
-    server = grpc.server(
-        futures.ThreadPoolExecutor(8),
-        options=[("grpc.max_receive_message_length", receive), ("grpc.max_send_message_length", limit)],
-    )
-
-    def stream(chunks: Any, context: Any) -> bytes:
-        for _ in chunks:
-            pass
-        return b"ok"
-
-    handlers = {
-        "Send": grpc.unary_unary_rpc_method_handler(lambda request, context: b"ok"),
-        "SendStream": grpc.stream_unary_rpc_method_handler(stream),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("p2pl.Peer", handlers),))
-    if cert_dir is None:
-        ready.put(server.add_insecure_port("127.0.0.1:0"))
-    else:
-        tls = certs.load_tls_config(Path(cert_dir), "dev-b")
-        creds = grpc.ssl_server_credentials(
-            [(tls.key, tls.cert)], root_certificates=tls.ca_cert, require_client_auth=True
-        )
-        ready.put(server.add_secure_port("127.0.0.1:0", creds))
-    server.start()
-    stop.get()
-    server.stop(0)
-
-
 class _ConsumingMailbox(Mailbox):
     """Keeps only the newest round, as the runtime does once it has mixed a round."""
 
@@ -148,13 +108,13 @@ class _ConsumingMailbox(Mailbox):
         return verdict
 
 
-def _p2pl_receiver(cert_dir: str, model: str, chunk_bytes: int, ready: Any, stop: Any) -> None:
+def _p2pl_receiver(cert_dir: str, model: str, ready: Any, stop: Any) -> None:
     torch.set_num_threads(1)
     spec = wire.ModelSpec.from_tensors(_tensors(model))
     limit = spec.max_message_bytes()
     mailbox = _ConsumingMailbox(max_rounds_ahead=10**9, params_message_bytes=limit, allowed_senders=["dev-a"])
     tls = certs.load_tls_config(Path(cert_dir), "dev-b")
-    server = PeerServer("dev-b", "127.0.0.1:0", tls, mailbox, spec, limit, chunk_bytes=chunk_bytes)
+    server = PeerServer("dev-b", "127.0.0.1:0", tls, mailbox, spec, limit)
     ready.put(server.start())
     stop.get()
     print(json.dumps({"receiver": server.stats(), "mailbox": mailbox.stats()}), flush=True)
@@ -167,7 +127,7 @@ def _p2pl_receiver(cert_dir: str, model: str, chunk_bytes: int, ready: Any, stop
 class Link:
     """One path to one receiver process; ``send_one()`` sends one message and waits for its ack."""
 
-    def __init__(self, path: str, model: str, cert_dir: Path, chunk_bytes: int = CHUNK_BYTES) -> None:
+    def __init__(self, path: str, model: str, cert_dir: Path) -> None:
         self.path = path
         self.tensors = _tensors(model)
         self.spec = wire.ModelSpec.from_tensors(self.tensors)
@@ -179,11 +139,8 @@ class Link:
         if path in ("tcp", "tls"):
             args: tuple[Any, ...] = (len(self.message), str(cert_dir) if path == "tls" else None, ready)
             self.proc = ctx.Process(target=_socket_receiver, args=args)
-        elif path in ("grpc", "grpc-plain"):
-            where = str(cert_dir) if path == "grpc" else None
-            self.proc = ctx.Process(target=_grpc_receiver, args=(where, limit, chunk_bytes, ready, self._stop))
         else:
-            self.proc = ctx.Process(target=_p2pl_receiver, args=(str(cert_dir), model, chunk_bytes, ready, self._stop))
+            self.proc = ctx.Process(target=_p2pl_receiver, args=(str(cert_dir), model, ready, self._stop))
         self.proc.start()
         port = ready.get(timeout=120)
         self.send_one: Callable[[], None]
@@ -204,18 +161,15 @@ class Link:
 
             self.send_one = send_socket
         else:
-            tls = certs.load_tls_config(cert_dir, "dev-a") if path != "grpc-plain" else None
-            self.client = PeerClient("dev-a", tls, limit, chunk_bytes=chunk_bytes, insecure=tls is None)
+            self.client = PeerClient("dev-a", certs.load_tls_config(cert_dir, "dev-a"), limit)
             address = f"127.0.0.1:{port}"
 
-            def send_grpc() -> None:
-                # The p2pl path encodes every message (a new round each time); the gRPC floor
-                # sends the same bytes through the same client without any receiver work.
-                message = self._encode() if path == "p2pl" else self.message
-                if not self.client.send("dev-b", address, message, timeout=30):
+            def send_p2pl() -> None:
+                # Every message is encoded afresh: a new round each time, as in a run.
+                if not self.client.send("dev-b", address, self._encode(), timeout=30):
                     raise RuntimeError(f"{path}: send refused: {self.client.stats()}")
 
-            self.send_one = send_grpc
+            self.send_one = send_p2pl
         self.send_one()  # connect + handshake outside the timing
 
     def _encode(self) -> bytes:
@@ -293,24 +247,17 @@ def breakdown(model: str) -> dict[str, float]:
             self.prune(msg.round + 1)
             return verdict
 
-    class NoNetwork:  # what an insecure PeerServer asks of a gRPC context
-        def auth_context(self) -> dict[str, list[bytes]]:
-            return {}
+    limit = spec.max_message_bytes()
+    server = PeerServer("dev-b", "127.0.0.1:0", None, Forgetful(), spec, limit, insecure=True)
+    local = transport._Connection(socket.socket(), "local", None)  # insecure: no certificate to check
 
-        def peer(self) -> str:
-            return "local"
-
-    server = PeerServer("dev-b", "127.0.0.1:0", None, Forgetful(), spec, spec.max_message_bytes(), insecure=True)
-
-    def receive() -> None:
-        if len(message) <= CHUNK_BYTES:
-            assert server._handle_send(message, NoNetwork()) == b"ok"  # type: ignore[arg-type]
-        else:
-            assert server._handle_send_stream(split(message), NoNetwork()) == b"ok"  # type: ignore[arg-type]
+    def receive() -> None:  # what the server does with the bytes of one message once received
+        msg = server._validate(bytearray(message), local, limit, store=True)
+        assert server.mailbox.put(msg) == "accepted"
 
     return {
         "encode_ms": _ms(lambda: wire.encode(header, tensors)),
-        "receive_ms (server handler: header, mailbox, chunks, decode, store; no network)": _ms(receive),
+        "receive_ms (server: header, mailbox, decode, store; no network)": _ms(receive),
         "decode_ms (bytes in, one copy)": _ms(lambda: wire.decode(message, spec)),
         "decode_ms (bytearray in, views)": _ms(lambda: wire.decode(received, spec)),
         "finite_check_ms": _ms(finite),
@@ -319,8 +266,8 @@ def breakdown(model: str) -> dict[str, float]:
     }
 
 
-def bench(model: str, repeats: int, seconds: float, cert_dir: Path, chunk_bytes: int) -> dict[str, Any]:
-    links = {path: Link(path, model, cert_dir, chunk_bytes) for path in PATHS}
+def bench(model: str, repeats: int, seconds: float, cert_dir: Path) -> dict[str, Any]:
+    links = {path: Link(path, model, cert_dir) for path in PATHS}
     per_message: dict[str, list[float]] = {path: [] for path in PATHS}
     cpu_per_message: dict[str, list[float]] = {path: [] for path in PATHS}
     try:
@@ -336,7 +283,7 @@ def bench(model: str, repeats: int, seconds: float, cert_dir: Path, chunk_bytes:
     ms = {path: 1e3 * statistics.median(v) for path, v in per_message.items()}
     mbps = {path: size / (m / 1e3) / 1e6 for path, m in ms.items()}
     row: dict[str, Any] = {"model": model, "params": links["p2pl"].spec.numel(), "message_bytes": size,
-                           "chunks": -(-size // chunk_bytes), "repeats": repeats}  # fmt: skip
+                           "repeats": repeats}  # fmt: skip
     row |= {f"{p}_ms_per_msg": round(m, 4) for p, m in ms.items()}
     row |= {f"{p}_MBps": round(v, 1) for p, v in mbps.items()}
     row |= {f"{p}_cpu_ms_per_msg (both ends)": round(1e3 * statistics.median(v), 4) for p, v in cpu_per_message.items()}
@@ -353,7 +300,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats (the median is reported)")
-    parser.add_argument("--chunk-bytes", type=int, default=CHUNK_BYTES, help="stream chunk size (both sides)")
     parser.add_argument("--seconds", type=float, default=0.4, help="time per path per repeat")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -364,7 +310,7 @@ def main() -> None:
         for dev in ("dev-a", "dev-b"):
             certs.issue_device_cert(root / "ca", dev, root / "certs")
         for model in args.models:
-            row = bench(model, args.repeats, args.seconds, root / "certs", args.chunk_bytes)
+            row = bench(model, args.repeats, args.seconds, root / "certs")
             print(json.dumps(row, indent=1), flush=True)
     print("load average:", _load(), flush=True)
 

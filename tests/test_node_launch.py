@@ -243,7 +243,7 @@ BASELINES = {
 @pytest.mark.timeout(300)
 def test_launched_baselines_equal_the_simulator(tmp_path: Path) -> None:
     """dpsgd, gossip and push-sum networks as ``p2pl launch`` writes them (node configs, data,
-    certificates), side by side, over gRPC with mutual TLS: every node's parameters after 3
+    certificates), side by side, over mutual TLS: every node's parameters after 3
     rounds equal the simulator's (a node exchanges after each local step for dpsgd, draws the
     simulator's peer for gossip, sends one way on a directed graph for push-sum). Push-sum runs
     as real node processes; dpsgd and gossip, meanwhile, as node runtimes on threads of this

@@ -1,10 +1,11 @@
-"""gRPC transport with mutual TLS on real 127.0.0.1 sockets, plus the mailbox it feeds."""
+"""The mutual-TLS transport on real 127.0.0.1 sockets, plus the mailbox it feeds."""
 
 from __future__ import annotations
 
 import json
 import logging
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -14,14 +15,22 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-pytest.importorskip("grpc")
 pytest.importorskip("cryptography")
 
-import grpc
 from safetensors.torch import save as st_save
 
 from p2pl.errors import P2PLError
-from p2pl.node import certs, wire
+from p2pl.node import certs, transport, wire
+from p2pl.node.framing import (
+    FRAME,
+    OP_SEND,
+    SMALL_MESSAGE_BYTES,
+    ST_CONTINUE,
+    ST_OK,
+    ST_REJECTED,
+    FramedReader,
+    tls_context,
+)
 from p2pl.node.mailbox import (
     ACCEPTED,
     BAD_STEP,
@@ -33,7 +42,7 @@ from p2pl.node.mailbox import (
     UNKNOWN_SENDER,
     Mailbox,
 )
-from p2pl.node.transport import GRPC_SLACK_BYTES, SEND_METHOD, PeerClient, PeerServer
+from p2pl.node.transport import PeerClient, PeerServer
 from p2pl.node.wire import SYNC_DONE_STEP, MessageHeader, ModelSpec
 
 pytestmark = pytest.mark.integration
@@ -87,6 +96,7 @@ def pki(tmp_path_factory) -> dict[str, certs.TlsConfig]:
     # same device name as a legitimate device, but from another CA
     certs.issue_device_cert(root / "evil-ca", "dev-a", root / "evil")
     out["evil-a"] = certs.load_tls_config(root / "evil", "dev-a")
+    PKI_CA[:] = [out["dev-a"].ca_cert]
     return out
 
 
@@ -133,6 +143,40 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class RawPeer:
+    """Speaks the frame protocol by hand over one TLS connection, to send what PeerClient never would."""
+
+    def __init__(self, address: str, tls: certs.TlsConfig | None, server_name: str = "dev-b") -> None:
+        host, port = address.rsplit(":", 1)
+        raw = socket.create_connection((host, int(port)), timeout=TIMEOUT)
+        if tls is None:  # a client with no certificate at all
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.load_verify_locations(cadata=next(iter(PKI_CA)).decode())
+        else:
+            ctx = tls_context(tls, server=False)
+        self.sock = ctx.wrap_socket(raw, server_hostname=server_name)
+        self.reader = FramedReader(self.sock)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def answer(self) -> tuple[int, bytes]:
+        status, length = self.reader.read_frame(time.monotonic() + TIMEOUT)
+        return status, bytes(self.reader.read(length, time.monotonic() + TIMEOUT))
+
+    def head(self, message: bytes) -> tuple[int, bytes]:
+        """Announce a large message and send only its head; the server's answer to that."""
+        (header_len,) = struct.unpack_from("<I", message, 4)
+        self.send(FRAME.pack(OP_SEND, len(message)) + message[: 8 + header_len])
+        return self.answer()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+PKI_CA: list[bytes] = []  # the run's CA certificate, set by the pki fixture
 
 
 # ------------------------------------------------------------------------------ happy paths
@@ -210,14 +254,43 @@ def test_certificate_from_other_ca_is_refused(net):
 
 def test_client_without_certificate_is_refused(net, pki):
     srv_b, box_b = net.server("dev-b")
-    creds = grpc.ssl_channel_credentials(root_certificates=pki["dev-a"].ca_cert)
-    with (
-        grpc.secure_channel(srv_b.address, creds, options=[("grpc.ssl_target_name_override", "dev-b")]) as channel,
-        pytest.raises(grpc.RpcError) as info,
-    ):
-        channel.unary_unary(SEND_METHOD)(_msg("dev-a"), timeout=TIMEOUT)
-    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises((ssl.SSLError, ConnectionError)):  # TLS 1.3: the refusal arrives on first read
+        peer = RawPeer(srv_b.address, None)
+        peer.send(FRAME.pack(OP_SEND, len(_msg("dev-a"))) + _msg("dev-a"))
+        peer.answer()
     assert len(box_b) == 0 and "send.received" not in srv_b.stats()
+    assert srv_b.stats()["handshake.failed"] == 1
+
+
+def test_a_peer_that_never_finishes_its_handshake_is_dropped(net, monkeypatch):
+    """A TCP connection that never speaks TLS holds a server thread only for the handshake timeout."""
+    monkeypatch.setattr(transport, "HANDSHAKE_TIMEOUT_S", 0.3)
+    srv_b, _ = net.server("dev-b")
+    host, port = srv_b.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT) as silent:
+        silent.settimeout(TIMEOUT)
+        assert silent.recv(1) == b""  # closed by the server, long before our own timeout
+    assert srv_b.stats()["handshake.failed"] == 1
+    assert net.client("dev-a").send("dev-b", srv_b.address, _msg("dev-a"), TIMEOUT)
+
+
+def test_a_sender_holds_few_connections_and_a_new_one_replaces_its_oldest_idle_one(net, pki):
+    srv_b, box_b = net.server("dev-b")
+    idle = [RawPeer(srv_b.address, pki["dev-a"]) for _ in range(transport.MAX_CONNECTIONS_PER_SENDER)]
+    for peer in idle:  # each connection authenticated (a first answer proves the handshake is done)
+        peer.send(FRAME.pack(OP_SEND, len(_msg("dev-a"))) + _msg("dev-a"))
+        assert peer.answer()[0] in (ST_OK, 1)
+    newest = RawPeer(srv_b.address, pki["dev-a"])
+    message = _msg("dev-a", round=1)
+    box_b.set_round(1)
+    newest.send(FRAME.pack(OP_SEND, len(message)) + message)
+    assert newest.answer() == (ST_OK, b"")
+    idle[0].sock.settimeout(TIMEOUT)
+    with pytest.raises((ssl.SSLError, ConnectionError)):  # the oldest idle one was closed
+        idle[0].send(FRAME.pack(OP_SEND, len(message)) + message)
+        idle[0].answer()
+    for peer in [*idle, newest]:
+        peer.close()
 
 
 def test_sender_must_match_certificate(net, caplog):
@@ -316,7 +389,7 @@ def test_replayed_old_round_refused(net, caplog):
     assert cl.send("dev-b", srv_b.address, _msg("dev-a", round=4), TIMEOUT) is True
 
 
-def test_message_far_over_grpc_limit_fails_cleanly(net):
+def test_message_far_over_the_limit_is_refused_from_its_frame(net):
     srv_b, box_b = net.server("dev-b")
     cl = net.client("dev-a", max_message_bytes=8 * MAX)
     assert cl.send("dev-b", srv_b.address, _msg("dev-a") + b"\x00" * (4 * MAX), TIMEOUT) is False
@@ -365,6 +438,17 @@ def test_backoff_doubles_and_is_capped(net):
     assert 0.05 < seen[0] <= 0.1 and 0.15 < seen[1] <= 0.2 and 0.2 < seen[2] <= 0.25
     cl.reset_backoff("dev-b")
     assert not cl.is_down("dev-b") and cl.backoff_remaining("dev-b") == 0.0
+
+
+def test_a_connection_the_server_closed_is_redialled_without_a_failure(net, monkeypatch):
+    monkeypatch.setattr(transport, "IDLE_TIMEOUT_S", 0.2)
+    srv_b, box_b = net.server("dev-b")
+    cl = net.client("dev-a", attempts=1)
+    assert cl.send("dev-b", srv_b.address, _msg("dev-a", step=0), TIMEOUT)
+    time.sleep(0.5)  # the server drops the idle connection; the client still holds its end
+    box_b.set_round(1)
+    assert cl.send("dev-b", srv_b.address, _msg("dev-a", round=1), TIMEOUT)
+    assert cl.stats() == {"send.ok": 2, "bytes.sent": 2 * len(_msg("dev-a"))} and not cl.is_down("dev-b")
 
 
 def test_link_filter_drops_messages(net):
@@ -506,63 +590,73 @@ def test_rejections_are_logged_a_bounded_number_of_times(net, caplog):
     assert len(lines) == 20 and lines[-1].getMessage().endswith("(#20)")
 
 
-# ------------------------------------------------------------------------- chunked streams
+# ----------------------------------------------------------------------- large messages
 
 
-def test_large_message_streams_in_chunks_and_bad_streams_are_refused(net, pki):
-    """A message over one chunk travels as SendStream and arrives whole; unary Send cannot carry
-    it (gRPC refuses any single message over a chunk + slack); reordered, truncated or impersonated
-    streams are refused with their reason, and the mailbox stays clean."""
-    from p2pl.node.chunks import CHUNK_PREFIX, MIN_CHUNK_BYTES, split
-    from p2pl.node.transport import SEND_STREAM_METHOD
-
+def test_large_message_is_admitted_from_its_head_and_bad_ones_are_refused(net, pki):
+    """A message over SMALL_MESSAGE_BYTES sends its head first; the server checks sender, mailbox and
+    size before it asks for the body (a refused one never sends it), then validates the body.
+    Truncated, forged and corrupted messages are refused and the mailbox stays clean."""
     g = torch.Generator().manual_seed(5)
     big = {"w": torch.randn(200, 100, generator=g), "b": torch.randn(200, generator=g)}  # 80 KB
     spec = ModelSpec.from_tensors(big)
     box = Mailbox()
-    srv = PeerServer("dev-b", "127.0.0.1:0", pki["dev-b"], box, spec, spec.max_message_bytes(),
-                     chunk_bytes=MIN_CHUNK_BYTES)  # fmt: skip
+    srv = PeerServer("dev-b", "127.0.0.1:0", pki["dev-b"], box, spec, spec.max_message_bytes())
     srv.start()
     net.servers.append(srv)
-    cl = net.client("dev-a", chunk_bytes=MIN_CHUNK_BYTES, max_message_bytes=spec.max_message_bytes())
+    cl = net.client("dev-a", max_message_bytes=spec.max_message_bytes())
 
-    def message(round: int, sender: str = "dev-a") -> bytes:
-        return wire.encode(MessageHeader("params", sender, round, 0, spec.fingerprint), big)
+    def message(round: int, sender: str = "dev-a", tensors: dict | None = None) -> bytes:
+        return wire.encode(MessageHeader("params", sender, round, 0, spec.fingerprint), tensors or big)
 
-    assert len(message(0)) > MIN_CHUNK_BYTES + GRPC_SLACK_BYTES
+    assert len(message(0)) > SMALL_MESSAGE_BYTES
     assert cl.send("dev-b", srv.address, message(0), TIMEOUT)
     got = box.get("params", 0, 0, "dev-a")
     assert got is not None and got.tensors is not None
     assert all(torch.equal(got.tensors[n], t) for n, t in big.items())
 
-    creds = grpc.ssl_channel_credentials(pki["dev-a"].ca_cert, pki["dev-a"].key, pki["dev-a"].cert)
-    with grpc.secure_channel(srv.address, creds, options=[("grpc.ssl_target_name_override", "dev-b")]) as channel:
-        with pytest.raises(grpc.RpcError) as info:
-            channel.unary_unary(SEND_METHOD)(message(1), timeout=TIMEOUT)
-        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        stream = channel.stream_unary(SEND_STREAM_METHOD)
-        chunks = list(split(message(2), MIN_CHUNK_BYTES))
-        assert stream(iter([chunks[0], chunks[2]]), timeout=TIMEOUT).startswith(b"rejected: chunk for byte")
-        assert b"stream ended after" in stream(iter(chunks[:-1]), timeout=TIMEOUT)
-        extra = CHUNK_PREFIX.pack(len(message(2))) + b"\x00" * 8
-        assert b"a chunk too many" in stream(iter([*chunks, extra]), timeout=TIMEOUT)
-        forged = list(split(message(2, sender="dev-c"), MIN_CHUNK_BYTES))
-        assert b"does not match certificate CN" in stream(iter(forged), timeout=TIMEOUT)
-        assert stream(iter(chunks), timeout=TIMEOUT) == b"ok"  # still serving
-    assert sorted(k for k, _, _, _ in box._messages) == ["params", "params"]
+    raw = RawPeer(srv.address, pki["dev-a"])
+    forged = raw.head(message(1, sender="dev-c"))
+    assert forged[0] == ST_REJECTED and b"does not match certificate CN" in forged[1]
+    box.set_round(2)
+    stale = raw.head(message(1))  # refused from the head: the body is never sent
+    assert stale[0] == ST_REJECTED and stale[1].startswith(b"stale")
+    lying = message(2)
+    raw.send(FRAME.pack(OP_SEND, len(lying) + 8) + lying[: 8 + struct.unpack_from("<I", lying, 4)[0]])
+    assert raw.answer()[0] == ST_REJECTED  # the frame and the header disagree on the size
+    corrupt = bytearray(message(2))
+    corrupt[-4:] = struct.pack("<f", float("nan"))
+    assert raw.head(bytes(corrupt)) == (ST_CONTINUE, b"")
+    raw.send(bytes(corrupt[8 + struct.unpack_from("<I", corrupt, 4)[0] :]))
+    status, reason = raw.answer()
+    assert status == ST_REJECTED and b"NaN" in reason
+    whole = message(2)  # the same connection is still in step
+    assert raw.head(whole) == (ST_CONTINUE, b"")
+    raw.send(whole[8 + struct.unpack_from("<I", whole, 4)[0] :])
+    assert raw.answer() == (ST_OK, b"")
+    truncated = message(3)
+    box.set_round(3)
+    assert raw.head(truncated) == (ST_CONTINUE, b"")
+    raw.send(truncated[-2000:])  # part of the body, then the sender goes away
+    raw.close()
+    deadline = time.monotonic() + TIMEOUT
+    while srv.stats().get("send.rejected.stream", 0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
     stats = srv.stats()
-    assert stats["send.rejected.invalid"] == 3 and stats["send.rejected.auth"] == 1
-    assert stats["send.accepted"] == 2
+    assert stats["send.rejected.auth"] == 1 and stats["send.rejected.mailbox.stale"] == 1
+    assert stats["send.rejected.invalid"] == 2 and stats["send.rejected.stream"] == 1
+    assert stats["send.accepted"] == 2 and box.get("params", 3, 0, "dev-a") is None
+    assert cl.send("dev-b", srv.address, message(3), TIMEOUT)  # still serving
 
 
 @pytest.mark.parametrize("method,bits", [("top-k", 4), ("quantize", 8)])
 def test_compressed_payload_round_trips_through_the_transport(net, pki, method, bits):
     """A compressed message (int32 indices, 4-bit codes in uint8 / int8 codes, float32 scales),
-    streamed in chunks, arrives validated against the layout and decodes to what was sent."""
+    large enough to be admitted from its head, arrives validated against the layout and decodes to
+    what was sent."""
     from p2pl.core.compress import Compression, Compressor
-    from p2pl.node.chunks import MIN_CHUNK_BYTES
 
-    num_params = 12_000
+    num_params = 100_000  # int32 indices
     compressor = Compressor(Compression(method, ratio=0.5, bits=bits, block_size=64), num_params, seed=0)
     row = torch.randn(1, num_params, generator=torch.Generator().manual_seed(1))
     compressor.start(torch.zeros(1, num_params))
@@ -571,13 +665,12 @@ def test_compressed_payload_round_trips_through_the_transport(net, pki, method, 
     assert {t.dtype for t in spec.tensors} >= {"float32"} and len(spec.tensors) >= 2
     box = Mailbox()
     box.set_round(3)
-    srv = PeerServer("dev-b", "127.0.0.1:0", pki["dev-b"], box, spec, spec.max_message_bytes(),
-                     chunk_bytes=MIN_CHUNK_BYTES)  # fmt: skip
+    srv = PeerServer("dev-b", "127.0.0.1:0", pki["dev-b"], box, spec, spec.max_message_bytes())
     srv.start()
     net.servers.append(srv)
-    cl = net.client("dev-a", chunk_bytes=MIN_CHUNK_BYTES, max_message_bytes=spec.max_message_bytes())
+    cl = net.client("dev-a", max_message_bytes=spec.max_message_bytes())
     message = wire.encode(MessageHeader("params", "dev-a", 3, 0, spec.fingerprint), arrays)
-    assert len(message) > MIN_CHUNK_BYTES  # streamed
+    assert len(message) > SMALL_MESSAGE_BYTES  # head first
     assert cl.send("dev-b", srv.address, message, TIMEOUT)
     got = box.get("params", 3, 0, "dev-a")
     assert got is not None and got.tensors is not None
@@ -588,47 +681,36 @@ def test_compressed_payload_round_trips_through_the_transport(net, pki, method, 
     assert torch.equal(received.values, expected.values)
 
 
-def test_a_stalled_stream_is_cancelled_and_a_sender_holds_few_streams(net, pki, monkeypatch):
-    """A neighbour that sends a stream's first chunk and stalls holds one server thread only
-    until the stream's deadline, and at most MAX_STREAMS_PER_SENDER of them at once."""
-    from p2pl.node import transport
-    from p2pl.node.chunks import MIN_CHUNK_BYTES, split
-    from p2pl.node.transport import SEND_STREAM_METHOD
-
+def test_a_stalled_message_is_dropped_and_a_sender_holds_few_large_messages(net, pki, monkeypatch):
+    """A neighbour that sends a large message's head and stalls holds one server thread only until
+    the message's deadline, and at most MAX_STREAMS_PER_SENDER of them at once."""
     monkeypatch.setattr(transport, "STREAM_GRACE_S", 1.0)
-    big = {"w": torch.zeros(50, 100), "b": torch.zeros(50)}
+    big = {"w": torch.zeros(200, 100), "b": torch.zeros(200)}
     spec = ModelSpec.from_tensors(big)
     box = Mailbox()
-    srv = PeerServer("dev-b", "127.0.0.1:0", pki["dev-b"], box, spec, spec.max_message_bytes(),
-                     chunk_bytes=MIN_CHUNK_BYTES)  # fmt: skip
+    srv = PeerServer("dev-b", "127.0.0.1:0", pki["dev-b"], box, spec, spec.max_message_bytes())
     srv.start()
     net.servers.append(srv)
-    release = threading.Event()
 
-    def stalled(round: int) -> Iterator[bytes]:
-        chunks = split(wire.encode(MessageHeader("params", "dev-a", round, 0, spec.fingerprint), big), MIN_CHUNK_BYTES)
-        yield next(chunks)
-        release.wait(10)  # then nothing: the stream stays open
-        yield from chunks
+    def message(round: int) -> bytes:
+        return wire.encode(MessageHeader("params", "dev-a", round, 0, spec.fingerprint), big)
 
-    creds = grpc.ssl_channel_credentials(pki["dev-a"].ca_cert, pki["dev-a"].key, pki["dev-a"].cert)
-    with grpc.secure_channel(srv.address, creds, options=[("grpc.ssl_target_name_override", "dev-b")]) as channel:
-        stream = channel.stream_unary(SEND_STREAM_METHOD)
-        held = [stream.future(stalled(r), timeout=20) for r in (0, 1)]
-        deadline = time.monotonic() + 10
-        while srv._streams["dev-a"] < 2 and time.monotonic() < deadline:  # both admitted, stalled
-            time.sleep(0.02)
-        assert stream(stalled(2), timeout=TIMEOUT).startswith(b"rejected: dev-a already has 2 streams in flight")
-        for call in held:  # the watchdog cancels them, long before the client's own 20 s deadline
-            with pytest.raises(grpc.RpcError) as info:
-                call.result()
-            assert info.value.code() == grpc.StatusCode.CANCELLED
-        release.set()
-        message = wire.encode(MessageHeader("params", "dev-a", 3, 0, spec.fingerprint), big)
-        assert stream(split(message, MIN_CHUNK_BYTES), timeout=TIMEOUT) == b"ok"  # slots freed
-    deadline = time.monotonic() + 10  # the server threads finish after the client saw CANCELLED
-    while srv.stats().get("send.rejected.slow", 0) < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    stalled = [RawPeer(srv.address, pki["dev-a"]) for _ in range(2)]
+    for r, peer in enumerate(stalled):  # admitted, then nothing: each holds a slot
+        assert peer.head(message(r)) == (ST_CONTINUE, b"")
+    third = RawPeer(srv.address, pki["dev-a"])
+    status, reason = third.head(message(2))
+    assert status == ST_REJECTED and reason.startswith(b"dev-a already has 2 streams in flight")
+    for peer in stalled:  # dropped at the deadline, long before our own timeout
+        peer.sock.settimeout(10)
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            peer.answer()
+        peer.close()
+    assert third.head(message(3)) == (ST_CONTINUE, b"")  # slots freed
+    whole = message(3)
+    third.send(whole[8 + struct.unpack_from("<I", whole, 4)[0] :])
+    assert third.answer() == (ST_OK, b"")
+    third.close()
     stats = srv.stats()
     assert stats["send.rejected.busy"] == 1 and stats["send.rejected.slow"] == 2
     assert box.get("params", 3, 0, "dev-a") is not None and len(box) == 1

@@ -1,7 +1,7 @@
 """The ``p2pl`` command: one sub-command module each, errors as one line and exit code 2.
 
 Start-up is kept cheap: only the module of the command being run is imported (and each command
-module imports torch, Ray or gRPC inside its ``main``), so ``p2pl --version``, ``--help``, a bad
+module imports torch or Ray inside its ``main``), so ``p2pl --version``, ``--help``, a bad
 flag or a bad config answer at once instead of after seconds of importing torch.
 """
 

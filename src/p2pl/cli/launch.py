@@ -37,7 +37,7 @@ def main(args: argparse.Namespace) -> int:
     args.overrides = overrides
     cfg = config_from_args(args)
     out = writable_dir(Path(args.out or f"{cfg.output.dir}-launch"), "--out" if args.out else "output.dir")
-    # Imported once the arguments are good: torch and gRPC take seconds to import.
+    # Imported once the arguments are good: torch takes seconds to import.
     from rich.markup import escape
 
     from p2pl.node.launch import Launcher, prepare_launch

@@ -40,7 +40,6 @@ from p2pl.errors import P2PLError
 from p2pl.node import wire
 from p2pl.node.config import NodeConfig
 from p2pl.node.runtime import Claim, NodeRuntime
-from p2pl.node.transport import GRPC_SLACK_BYTES
 
 __all__ = ["NETWORK_ATTACKS", "ROW_ATTACKS", "AdversaryRuntime", "build_runtime"]
 
@@ -71,7 +70,7 @@ class AdversaryRuntime(NodeRuntime):
         )
         if self.attack == "header-bomb":
             # Its own client must let the bomb out; a receiver's limit is what stops it.
-            self.client.max_message_bytes = min(2**31 - 1 - GRPC_SLACK_BYTES, 64 * 1024 * 1024)
+            self.client.max_message_bytes = 64 * 1024 * 1024
         log.warning("%s plays the %r attack (strength %g)", cfg.id, self.attack, self.strength)
 
     # ------------------------------------------------------------------------ the lies
@@ -131,13 +130,14 @@ class AdversaryRuntime(NodeRuntime):
 
     def _bomb(self, round_index: int) -> bytes:
         """A params message whose payload header lists ``strength`` zero-size tensors (cut to what
-        fits the receiver's limit: the model's largest message plus gRPC's slack)."""
-        room = self.wire_spec.max_message_bytes() + GRPC_SLACK_BYTES - wire.PREFIX_SIZE - wire.MAX_HEADER_BYTES
+        fits the receiver's limit: the model's largest message)."""
+        room = self.wire_spec.max_message_bytes() - wire.PREFIX_SIZE - wire.MAX_HEADER_BYTES
         entry = '"t{:07d}":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}'
         count = max(1, min(int(self.strength), (room - 16) // (len(entry.format(0)) + 1)))
         st_header = ("{" + ",".join(entry.format(i) for i in range(count)) + "}").encode()
         payload = struct.pack("<Q", len(st_header)) + st_header
-        header = self._header("params", round_index, 0, data_size=self.data_size, degree=1)
+        # Next round's key: new to the receiver's mailbox, so only the payload checks can stop it.
+        header = self._header("params", round_index + 1, 0, data_size=self.data_size, degree=1)
         raw = json.dumps({**header.to_json(), "payload_size": len(payload)}, separators=(",", ":")).encode()
         return struct.pack("<4sI", wire.MAGIC, len(raw)) + raw + payload
 

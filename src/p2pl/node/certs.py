@@ -86,7 +86,7 @@ class CertPaths:
 
 @dataclass(frozen=True)
 class TlsConfig:
-    """PEM bytes for one device's mutual-TLS identity, ready for ``grpc.ssl_*_credentials``.
+    """PEM bytes for one device's mutual-TLS identity, ready for ``p2pl.node.framing.tls_context``.
 
     ``ca_cert`` is the root every peer must chain to; ``cert``/``key`` are this device's
     certificate and private key; ``device_id`` is the CN inside ``cert``. Build it with
@@ -374,7 +374,7 @@ def issue_device_cert(
 
 
 def load_ca_cert(directory: Path) -> bytes:
-    """PEM bytes of ``directory/ca.crt`` (what ``grpc`` wants as ``root_certificates``)."""
+    """PEM bytes of ``directory/ca.crt`` (the root a TLS context trusts)."""
     path = Path(directory) / CA_CERT_NAME
     data = _read(path, "CA certificate")
     _load_cert(path, "CA certificate")

@@ -1,6 +1,6 @@
 """Thread-safe inbox between the transport (which puts validated messages) and the node runtime.
 
-The gRPC server threads call :meth:`Mailbox.put` with messages already validated by
+The transport's connection threads call :meth:`Mailbox.put` with messages already validated by
 :func:`p2pl.node.wire.decode` and authenticated by the transport. The runtime thread reads them
 with :meth:`Mailbox.wait_for`, which blocks until every expected neighbour has delivered or a
 deadline passes -- a neighbour that is down simply does not appear in the result, and the

@@ -1,4 +1,4 @@
-"""The ``p2pl node`` runtime: one device of P2PL in one process, talking to its neighbours over gRPC.
+"""The ``p2pl node`` runtime: one device of P2PL in one process, talking to its neighbours over mutual TLS.
 
 The math is the simulator's, run over a batch of one: the device's own
 init (``core.params.init_device_params`` keyed by its global index), local epochs with
@@ -301,7 +301,7 @@ class NodeRuntime:
         if fresh:
             (self.dir / checkpoint.CHECKPOINT).unlink(missing_ok=True)
         self.round_now = 0  # read by the server threads (fetch handler, link filter)
-        # No message of this model can be larger, so neither gRPC nor the mailbox holds more.
+        # No message of this model can be larger, so neither the transport nor the mailbox holds more.
         limit = max(wire.PREFIX_SIZE + wire.MAX_HEADER_BYTES,
                     min(cfg.network.max_message_bytes, self.wire_spec.max_message_bytes()))  # fmt: skip
         # The cooperation a simulator would run for this device (one row of it).
@@ -405,7 +405,7 @@ class NodeRuntime:
         return wire.encode(self._header("hello", self.hello_round(), 0, **extras))
 
     def _on_fetch(self, req: wire.Message) -> bytes | None:
-        """Fetch handler (a gRPC server thread): ``hello`` and ``sync-fetch`` from neighbours only.
+        """Fetch handler (a transport connection thread): ``hello`` and ``sync-fetch`` from neighbours only.
         A hello is answered, never stored: it cannot fill anything."""
         if req.sender not in self.peers or self.cfg.link_cut(req.sender, self.round_now):
             log.info("%s: ignored %s fetch from %s", self.cfg.id, req.kind, req.sender)

@@ -1,37 +1,38 @@
-"""gRPC transport between devices: mutual TLS, raw-bytes messages, no protoc code generation.
+"""Transport between devices: framed wire messages over mutual-TLS sockets, no RPC framework.
 
-Service ``p2pl.Peer`` (generic handlers; request and response are plain ``bytes``):
+Each device runs a :class:`PeerServer` (its listening socket) and a :class:`PeerClient` (one
+persistent TLS connection per neighbour). The byte protocol is :mod:`p2pl.node.framing`:
 
-``Send(message) -> ack``
+``send(message)``
     ``message`` is a :mod:`p2pl.node.wire` message. The server authenticates the caller (its
-    client certificate's CN must equal the header's ``sender``), validates it with
-    :func:`wire.decode` against the run's :class:`~p2pl.node.wire.ModelSpec`, and puts it into
-    its :class:`~p2pl.node.mailbox.Mailbox`. The ack is ``b"ok"``, ``b"ok: duplicate"`` (already
-    had it -- a retry) or ``b"rejected: <reason>"``. Rejections are logged on logger
-    ``p2pl.node.transport`` and counted; the server keeps serving.
-``SendStream(chunks) -> ack``
-    The same for a message larger than one chunk (:data:`~p2pl.node.chunks.CHUNK_BYTES`): its
-    chunks (:mod:`p2pl.node.chunks`) are reassembled into one buffer of the size the header
-    announced. The sender, the mailbox and the announced size are checked on the first chunk,
-    before that buffer exists; gRPC itself refuses any single message over one chunk (plus
-    GRPC_SLACK_BYTES), so a unary ``Send`` cannot make the server buffer a large message either.
-    An admitted stream runs against a deadline and takes one of its sender's few stream slots
-    (STREAM_GRACE_S, STREAM_MIN_BYTES_PER_S, MAX_STREAMS_PER_SENDER).
-``Fetch(request) -> message``
-    Pull: ``request`` is a payload-free wire message (e.g. kind ``sync-fetch``), authenticated
-    and validated like Send; the runtime's ``fetch_handler(request_message)`` returns the encoded
-    reply message (e.g. kind ``sync-params``) or None, sent back as empty bytes ("nothing to give").
-    Errors are gRPC status codes (PERMISSION_DENIED, INVALID_ARGUMENT, UNIMPLEMENTED, INTERNAL).
+    client certificate's CN must equal the header's ``sender``), asks its
+    :class:`~p2pl.node.mailbox.Mailbox` whether it would keep the message, checks the announced
+    size against the run's :class:`~p2pl.node.wire.ModelSpec`, validates the payload and stores
+    it. The answer is ok, duplicate (already had it -- a retry) or rejected with a reason.
+    Rejections are logged on logger ``p2pl.node.transport`` (bounded per sender and reason) and
+    counted; the server keeps serving.
+``fetch(request)``
+    Pull: ``request`` is a payload-free wire message (e.g. kind ``sync-fetch``), authenticated and
+    validated like a send; the runtime's ``fetch_handler(request_message)`` returns the encoded
+    reply message (e.g. kind ``sync-params``) or None ("nothing to give").
+
+What a neighbour can make a server hold is bounded before it is allocated: a message over
+SMALL_MESSAGE_BYTES is admitted from its header alone (sender, mailbox, announced size against
+the model), and only then is a buffer of the announced size allocated and filled, against a
+deadline (STREAM_GRACE_S plus its size at STREAM_MIN_BYTES_PER_S); a sender has at most
+MAX_STREAMS_PER_SENDER such messages in flight and MAX_CONNECTIONS_PER_SENDER connections
+(a newer connection replaces its oldest idle one); a TLS handshake must finish within
+HANDSHAKE_TIMEOUT_S, and at most MAX_HANDSHAKES run at once, so peers without a certificate
+cannot hold the server's threads; an idle connection is closed after IDLE_TIMEOUT_S.
 
 Security model. Every device has a certificate from the run's CA (:mod:`p2pl.node.certs`). The
-server requires and verifies client certificates (``require_client_auth=True``) and checks the
-CN against the claimed sender, so a device cannot impersonate another. The client verifies that
-the server it dials presents the certificate of the device it meant to reach: it sets
-``grpc.ssl_target_name_override`` to the peer's device id, which issue_device_cert puts in the
-certificate as a DNS SAN (``verify_server_identity=False`` falls back to ``"localhost"``, which
-only proves "some device of this CA"). Insecure mode (``tls=None, insecure=True``) has no
-authentication or encryption at all and trusts the header's sender: for tests and benchmarks on
-a trusted host only; it must be requested explicitly.
+server requires and verifies client certificates (TLS 1.3) and checks the CN against the claimed
+sender, so a device cannot impersonate another. The client verifies that the server it dials
+presents the certificate of the device it meant to reach: the peer's device id, which
+issue_device_cert puts in the certificate as a DNS SAN (``verify_server_identity=False`` checks
+``"localhost"`` instead, which only proves "some device of this CA"). Insecure mode
+(``tls=None, insecure=True``) has no authentication or encryption at all and trusts the header's
+sender: for tests and benchmarks on a trusted host only; it must be requested explicitly.
 
 Typical runtime use::
 
@@ -51,28 +52,45 @@ Failure handling in the client: an unreachable peer makes :meth:`PeerClient.send
 (never raise) after ``attempts`` quick tries; the peer is then marked *down* for an exponential
 backoff (``backoff_initial * 2**(failures-1)``, capped at ``backoff_max``) during which sends to
 it return False immediately, so a dead neighbour costs one timeout, not one per round. The first
-successful call after the backoff expires resets it: a peer that comes back is used again.
+successful call after the backoff expires resets it: a peer that comes back is used again. A
+refusal is an answer, not an outage: it never puts a peer into backoff.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
+import ssl
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
-
-import grpc
 
 from p2pl.errors import P2PLError
 from p2pl.node.certs import TlsConfig, check_device_id
-from p2pl.node.chunks import CHUNK_BYTES, CHUNK_PREFIX, Reassembler, check_chunk_bytes, split
+from p2pl.node.framing import (
+    FRAME,
+    MAX_REASON_BYTES,
+    OP_FETCH,
+    OP_SEND,
+    SMALL_MESSAGE_BYTES,
+    ST_CONTINUE,
+    ST_DUPLICATE,
+    ST_OK,
+    ST_REJECTED,
+    ConnectionClosed,
+    FramedReader,
+    split_address,
+    tls_context,
+)
 from p2pl.node.mailbox import ACCEPTED, DUPLICATE, Mailbox
 from p2pl.node.ratelog import LogBudget
 from p2pl.node.wire import (
+    _PREFIX,
     DEFAULT_MAX_MESSAGE_BYTES,
     MAX_HEADER_BYTES,
     PREFIX_SIZE,
@@ -84,17 +102,14 @@ from p2pl.node.wire import (
     decode,
     decode_payload,
     peek_header,
+    read_header,
 )
 
 __all__ = [
-    "ACK_DUPLICATE",
-    "ACK_OK",
-    "ACK_REJECTED_PREFIX",
-    "FETCH_METHOD",
-    "GRPC_SLACK_BYTES",
-    "SEND_METHOD",
-    "SEND_STREAM_METHOD",
-    "SERVICE_NAME",
+    "HANDSHAKE_TIMEOUT_S",
+    "IDLE_TIMEOUT_S",
+    "MAX_CONNECTIONS_PER_SENDER",
+    "MAX_STREAMS_PER_SENDER",
     "FetchHandler",
     "PeerClient",
     "PeerServer",
@@ -103,26 +118,24 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "p2pl.Peer"
-SEND_METHOD = f"/{SERVICE_NAME}/Send"
-SEND_STREAM_METHOD = f"/{SERVICE_NAME}/SendStream"
-FETCH_METHOD = f"/{SERVICE_NAME}/Fetch"
-ACK_OK = b"ok"
-ACK_DUPLICATE = b"ok: duplicate"
-ACK_REJECTED_PREFIX = b"rejected: "
-#: gRPC's own size limit is max_message_bytes + this slack, so slightly oversized messages reach
-#: wire.decode (rejected with a logged reason) while huge ones are cut off by gRPC itself.
-GRPC_SLACK_BYTES = 64 * 1024
-#: A chunked message must arrive within STREAM_GRACE_S plus its size at STREAM_MIN_BYTES_PER_S,
-#: or the server cancels it, and a sender may have at most MAX_STREAMS_PER_SENDER admitted streams
-#: in flight: a neighbour that stalls mid-stream cannot hold the server's threads.
+#: A message over SMALL_MESSAGE_BYTES must arrive within STREAM_GRACE_S plus its size at
+#: STREAM_MIN_BYTES_PER_S, or the server drops it and the connection; a sender may have at most
+#: MAX_STREAMS_PER_SENDER of them admitted at once: a neighbour that stalls mid-message cannot
+#: hold the server's memory or threads.
 STREAM_GRACE_S = 30.0
 STREAM_MIN_BYTES_PER_S = 256 * 1024
 MAX_STREAMS_PER_SENDER = 2
+#: Authenticated connections per sender (the client keeps one per peer; a reconnect after a
+#: failure may briefly overlap the old one).
+MAX_CONNECTIONS_PER_SENDER = 4
+HANDSHAKE_TIMEOUT_S = 10.0
+MAX_HANDSHAKES = 32
+IDLE_TIMEOUT_S = 300.0
 #: Fetch requests carry no tensors.
 MAX_FETCH_REQUEST_BYTES = PREFIX_SIZE + MAX_HEADER_BYTES
+_NETWORK_ERRORS = (OSError, ssl.SSLError, ConnectionClosed, TimeoutError, EOFError)
 
-#: ``fetch_handler(request) -> encoded reply message or None``; runs on a gRPC server thread.
+#: ``fetch_handler(request) -> encoded reply message or None``; runs on a server thread.
 FetchHandler = Callable[[Message], "bytes | None"]
 
 
@@ -142,34 +155,52 @@ def _check_security(device_id: str, tls: TlsConfig | None, insecure: bool, who: 
 def _check_limit(max_message_bytes: int) -> int:
     if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int):
         raise P2PLError(f"max_message_bytes must be an integer, got {max_message_bytes!r}")
-    if not PREFIX_SIZE + MAX_HEADER_BYTES <= max_message_bytes <= 2**31 - 1 - GRPC_SLACK_BYTES:
+    if not PREFIX_SIZE + MAX_HEADER_BYTES <= max_message_bytes <= 2**31 - 1:
         raise P2PLError(f"max_message_bytes {max_message_bytes} outside 4104..~2 GiB")
     return max_message_bytes
 
 
-def _grpc_limit_options(max_message_bytes: int, max_receive_bytes: int | None = None) -> list[tuple[str, Any]]:
-    limit = max_message_bytes + GRPC_SLACK_BYTES
-    receive = limit if max_receive_bytes is None else max_receive_bytes + GRPC_SLACK_BYTES
-    return [("grpc.max_receive_message_length", receive), ("grpc.max_send_message_length", limit)]
+def _head_size(message: bytes) -> int:
+    """Bytes of a wire message's prefix + JSON header (what a large message sends first)."""
+    if len(message) < PREFIX_SIZE:
+        return len(message)
+    _, header_len = _PREFIX.unpack_from(message, 0)
+    return min(len(message), PREFIX_SIZE + min(int(header_len), MAX_HEADER_BYTES))
 
 
 # --------------------------------------------------------------------------------------- server
 
 
 class _Rejected(Exception):
-    def __init__(self, category: str, reason: str, code: grpc.StatusCode) -> None:
+    """A refusal with its counter category; ``keep``: the connection is still in step."""
+
+    def __init__(self, category: str, reason: str, *, keep: bool = True) -> None:
         super().__init__(reason)
         self.category = category
         self.reason = reason
-        self.code = code
+        self.keep = keep
+
+
+@dataclass(eq=False)
+class _Connection:
+    sock: socket.socket
+    peer: str  # "cn@ip:port", for logs
+    cn: str | None  # the authenticated device id (None in insecure mode)
+    busy: bool = False
+    last_used: float = field(default_factory=time.monotonic)
+
+    def cut(self) -> None:
+        """Shut the socket down under whatever thread reads it (that read then fails at once)."""
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
 
 
 class PeerServer:
-    """The receiving side of one device: serves ``Send`` into ``mailbox`` and ``Fetch`` via a callback.
+    """The receiving side of one device: serves sends into ``mailbox`` and fetches via a callback.
 
     ``listen_addr`` is ``host:port`` (port 0 picks a free port; :meth:`start` returns it).
-    ``spec`` is the run's model spec every incoming message must match. ``max_message_bytes``
-    bounds a message (the gRPC limits are set slightly above it, see GRPC_SLACK_BYTES).
+    ``spec`` is the run's model spec every incoming message must match; ``max_message_bytes``
+    bounds one message; ``max_connections`` bounds the connections (one thread each).
     """
 
     def __init__(
@@ -183,77 +214,68 @@ class PeerServer:
         fetch_handler: FetchHandler | None = None,
         *,
         insecure: bool = False,
-        max_workers: int = 8,
-        chunk_bytes: int = CHUNK_BYTES,
+        max_connections: int = 128,
     ) -> None:
         _check_security(device_id, tls, insecure, "PeerServer")
-        self.chunk_bytes = check_chunk_bytes(chunk_bytes)
         self.device_id = device_id
         self.listen_addr = listen_addr
         self.tls = tls
         self.mailbox = mailbox
         self.spec = spec
         self.max_message_bytes = _check_limit(max_message_bytes)
+        self.max_connections = max(1, int(max_connections))
         self._fetch_handler = fetch_handler
-        self._max_workers = max(1, int(max_workers))
-        self._server: grpc.Server | None = None
+        self._context = tls_context(tls, server=True) if tls is not None else None
+        self._listener: socket.socket | None = None
         self._port: int | None = None
+        self._stopping = threading.Event()
         self._lock = threading.Lock()
+        self._connections: set[_Connection] = set()
+        self._handshakes = 0
+        self._threads: set[threading.Thread] = set()
         self._counters: Counter[str] = Counter()
-        self._streams: Counter[str] = Counter()  # admitted streams in flight, per sender
+        self._streams: Counter[str] = Counter()  # admitted large messages in flight, per sender
         self._log_budget = LogBudget()
 
     # --------------------------------------------------------------------------- lifecycle
 
     def start(self) -> int:
         """Bind and start serving; return the bound port."""
-        if self._server is not None:
+        if self._listener is not None:
             raise P2PLError(f"server of {self.device_id} already started")
-        # One gRPC message (a unary Send, or one chunk of a stream) is never larger than a chunk.
-        receive = min(self.max_message_bytes, self.chunk_bytes + CHUNK_PREFIX.size)
-        options = [*_grpc_limit_options(self.max_message_bytes, receive), ("grpc.so_reuseport", 0)]
-        server = grpc.server(
-            futures.ThreadPoolExecutor(self._max_workers, thread_name_prefix=f"p2pl-{self.device_id}"),
-            options=options,
-            maximum_concurrent_rpcs=4 * self._max_workers,
-            compression=grpc.Compression.NoCompression,
-        )
-        handler = grpc.method_handlers_generic_handler(
-            SERVICE_NAME,
-            {
-                "Send": grpc.unary_unary_rpc_method_handler(self._handle_send),
-                "SendStream": grpc.stream_unary_rpc_method_handler(self._handle_send_stream),
-                "Fetch": grpc.unary_unary_rpc_method_handler(self._handle_fetch),
-            },
-        )
-        server.add_generic_rpc_handlers((handler,))
         try:
-            if self.tls is None:
-                port = server.add_insecure_port(self.listen_addr)
-            else:
-                creds = grpc.ssl_server_credentials(
-                    [(self.tls.key, self.tls.cert)],
-                    root_certificates=self.tls.ca_cert,
-                    require_client_auth=True,
-                )
-                port = server.add_secure_port(self.listen_addr, creds)
-        except RuntimeError as exc:
+            host, port = split_address(self.listen_addr)
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            listener = socket.create_server((host, port), family=family, backlog=128)
+        except (OSError, ValueError) as exc:
             raise P2PLError(f"cannot listen on {self.listen_addr}: {exc}") from None
-        if not port:
-            raise P2PLError(f"cannot listen on {self.listen_addr} (address in use or invalid)")
-        server.start()
-        self._server, self._port = server, int(port)
-        log.info("%s listening on %s (port %d, tls=%s)", self.device_id, self.listen_addr, port, bool(self.tls))
+        self._listener, self._port = listener, int(listener.getsockname()[1])
+        self._stopping.clear()
+        self._spawn(self._accept_loop, listener, name=f"p2pl-{self.device_id}-accept")
+        log.info("%s listening on %s (port %d, tls=%s)", self.device_id, self.listen_addr, self._port, bool(self.tls))
         return self._port
 
     def stop(self, grace: float | None = 1.0) -> None:
-        """Stop serving (in-flight calls get ``grace`` seconds). Idempotent."""
-        server, self._server = self._server, None
-        if server is not None:
-            server.stop(grace).wait()
+        """Stop serving: close the listener and every connection; wait up to ``grace`` seconds for
+        the connection threads to finish what they were doing. Idempotent."""
+        listener, self._listener = self._listener, None
+        if listener is None:
+            return
+        self._stopping.set()
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)  # wakes accept() on Linux
+        listener.close()
+        with self._lock:
+            connections, threads = list(self._connections), list(self._threads)
+        for conn in connections:
+            conn.cut()
+        if grace:
+            deadline = time.monotonic() + grace
+            for thread in threads:
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     def __enter__(self) -> PeerServer:
-        if self._server is None:
+        if self._listener is None:
             self.start()
         return self
 
@@ -276,8 +298,9 @@ class PeerServer:
         return f"{host}:{self.port}"
 
     def stats(self) -> dict[str, int]:
-        """Counters: ``send.received``, ``send.accepted``, ``send.rejected.<category>``, ``fetch.*``,
-        ``bytes.sent`` (the bytes of the fetch replies this server sent)."""
+        """Counters: ``send.received``, ``send.accepted``, ``send.duplicate``,
+        ``send.rejected.<category>``, ``fetch.*``, ``bytes.sent`` (the bytes of the fetch replies
+        this server sent), ``connections.refused``, ``handshake.failed``."""
         with self._lock:
             return dict(self._counters)
 
@@ -285,190 +308,298 @@ class PeerServer:
         with self._lock:
             self._counters[key] += n
 
-    # ----------------------------------------------------------------------------- handlers
+    def _spawn(self, target: Callable[..., None], *args: object, name: str) -> None:
+        def run() -> None:
+            try:
+                target(*args)
+            finally:
+                with self._lock:
+                    self._threads.discard(thread)
 
-    def _authenticate(self, sender: str, context: grpc.ServicerContext) -> None:
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        with self._lock:
+            self._threads.add(thread)
+        thread.start()
+
+    # ------------------------------------------------------------------------- connections
+
+    def _accept_loop(self, listener: socket.socket) -> None:
+        while not self._stopping.is_set():
+            try:
+                raw, addr = listener.accept()
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                time.sleep(0.05)  # e.g. out of file descriptors: let others finish
+                continue
+            with self._lock:
+                full = len(self._connections) + self._handshakes >= self.max_connections
+                if not full and self._handshakes < MAX_HANDSHAKES:
+                    self._handshakes += 1
+                    admitted = True
+                else:
+                    admitted = False
+            if not admitted:
+                self._count("connections.refused")
+                raw.close()
+                continue
+            self._spawn(self._serve_connection, raw, addr, name=f"p2pl-{self.device_id}-conn")
+
+    def _handshake(self, raw: socket.socket, addr: tuple[str, int]) -> _Connection | None:
+        """TLS with a client certificate, within HANDSHAKE_TIMEOUT_S; None if it failed."""
+        where = f"{addr[0]}:{addr[1]}"
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._context is None:
+                return _Connection(raw, f"?@{where}", None)
+            raw.settimeout(HANDSHAKE_TIMEOUT_S)
+            sock = self._context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            sock.do_handshake()
+            cert: dict[str, Any] = dict(sock.getpeercert() or {})
+            names = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
+            cn = str(names[0]) if names else None
+            if cn is None:
+                raise ssl.SSLError("client certificate without a common name")
+            return _Connection(sock, f"{cn}@{where}", cn)
+        except _NETWORK_ERRORS as exc:
+            self._count("handshake.failed")
+            if self._log_budget.allow((addr[0], "handshake")):
+                log.info("%s: TLS handshake with %s failed: %s", self.device_id, where, str(exc)[:200])
+            raw.close()
+            return None
+
+    def _register(self, conn: _Connection) -> bool:
+        """Track a new authenticated connection; over a sender's connection cap, its oldest idle
+        one makes room (a restarted peer reconnects), or the new one is refused."""
+        victim: _Connection | None = None
+        with self._lock:
+            if conn.cn is not None:
+                same = [c for c in self._connections if c.cn == conn.cn]
+                if len(same) >= MAX_CONNECTIONS_PER_SENDER:
+                    idle = [c for c in same if not c.busy]
+                    if not idle:
+                        self._counters["connections.refused"] += 1
+                        return False
+                    victim = min(idle, key=lambda c: c.last_used)
+                    self._connections.discard(victim)
+            self._connections.add(conn)
+        if victim is not None:
+            victim.cut()
+        return True
+
+    def _serve_connection(self, raw: socket.socket, addr: tuple[str, int]) -> None:
+        try:
+            conn = self._handshake(raw, addr)
+        finally:
+            with self._lock:
+                self._handshakes -= 1
+        if conn is None:
+            return
+        if not self._register(conn):
+            conn.sock.close()
+            return
+        reader = FramedReader(conn.sock)
+        try:
+            while not self._stopping.is_set():
+                conn.busy = False
+                try:
+                    op, length = reader.read_frame(time.monotonic() + IDLE_TIMEOUT_S)
+                except _NETWORK_ERRORS:
+                    return  # closed, idle too long, or cut by stop()/a newer connection
+                conn.busy, conn.last_used = True, time.monotonic()
+                if op == OP_SEND:
+                    keep = self._serve_send(conn, reader, length)
+                elif op == OP_FETCH:
+                    keep = self._serve_fetch(conn, reader, length)
+                else:
+                    self._reject("protocol", "protocol", f"unknown request code {op}", conn)
+                    keep = False
+                if not keep:
+                    return
+        except Exception:  # a bug must not take the server down
+            log.exception("%s: unexpected error serving %s", self.device_id, conn.peer)
+        finally:
+            with self._lock:
+                self._connections.discard(conn)
+            conn.sock.close()
+
+    # ----------------------------------------------------------------------------- requests
+
+    def _authenticate(self, sender: str, conn: _Connection) -> None:
         if self.tls is None:
             return  # insecure mode: trust the header (tests/benchmarks only)
-        auth = context.auth_context() or {}
-        cns = auth.get("x509_common_name") or []
-        if not cns:
-            raise _Rejected("auth", "no client certificate", grpc.StatusCode.UNAUTHENTICATED)
-        cn = cns[0].decode("utf-8", "replace") if isinstance(cns[0], bytes) else str(cns[0])
-        if cn != sender:
-            raise _Rejected(
-                "auth",
-                f"header sender {sender!r} does not match certificate CN {cn!r}",
-                grpc.StatusCode.PERMISSION_DENIED,
-            )
+        if conn.cn != sender:
+            raise _Rejected("auth", f"header sender {sender!r} does not match certificate CN {conn.cn!r}")
 
-    def _admit(
-        self, header: MessageHeader, total: int, context: grpc.ServicerContext, limit: int, *, store: bool
-    ) -> None:
-        """Who sent it, then (for Send) whether the mailbox would keep it, then whether its size
-        fits this model: all from the header, so nothing big is read for a refused message."""
+    def _admit(self, header: MessageHeader, total: int, conn: _Connection, limit: int, *, store: bool) -> None:
+        """Who sent it, then (for a send) whether the mailbox would keep it, then whether its
+        size fits this model: all from the header, so nothing big is read for a refused message."""
         if total > limit:
             raise WireError(f"message of {total} bytes exceeds the limit of {limit} bytes")
-        self._authenticate(header.sender, context)
+        self._authenticate(header.sender, conn)
         if store and (reason := self.mailbox.admit(header)) is not None:
-            why = f"{reason} ({header.kind} round {header.round} step {header.step})"
-            raise _Rejected(f"mailbox.{reason}", why, grpc.StatusCode.FAILED_PRECONDITION)
+            raise _Rejected(f"mailbox.{reason}", f"{reason} ({header.kind} round {header.round} step {header.step})")
         check_announced(header, total, self.spec, limit)
 
-    def _validate(self, data: bytes, context: grpc.ServicerContext, limit: int, *, store: bool) -> Message:
+    def _validate(self, data: bytearray, conn: _Connection, limit: int, *, store: bool) -> Message:
         """A whole message: its header admitted first, then the payload decoded."""
         try:
             header = peek_header(data, limit)
-            self._admit(header, len(data), context, limit, store=store)
+            self._admit(header, len(data), conn, limit, store=store)
             return decode_payload(header, data, self.spec, limit)
         except WireError as exc:
-            raise _Rejected("invalid", str(exc), grpc.StatusCode.INVALID_ARGUMENT) from None
+            raise _Rejected("invalid", str(exc)) from None
 
-    def _receive_stream(self, chunks: Iterator[bytes], context: grpc.ServicerContext) -> Message:
-        """A chunked message: admitted on its first chunk, reassembled, then decoded in place.
-        Once admitted it holds one of its sender's stream slots and runs against a deadline."""
-        watchdog: threading.Timer | None = None
-        sender: str | None = None
-        too_slow = threading.Event()
-
-        def cancel() -> None:
-            too_slow.set()
-            context.cancel()
-
-        def admit(header: MessageHeader, total: int) -> None:
-            nonlocal watchdog, sender
-            self._admit(header, total, context, self.max_message_bytes, store=True)
-            with self._lock:
-                if self._streams[header.sender] >= MAX_STREAMS_PER_SENDER:
-                    why = f"{header.sender} already has {MAX_STREAMS_PER_SENDER} streams in flight"
-                    raise _Rejected("busy", why, grpc.StatusCode.RESOURCE_EXHAUSTED)
-                self._streams[header.sender] += 1
-            sender = header.sender
-            watchdog = threading.Timer(STREAM_GRACE_S + total / STREAM_MIN_BYTES_PER_S, cancel)
-            watchdog.daemon = True
-            watchdog.start()
-
+    def _receive_large(self, conn: _Connection, reader: FramedReader, length: int, deadline: float) -> Message:
+        """A message over SMALL_MESSAGE_BYTES: its head admitted, then (ST_CONTINUE) its body read
+        into a buffer of the announced size, holding one of its sender's stream slots."""
+        if length > self.max_message_bytes:  # the sender waits for our answer: still in step
+            raise _Rejected("invalid", f"message of {length} bytes exceeds the limit of {self.max_message_bytes} bytes")
+        prefix = reader.read(PREFIX_SIZE, deadline)
+        _, header_len = _PREFIX.unpack_from(prefix, 0)
+        if not 0 < header_len <= MAX_HEADER_BYTES or PREFIX_SIZE + header_len > length:
+            raise _Rejected("invalid", f"header length {header_len} outside 1..{MAX_HEADER_BYTES}", keep=False)
+        head = prefix + reader.read(int(header_len), deadline)
         try:
-            assembler = Reassembler(admit, self.chunk_bytes)
-            for chunk in chunks:
-                assembler.add(chunk)
-            buffer = assembler.finish()
-            assert assembler.header is not None  # finish() refuses a stream without one
-            return decode_payload(assembler.header, buffer, self.spec, self.max_message_bytes)
-        except (WireError, grpc.RpcError) as exc:  # an RpcError: the stream was cancelled
-            if too_slow.is_set():
-                raise _Rejected("slow", "stream too slow: cancelled", grpc.StatusCode.CANCELLED) from None
-            if isinstance(exc, WireError):
-                raise _Rejected("invalid", str(exc), grpc.StatusCode.INVALID_ARGUMENT) from None
-            raise _Rejected("stream", "stream cancelled by the sender", grpc.StatusCode.CANCELLED) from None
+            header, total = read_header(head)
+            if total != length:
+                raise WireError(f"header announces {total} bytes, the frame {length}")
+            self._admit(header, length, conn, self.max_message_bytes, store=True)
+        except WireError as exc:
+            raise _Rejected("invalid", str(exc)) from None
+        with self._lock:
+            if self._streams[header.sender] >= MAX_STREAMS_PER_SENDER:
+                raise _Rejected("busy", f"{header.sender} already has {MAX_STREAMS_PER_SENDER} streams in flight")
+            self._streams[header.sender] += 1
+        try:
+            conn.sock.sendall(FRAME.pack(ST_CONTINUE, 0))
+            buffer = bytearray(length)
+            buffer[: len(head)] = head
+            with memoryview(buffer) as view:
+                reader.read_into(view[len(head) :], deadline)
         finally:
-            if watchdog is not None:
-                watchdog.cancel()
-            if sender is not None:
-                with self._lock:
-                    self._streams[sender] -= 1
-
-    def _handle_send(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        self._count("send.received")
-        return self._deliver(lambda: self._validate(request, context, self.max_message_bytes, store=True), context)
-
-    def _handle_send_stream(self, chunks: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
-        self._count("send.received")
-        return self._deliver(lambda: self._receive_stream(chunks, context), context)
-
-    def _deliver(self, receive: Callable[[], Message], context: grpc.ServicerContext) -> bytes:
-        """Receive and validate one message, store it in the mailbox, and say how that went."""
+            with self._lock:
+                self._streams[header.sender] -= 1
         try:
-            msg = receive()
+            return decode_payload(header, buffer, self.spec, self.max_message_bytes)
+        except WireError as exc:
+            raise _Rejected("invalid", str(exc)) from None
+
+    def _serve_send(self, conn: _Connection, reader: FramedReader, length: int) -> bool:
+        """Receive, validate and store one message, and answer; False: close the connection."""
+        self._count("send.received")
+        deadline = time.monotonic() + STREAM_GRACE_S + length / STREAM_MIN_BYTES_PER_S
+        try:
+            if length <= SMALL_MESSAGE_BYTES:  # bounded whatever the limit: read it whole
+                msg = self._validate(reader.read(length, deadline), conn, self.max_message_bytes, store=True)
+            else:
+                msg = self._receive_large(conn, reader, length, deadline)
         except _Rejected as rej:
             if rej.category == f"mailbox.{DUPLICATE}":  # a retry of a message we already hold
                 self._count("send.duplicate")
-                return ACK_DUPLICATE
-            return self._reject("send", rej.category, rej.reason, context)
-        except Exception:  # a bug must not take the server down
-            log.exception("%s: unexpected error while validating a message", self.device_id)
-            return self._reject("send", "internal", "internal error", context)
+                return self._answer(conn, ST_DUPLICATE)
+            self._reject("send", rej.category, rej.reason, conn)
+            return rej.keep and self._answer(conn, ST_REJECTED, rej.reason.encode("utf-8", "replace"))
+        except TimeoutError:
+            self._reject("send", "slow", "message too slow: connection dropped", conn)
+            return False
+        except _NETWORK_ERRORS:
+            self._reject("send", "stream", "connection cut by the sender mid-message", conn)
+            return False
         verdict = self.mailbox.put(msg)
         if verdict == ACCEPTED:
             self._count("send.accepted")
-            return ACK_OK
+            return self._answer(conn, ST_OK)
         if verdict == DUPLICATE:
             self._count("send.duplicate")
-            return ACK_DUPLICATE
-        return self._reject(
-            "send", f"mailbox.{verdict}", f"{verdict} ({msg.kind} round {msg.round} step {msg.step})", context
-        )
+            return self._answer(conn, ST_DUPLICATE)
+        reason = f"{verdict} ({msg.kind} round {msg.round} step {msg.step})"
+        self._reject("send", f"mailbox.{verdict}", reason, conn)
+        return self._answer(conn, ST_REJECTED, reason.encode())
 
-    def _reject(self, rpc: str, category: str, reason: str, context: grpc.ServicerContext) -> bytes:
+    def _serve_fetch(self, conn: _Connection, reader: FramedReader, length: int) -> bool:
+        self._count("fetch.received")
+        if length > MAX_FETCH_REQUEST_BYTES:  # not read: the connection is out of step
+            self._reject("fetch", "invalid", f"fetch request of {length} bytes is too large", conn)
+            return False
+        try:
+            data = reader.read(length, time.monotonic() + STREAM_GRACE_S)
+        except _NETWORK_ERRORS:
+            return False
+        try:
+            req = self._validate(data, conn, MAX_FETCH_REQUEST_BYTES, store=False)
+        except _Rejected as rej:
+            self._reject("fetch", rej.category, rej.reason, conn)
+            return self._answer(conn, ST_REJECTED, rej.reason.encode("utf-8", "replace"))
+        handler = self._fetch_handler
+        if handler is None:
+            self._reject("fetch", "unimplemented", "no fetch handler registered", conn)
+            return self._answer(conn, ST_REJECTED, b"no fetch handler registered")
+        try:
+            reply = handler(req)
+        except Exception:
+            log.exception("%s: fetch handler failed for %s", self.device_id, req.sender)
+            self._count("fetch.rejected.internal")
+            return self._answer(conn, ST_REJECTED, b"fetch handler failed")
+        if reply is None:
+            self._count("fetch.empty")
+            return self._answer(conn, ST_OK)
+        if len(reply) > self.max_message_bytes:
+            self._reject("fetch", "oversized", f"reply of {len(reply)} bytes exceeds the limit", conn)
+            return self._answer(conn, ST_REJECTED, b"reply exceeds the message limit")
+        self._count("fetch.served")
+        self._count("bytes.sent", len(reply))  # what this device really puts on the wire
+        return self._answer(conn, ST_OK, reply)
+
+    def _answer(self, conn: _Connection, status: int, body: bytes = b"") -> bool:
+        """Send one response; False when the connection failed meanwhile."""
+        try:
+            conn.sock.settimeout(STREAM_GRACE_S + len(body) / STREAM_MIN_BYTES_PER_S)
+            if len(body) <= SMALL_MESSAGE_BYTES:
+                conn.sock.sendall(FRAME.pack(status, len(body)) + body)
+            else:  # a large fetch reply: no second copy of it
+                conn.sock.sendall(FRAME.pack(status, len(body)))
+                conn.sock.sendall(body)
+        except _NETWORK_ERRORS:
+            return False
+        conn.last_used = time.monotonic()
+        return True
+
+    def _reject(self, rpc: str, category: str, reason: str, conn: _Connection) -> None:
         self._count(f"{rpc}.rejected.{category}")
-        peer = _peer_name(context)
         # Bounded per (caller, category): a flooding neighbour cannot fill the disk with our log.
-        count = self._log_budget.allow((peer.split("@", 1)[0], rpc, category))
+        count = self._log_budget.allow((conn.peer.split("@", 1)[0], rpc, category))
         if count:
             # Late or early round traffic is normal with deadlines and restarts; a bad message is not.
             routine = category in ("mailbox.stale", "mailbox.too-far-ahead", "mailbox.duplicate")
             level = logging.INFO if routine else logging.WARNING
-            log.log(level, "%s rejected %s from %s: %s (#%d)", self.device_id, rpc, peer, reason, count)
-        return ACK_REJECTED_PREFIX + reason.encode("utf-8", "replace")
-
-    def _handle_fetch(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        self._count("fetch.received")
-        try:
-            req = self._validate(request, context, MAX_FETCH_REQUEST_BYTES, store=False)
-        except _Rejected as rej:
-            self._reject("fetch", rej.category, rej.reason, context)
-            context.abort(rej.code, rej.reason)
-            raise  # unreachable: abort raises
-        handler = self._fetch_handler
-        if handler is None:
-            self._reject("fetch", "unimplemented", "no fetch handler registered", context)
-            context.abort(grpc.StatusCode.UNIMPLEMENTED, "no fetch handler registered")
-        try:
-            reply = handler(req)  # type: ignore[misc]
-        except Exception:
-            log.exception("%s: fetch handler failed for %s", self.device_id, req.sender)
-            self._count("fetch.rejected.internal")
-            context.abort(grpc.StatusCode.INTERNAL, "fetch handler failed")
-        if reply is None:
-            self._count("fetch.empty")
-            return b""
-        if len(reply) > self.max_message_bytes:
-            self._reject("fetch", "oversized", f"reply of {len(reply)} bytes exceeds the limit", context)
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "reply exceeds the message limit")
-        self._count("fetch.served")
-        self._count("bytes.sent", len(reply))  # what this device really puts on the wire
-        return bytes(reply)
-
-
-def _peer_name(context: grpc.ServicerContext) -> str:
-    try:
-        auth = context.auth_context() or {}
-        cns = auth.get("x509_common_name") or []
-        cn = cns[0].decode("utf-8", "replace") if cns else "?"
-        return f"{cn}@{context.peer()}"
-    except Exception:
-        return "?"
+            log.log(level, "%s rejected %s from %s: %s (#%d)", self.device_id, rpc, conn.peer, reason, count)
 
 
 # --------------------------------------------------------------------------------------- client
 
 
-@dataclass
+class _Refused(Exception):
+    """The peer answered, but not with what we asked for (a refusal or a protocol violation)."""
+
+
+@dataclass(eq=False)
 class _PeerState:
     address: str
-    channel: grpc.Channel
-    send: Any
-    send_stream: Any
-    fetch: Any
     failures: int = 0
     down_until: float = 0.0
+    sock: socket.socket | None = None
+    reader: FramedReader | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one request at a time
 
-
-_UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    def disconnect(self) -> None:
+        sock, self.sock, self.reader = self.sock, None, None
+        if sock is not None:
+            sock.close()
 
 
 class PeerClient:
-    """The sending side of one device: one gRPC channel per peer, backoff, link filter.
+    """The sending side of one device: one connection per peer, backoff, link filter.
 
     ``attempts``: tries per call before giving up (with ``retry_delay`` doubling between them);
     ``backoff_initial``/``backoff_max``: how long a peer that failed all attempts is skipped
@@ -490,10 +621,8 @@ class PeerClient:
         backoff_max: float = 30.0,
         max_parallel: int = 8,
         throttle_bps: float = 0.0,
-        chunk_bytes: int = CHUNK_BYTES,
     ) -> None:
         _check_security(device_id, tls, insecure, "PeerClient")
-        self.chunk_bytes = check_chunk_bytes(chunk_bytes)
         if attempts < 1 or retry_delay < 0 or backoff_initial < 0 or backoff_max < backoff_initial:
             raise P2PLError("PeerClient needs attempts >= 1 and 0 <= backoff_initial <= backoff_max")
         self.device_id = device_id
@@ -504,6 +633,7 @@ class PeerClient:
         self.retry_delay = retry_delay
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
+        self._context = tls_context(tls, server=False) if tls is not None else None
         self._max_parallel = max(1, int(max_parallel))
         # Emulates a slow link: a send first holds this peer's link for len(message) * 8 / rate
         # seconds, so sends to different peers overlap (send_many) like separate links.
@@ -552,57 +682,67 @@ class PeerClient:
         with self._lock:
             self._counters[key] += n
 
-    # ----------------------------------------------------------------------------- channels
+    # --------------------------------------------------------------------------- connections
 
-    def _make_channel(self, peer_id: str, address: str) -> grpc.Channel:
-        options: list[tuple[str, Any]] = [
-            *_grpc_limit_options(self.max_message_bytes),
-            ("grpc.enable_retries", 0),
-            ("grpc.initial_reconnect_backoff_ms", max(100, int(self.backoff_initial * 1000))),
-            ("grpc.min_reconnect_backoff_ms", max(100, int(self.backoff_initial * 1000))),
-            ("grpc.max_reconnect_backoff_ms", max(100, int(self.backoff_max * 1000))),
-        ]
-        # Parameters are incompressible floats: compressing them costs CPU and saves nothing.
-        if self.tls is None:
-            return grpc.insecure_channel(address, options=options, compression=grpc.Compression.NoCompression)
-        target = peer_id if self.verify_server_identity else "localhost"
-        options.append(("grpc.ssl_target_name_override", target))
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=self.tls.ca_cert, private_key=self.tls.key, certificate_chain=self.tls.cert
-        )
-        return grpc.secure_channel(address, creds, options=options, compression=grpc.Compression.NoCompression)
-
-    def _state(self, peer_id: str, address: str) -> tuple[_PeerState, grpc.Channel | None]:
-        """The peer's state with a live channel; also returns an old channel to close (if any)."""
+    def _state(self, peer_id: str, address: str) -> _PeerState:
         with self._lock:
             if self._closed:
                 raise P2PLError("PeerClient is closed")
-            st = self._peers.get(peer_id)
-            if st is not None and st.address == address:
-                return st, None
-            channel = self._make_channel(peer_id, address)
-            new = _PeerState(
-                address=address,
-                channel=channel,
-                send=channel.unary_unary(SEND_METHOD),
-                send_stream=channel.stream_unary(SEND_STREAM_METHOD),
-                fetch=channel.unary_unary(FETCH_METHOD),
-                failures=st.failures if st is not None else 0,
-                down_until=st.down_until if st is not None else 0.0,
-            )
-            self._peers[peer_id] = new
-            return new, (st.channel if st is not None else None)
+            st = old = self._peers.get(peer_id)
+            if old is None or old.address != address:  # new peer, or it moved: keep its failures
+                st = _PeerState(address, *((old.failures, old.down_until) if old is not None else ()))
+                self._peers[peer_id] = st
+            else:
+                old = None
+        if old is not None:
+            with old.lock:
+                old.disconnect()
+        assert st is not None
+        return st
 
-    def _drop_channel(self, peer_id: str, st: _PeerState) -> None:
-        """Forget a channel that failed, so the next call after the backoff connects afresh."""
-        with self._lock:
-            if self._peers.get(peer_id) is st:
-                fresh = self._make_channel(peer_id, st.address)
-                st.channel.close()
-                st.channel = fresh
-                st.send = fresh.unary_unary(SEND_METHOD)
-                st.send_stream = fresh.stream_unary(SEND_STREAM_METHOD)
-                st.fetch = fresh.unary_unary(FETCH_METHOD)
+    def _connect(self, peer_id: str, st: _PeerState, deadline: float) -> None:
+        host, port = split_address(st.address)
+        raw = socket.create_connection((host, port), timeout=max(1e-3, deadline - time.monotonic()))
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = raw
+            if self._context is not None:
+                name = peer_id if self.verify_server_identity else "localhost"
+                sock = self._context.wrap_socket(raw, server_hostname=name, do_handshake_on_connect=False)
+                sock.settimeout(max(1e-3, deadline - time.monotonic()))
+                sock.do_handshake()
+        except BaseException:
+            raw.close()
+            raise
+        st.sock, st.reader = sock, FramedReader(sock)
+
+    def _response(self, reader: FramedReader, deadline: float, limit: int) -> tuple[int, bytearray]:
+        status, length = reader.read_frame(deadline)
+        if status not in (ST_OK, ST_DUPLICATE, ST_REJECTED, ST_CONTINUE):
+            raise _Refused(f"answered with unknown status {status}")
+        if length > (MAX_REASON_BYTES if status == ST_REJECTED else limit if status == ST_OK else 0):
+            raise _Refused(f"answered status {status} with {length} bytes")
+        return status, reader.read(length, deadline)
+
+    def _exchange(self, st: _PeerState, op: int, payload: bytes, deadline: float) -> tuple[int, bytearray]:
+        """One request on the peer's connection and its final response."""
+        assert st.sock is not None and st.reader is not None
+        st.sock.settimeout(max(1e-3, deadline - time.monotonic()))
+        limit = self.max_message_bytes if op == OP_FETCH else 0
+        if len(payload) <= SMALL_MESSAGE_BYTES:
+            st.sock.sendall(FRAME.pack(op, len(payload)) + payload)
+        else:  # the head first; the body only once the peer has admitted it
+            head = _head_size(payload)
+            st.sock.sendall(FRAME.pack(op, len(payload)) + payload[:head])
+            status, body = self._response(st.reader, deadline, limit)
+            if status != ST_CONTINUE:
+                return status, body
+            st.sock.settimeout(max(1e-3, deadline - time.monotonic()))
+            st.sock.sendall(memoryview(payload)[head:])
+        status, body = self._response(st.reader, deadline, limit)
+        if status == ST_CONTINUE:
+            raise _Refused("answered CONTINUE to a whole message")
+        return status, body
 
     def _mark_up(self, st: _PeerState) -> None:
         with self._lock:
@@ -626,50 +766,46 @@ class PeerClient:
             return False
         return True
 
-    def _call(self, rpc: str, peer_id: str, address: str, payload: bytes, timeout: float) -> bytes | None:
-        """One logical call with retries; None if the peer was unreachable or refused the call."""
-        st, old = self._state(peer_id, address)
-        if old is not None:
-            old.close()
+    def _call(
+        self, rpc: str, peer_id: str, address: str, payload: bytes, timeout: float
+    ) -> tuple[int, bytearray] | None:
+        """One logical request with retries: the peer's ``(status, body)``, or None when it was
+        unreachable or broke the protocol (logged, counted)."""
+        st = self._state(peer_id, address)
+        op = OP_FETCH if rpc == "fetch" else OP_SEND
         deadline = time.monotonic() + timeout
-        last = ""
-        for attempt in range(self.attempts):
+        last, attempt, fresh_retry = "timeout", 0, True
+        while attempt < self.attempts:
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or not st.lock.acquire(timeout=remaining):
                 break
+            reused = st.sock is not None
             try:
-                reply: bytes
-                if rpc == "fetch":
-                    reply = st.fetch(payload, timeout=remaining)
-                elif len(payload) <= self.chunk_bytes:
-                    reply = st.send(payload, timeout=remaining)
-                else:  # a fresh chunk iterator per attempt
-                    reply = st.send_stream(split(payload, self.chunk_bytes), timeout=remaining)
-            except grpc.RpcError as exc:
-                code = exc.code() if hasattr(exc, "code") else None
-                details = exc.details() if hasattr(exc, "details") else str(exc)
-                if code in _UNREACHABLE:
-                    last = f"{code.name if code else '?'}: {str(details).splitlines()[0][:200]}"
-                    self._drop_channel(peer_id, st)
-                    if attempt + 1 < self.attempts:
-                        time.sleep(max(0.0, min(self.retry_delay * 2**attempt, deadline - time.monotonic())))
-                    continue
-                # The peer answered with an error status: it is up, the call was refused.
+                if st.sock is None:
+                    self._connect(peer_id, st, deadline)
+                answer = self._exchange(st, op, payload, deadline)
+            except _Refused as exc:
+                st.disconnect()  # whatever it sent, the connection is out of step now
                 self._mark_up(st)
-                self._count(f"{rpc}.rejected")
-                log.warning(
-                    "%s: %s to %s refused: %s: %s",
-                    self.device_id,
-                    rpc,
-                    peer_id,
-                    code.name if code else "?",
-                    str(details).splitlines()[0][:200] if details else "",
-                )
+                self._count(f"{rpc}.invalid")
+                log.warning("%s: %s to %s: peer broke the protocol: %s", self.device_id, rpc, peer_id, exc)
                 return None
+            except (*_NETWORK_ERRORS, ValueError) as exc:
+                st.disconnect()
+                last = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                if reused and fresh_retry:  # the peer may have closed an idle connection: redial once
+                    fresh_retry = False
+                    continue
+                attempt += 1
+                if attempt < self.attempts:
+                    time.sleep(max(0.0, min(self.retry_delay * 2 ** (attempt - 1), deadline - time.monotonic())))
+                continue
+            finally:
+                st.lock.release()
             self._mark_up(st)
-            return reply
+            return answer
         self._count(f"{rpc}.unreachable")
-        log.info("%s: %s to %s at %s failed: %s", self.device_id, rpc, peer_id, address, last or "timeout")
+        log.info("%s: %s to %s at %s failed: %s", self.device_id, rpc, peer_id, address, last)
         self._mark_down(peer_id, st)
         return None
 
@@ -678,9 +814,9 @@ class PeerClient:
     def send(self, peer_id: str, address: str, message: bytes, timeout: float = 10.0) -> bool:
         """Deliver an encoded wire message to ``peer_id`` at ``address`` (``host:port``).
 
-        Returns True only if the peer acknowledged it (``ok`` or ``ok: duplicate``); False if the
-        link filter dropped it, the peer is in backoff or unreachable, or the peer rejected it
-        (the reason is logged). Never raises for network problems.
+        Returns True only if the peer acknowledged it (ok, or duplicate: it already had it);
+        False if the link filter dropped it, the peer is in backoff or unreachable, or the peer
+        rejected it (the reason is logged). Never raises for network problems.
         """
         if not self._precheck("send", peer_id):
             return False
@@ -696,20 +832,16 @@ class PeerClient:
             return False
         if self.throttle_bps > 0:
             time.sleep(len(message) * 8 / self.throttle_bps)
-        ack = self._call("send", peer_id, address, message, timeout)
-        if ack is None:
+        answer = self._call("send", peer_id, address, message, timeout)
+        if answer is None:
             return False
-        if ack in (ACK_OK, ACK_DUPLICATE):
+        status, body = answer
+        if status in (ST_OK, ST_DUPLICATE):
             self._count("send.ok")
             self._count("bytes.sent", len(message))
             return True
         self._count("send.rejected")
-        log.warning(
-            "%s: %s rejected our message: %s",
-            self.device_id,
-            peer_id,
-            ack.decode("utf-8", "replace")[:300],
-        )
+        log.warning("%s: %s rejected our message: %s", self.device_id, peer_id, body.decode("utf-8", "replace"))
         return False
 
     def send_many(self, peers: Mapping[str, str], message: bytes, timeout: float = 10.0) -> dict[str, bool]:
@@ -736,8 +868,13 @@ class PeerClient:
         and must come from ``peer_id``. Returns None when unreachable, refused, empty or invalid."""
         if not self._precheck("fetch", peer_id):
             return None
-        reply = self._call("fetch", peer_id, address, request, timeout)
-        if reply is None:
+        answer = self._call("fetch", peer_id, address, request, timeout)
+        if answer is None:
+            return None
+        status, reply = answer
+        if status == ST_REJECTED:
+            self._count("fetch.rejected")
+            log.warning("%s: fetch from %s refused: %s", self.device_id, peer_id, reply.decode("utf-8", "replace"))
             return None
         self._count("bytes.sent", len(request))
         if not reply:
@@ -757,15 +894,16 @@ class PeerClient:
         return msg
 
     def close(self) -> None:
-        """Close every channel and the send pool. Idempotent."""
+        """Close every connection and the send pool. Idempotent."""
         with self._lock:
             self._closed = True
             peers, self._peers = self._peers, {}
             pool, self._pool = self._pool, None
-        for st in peers.values():
-            st.channel.close()
         if pool is not None:
             pool.shutdown(wait=True)
+        for st in peers.values():
+            with st.lock:
+                st.disconnect()
 
     def __enter__(self) -> PeerClient:
         return self

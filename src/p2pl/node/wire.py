@@ -35,8 +35,8 @@ size and its safetensors header (size, tensor names, dtypes, shapes, offsets:
 :func:`check_payload_layout`, so a header bomb is refused after reading a few bytes), and that
 every floating value is finite (one pass per tensor). The tensors it returns are views over the
 received buffer: no copy. Each failure raises :class:`WireError` with a one-line reason.
-Messages larger than one transport chunk travel as a stream of chunks, reassembled by
-:mod:`p2pl.node.chunks` into a buffer whose size the header announced and the spec bounds.
+The transport (:mod:`p2pl.node.transport`) admits a large message from its header alone and only
+then receives it into a buffer whose size the header announced and the spec bounds.
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ __all__ = [
 ]
 
 MAGIC = b"P2PL"
-#: 2: large messages travel as a stream of chunks (:mod:`p2pl.node.chunks`), headers are padded
-#: so tensor data is 8-byte aligned, integer and 8-bit dtypes may travel. Version 1 is refused.
+#: 2: headers are padded so tensor data is 8-byte aligned, integer and 8-bit dtypes may travel.
+#: Version 1 is refused.
 WIRE_VERSION = 2
 SUPPORTED_VERSIONS = frozenset({2})
 _PREFIX = struct.Struct("<4sI")
@@ -596,7 +596,7 @@ def encode(header: MessageHeader, tensors: Mapping[str, torch.Tensor] | None = N
     if len(raw) > MAX_HEADER_BYTES:
         raise WireError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
     # Validate what we send with the same rules a receiver applies.
-    _check_header(json.loads(raw))
+    _check_header(full.to_json())
     message = b"".join([_PREFIX.pack(MAGIC, len(raw)), raw, *parts])
     if layout is not None:  # one finiteness pass over the float data, where the layout put it
         start = PREFIX_SIZE + len(raw)
