@@ -159,14 +159,17 @@ ATTACKERS = {1: "sync-hijack", 2: "silent", 3: "data-size", 4: "hello-round", 5:
 
 @pytest.mark.integration
 @pytest.mark.timeout(600)
-def test_launched_network_survives_one_insider_of_each_kind(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compression", ["none", "quantize"])
+def test_launched_network_survives_one_insider_of_each_kind(tmp_path: Path, compression: str) -> None:
     """8 real node processes on digits, six of them playing one network-level attack each
     (sync hijack, silent, data-size lie, far hello round, header bomb, flood): no honest node
-    fails, the honest ones reach 0.9 accuracy, sync on an honest init, and results list every device."""
+    fails, the honest ones reach 0.9 accuracy, sync on an honest init, and results list every device.
+    With 8-bit quantized messages too: the lies then meet the compressed layout's checks."""
     from p2pl.node.launch import Launcher, prepare_launch
 
     overrides = ["devices=8", "rounds=4", "topology.name='complete'", "model.hidden=[32]",
-                 "training.local_epochs=2", "consensus.weights='data-size'", "output.progress=false"]  # fmt: skip
+                 "training.local_epochs=2", "consensus.weights='data-size'", "output.progress=false",
+                 f"compression.method='{compression}'", "compression.bits=8"]  # fmt: skip
     cfg = load_config(None, overrides)
     extra: dict[int, dict[str, object]] = {i: {"sync": {"step_timeout": 4.0}} for i in range(8)}
     for i, attack in ATTACKERS.items():
@@ -194,6 +197,8 @@ def test_launched_network_survives_one_insider_of_each_kind(tmp_path: Path) -> N
     logs = {i: (plan.node_dirs[i] / "node.log").read_text() for i in honest}
     assert any("false sync claim from dev-001" in text for text in logs.values())
     assert any("rejected send from dev-005" in text for text in logs.values())  # the bombs
+    node_cfg = load_node_config(plan.node_dirs[0] / "node.toml")
+    assert node_cfg.compression.method == compression  # the honest nodes really sent compressed rows
 
 
 def test_launch_places_the_experiments_network_attackers_on_their_nodes(tmp_path: Path) -> None:
