@@ -51,6 +51,9 @@ class Update:
     of rows is updated in place (views), an index tensor's rows are gathered into ``params`` /
     ``tensors`` here (the rows a loss is computed on) and written back by ``finish``; an idle
     device's parameters and optimizer state (incl. Adam's step count) stay untouched.
+
+    An update of rows stepped in place (``rows`` None or a slice) can be reused for the next
+    step of the same rows (``reusable``, then ``next_step``): its column views are built once.
     """
 
     def __init__(
@@ -66,7 +69,19 @@ class Update:
         self.params = params if rows is None else params[rows]
         self.tensors = state.tensors if rows is None else {k: v[rows] for k, v in state.tensors.items()}
         self._blocks = {k: v for k, v in self.tensors.items() if k != "step"}
+        self._views: dict[tuple[int, int], tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
         self._adam: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.next_step()
+
+    @property
+    def reusable(self) -> bool:
+        """Whether the rows are updated in place, so this update can serve the next step too."""
+        return self.rows is None or isinstance(self.rows, slice)
+
+    def next_step(self) -> None:
+        """Start a step (the constructor starts the first): Adam counts it and takes its bias
+        corrections."""
+        cfg = self.cfg
         if cfg.optimizer == "adam":
             self.tensors["step"] += 1
             steps = self.tensors["step"]
@@ -77,10 +92,14 @@ class Update:
 
     def columns(self, lo: int, hi: int, grads: torch.Tensor) -> None:
         """Update columns ``[lo, hi)`` with ``grads [n, hi - lo]`` (scratch: may be overwritten)."""
-        whole = lo == 0 and hi == self.params.shape[1]
-        p = self.params if whole else self.params[:, lo:hi]
-        st = self._blocks if whole else {k: v[:, lo:hi] for k, v in self._blocks.items()}
-        _step_rows(self.cfg, p, grads, st, self._adam)
+        views = self._views.get((lo, hi))
+        if views is None:
+            if lo == 0 and hi == self.params.shape[1]:
+                views = (self.params, self._blocks)
+            else:
+                views = (self.params[:, lo:hi], {k: v[:, lo:hi] for k, v in self._blocks.items()})
+            self._views[(lo, hi)] = views
+        _step_rows(self.cfg, views[0], grads, views[1], self._adam)
 
     def finish(self) -> None:
         """Write gathered rows back (nothing to do when the rows stepped in place)."""
