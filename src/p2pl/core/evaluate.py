@@ -17,12 +17,17 @@ from torch.func import functional_call, vmap
 from p2pl.core.parallel import free_cores, run_jobs
 from p2pl.core.params import ParamSpec
 from p2pl.core.probe import outputs_per_sample
-from p2pl.core.train import MIN_CHUNK_DEVICES, choose_strategy
+from p2pl.core.train import choose_strategy
 
 # Floats of activations alive at once on a CPU (2M floats = 8 MiB): chunks that stay in cache
 # were 1.4x faster than one 256 MiB chunk for 1,000 MLPs (BENCHMARKS.md), and a chunk this size
 # still makes each matmul large. On an accelerator the budget follows its free memory.
 ACTIVATION_BUDGET = 1 << 21
+
+# Multiply-adds (devices x parameters x test samples, about a forward's) from which an evaluation
+# is split over the free cores. Measured on the 2-core box (BENCHMARKS.md, "default round"):
+# SPLIT_NOTE
+MIN_SPLIT_WORK = 100_000_000
 
 Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (flat [n, P], x [b, ...]) -> logits [n, C, b]
 
@@ -98,11 +103,12 @@ def evaluate(
     n = distinct.shape[0]
     correct = torch.zeros(n, dtype=torch.float64, device=params.device)
     loss = torch.zeros(n, dtype=torch.float64, device=params.device)
-    # Over the free cores when there are enough devices for chunks worth a thread (see
-    # core.train.MIN_CHUNK_DEVICES), at least one chunk per core.
-    workers = free_cores(params.device) if chosen != "loop" and n >= 2 * MIN_CHUNK_DEVICES else 1
+    # Over the free cores when the evaluation is large enough for the hand-off to pay (see
+    # MIN_SPLIT_WORK), in at least two chunks per core: a core held by another process then
+    # delays one chunk, and the other workers take the rest (core.parallel.run_jobs).
+    workers = free_cores(params.device) if chosen != "loop" and n * spec.total * n_test >= MIN_SPLIT_WORK else 1
     if workers > 1:
-        device_chunk = min(device_chunk, -(-n // workers))
+        device_chunk = min(device_chunk, -(-n // (2 * workers)))
 
     def run(worker: int, lo: int) -> None:
         hi = min(n, lo + device_chunk)
