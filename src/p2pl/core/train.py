@@ -8,6 +8,7 @@ share of their steps.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ from p2pl.core import optim
 from p2pl.core.parallel import free_cores, run_jobs
 from p2pl.core.params import ParamSpec
 from p2pl.core.probe import outputs_per_sample
-from p2pl.core.schedule import EpochPlan, Partition, epoch_plan
+from p2pl.core.schedule import EpochPlan, Partition, epoch_plans
 from p2pl.errors import P2PLError, choose
 
 STRATEGIES = ("auto", "bmm", "vmap", "loop")
@@ -55,6 +56,10 @@ CHUNK_FLOATS = 1 << 20
 # and the GIL between ~1 ms halves, while other processes held the second core); chunks of a
 # 10,000-device step take ~5 ms each, where the hand-off is noise.
 MIN_CHUNK_DEVICES = 256
+# Largest epoch of samples (devices x samples x features) the bmm strategy gathers at once on
+# the CPU (4 MiB; the default experiment's epoch is 0.4 MiB); larger ones, such as 10,000 devices'
+# or an image dataset's, are gathered step by step.
+EPOCH_SAMPLE_FLOATS = 1 << 20
 
 
 def conv_outputs_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -411,6 +416,8 @@ class VectorizedTrainer:
         # This round's optimizer updates of rows stepped in place, by chunk (None: every row):
         # their column views are built once per round, not once per step.
         self._updates: dict[tuple[int, int] | None, optim.Update] = {}
+        self._full_round: tuple[np.ndarray, np.ndarray, list[tuple[int, int]]] | None = None
+        self._samples: tuple[torch.Tensor, torch.Tensor] | None = None  # this epoch's (see _epoch_samples)
 
     @property
     def num_devices(self) -> int:
@@ -458,28 +465,27 @@ class VectorizedTrainer:
     ) -> Generator[int, None, RoundStats]:
         """:meth:`train` one iteration at a time: yields each iteration's index after it ran and
         returns the round's stats (a Ray shard steps it between its driver's exchanges)."""
-        limits = step_limits(self.partition.sizes, self.cfg, work).numpy()
-        sizes = self.partition.sizes
-        per_epoch = (sizes + self.cfg.batch_size - 1) // self.cfg.batch_size  # steps of a full epoch
-        schedule = round_schedule(sizes, self.cfg, work) if span is None else span
+        limits, per_epoch, own_schedule = self._round_shape(work)
+        schedule = own_schedule if span is None else span
         taken = np.zeros(self.num_devices, dtype=np.int64)
         loss_sum = torch.zeros(self.num_devices, dtype=torch.float64)
         self._updates.clear()  # views of the last round's parameters
-        plan: EpochPlan | None = None
+        epochs = sorted({epoch for epoch, _ in schedule})
+        plans = epoch_plans(self.partition, self.seed, round_index, epochs, self.cfg.batch_size)
+        plan_of = dict(zip(epochs, plans, strict=True))
         plan_epoch = -1
         for j, (epoch, t) in enumerate(schedule):
             # Bookkeeping in numpy: [N] torch ops and their syncs were a visible share of a step.
             active = (t < per_epoch) & (taken < limits)
             if active.any():
-                if plan is None or plan_epoch != epoch:
-                    plan, plan_epoch = (
-                        epoch_plan(self.partition, self.seed, round_index, epoch, self.cfg.batch_size),
-                        epoch,
-                    )
+                plan = plan_of[epoch]
+                if plan_epoch != epoch:
+                    self._samples, plan_epoch = self._epoch_samples(plan), epoch
                 rows = None if active.all() else torch.from_numpy(np.flatnonzero(active))
                 self._step(params, plan, t, rows, loss_sum)
                 taken += active
             yield j
+        self._samples = None
         for loss_grad in (self.loss_grad, *self._helpers):
             if isinstance(loss_grad, _MlpLossGrad):
                 loss_grad.release()
@@ -489,6 +495,30 @@ class VectorizedTrainer:
             steps_taken > 0, loss_sum / steps_taken.clamp_min(1), torch.full_like(loss_sum, float("nan"))
         )
         return RoundStats(mean.float(), steps_taken)
+
+    def _round_shape(self, work: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+        """(steps each device takes this round, steps of a full epoch, this batch's own
+        :func:`round_schedule`); kept while every device does all its work (the usual round)."""
+        if work is None and self._full_round is not None:
+            return self._full_round
+        sizes = self.partition.sizes
+        limits = step_limits(sizes, self.cfg, work).numpy()
+        per_epoch = (sizes + self.cfg.batch_size - 1) // self.cfg.batch_size
+        shape = (limits, per_epoch, round_schedule(sizes, self.cfg, work))
+        if work is None:
+            self._full_round = shape
+        return shape
+
+    def _epoch_samples(self, plan: EpochPlan) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every device's inputs and labels for the whole epoch, in the plan's order (one gather
+        per epoch instead of two per step), where the bmm strategy steps them on the CPU and
+        they are small (see EPOCH_SAMPLE_FLOATS); None: each step gathers its own batch."""
+        features = math.prod(self.x_train.shape[1:])
+        if self.strategy != "bmm" or self.device.type != "cpu" or plan.order.numel() * features > EPOCH_SAMPLE_FLOATS:
+            return None
+        flat = plan.order.reshape(-1)
+        x = self.x_train.index_select(0, flat).view(*plan.order.shape, *self.x_train.shape[1:])
+        return x, self.y_train.index_select(0, flat).view(plan.order.shape)
 
     def _step(
         self, params: torch.Tensor, plan: EpochPlan, t: int, rows: torch.Tensor | None, loss_sum: torch.Tensor
@@ -541,15 +571,20 @@ class VectorizedTrainer:
     ) -> None:
         lo = t * plan.batch_size
         order, valid = plan.order, plan.valid
+        samples = self._samples
         if rows is not None:
             order, valid = order[rows], valid[rows]
-        idx, mask = order[:, lo : lo + width], valid[:, lo : lo + width]
         on_device = rows if not isinstance(rows, torch.Tensor) or self.device.type == "cpu" else rows.to(self.device)
-        if self.device.type != "cpu":  # the schedule is CPU bookkeeping: ship this step's part
-            idx, mask = idx.to(self.device), mask.to(self.device)
-        flat_idx = idx.reshape(-1)
-        x = self.x_train.index_select(0, flat_idx).view(*idx.shape, *self.x_train.shape[1:])
-        y = self.y_train.index_select(0, flat_idx).view(idx.shape)
+        if samples is not None and not isinstance(rows, torch.Tensor):  # the epoch's gathered samples
+            x_epoch, y_epoch = samples if rows is None else (samples[0][rows], samples[1][rows])
+            x, y, mask = x_epoch[:, lo : lo + width], y_epoch[:, lo : lo + width], valid[:, lo : lo + width]
+        else:
+            idx, mask = order[:, lo : lo + width], valid[:, lo : lo + width]
+            if self.device.type != "cpu":  # the schedule is CPU bookkeeping: ship this step's part
+                idx, mask = idx.to(self.device), mask.to(self.device)
+            flat_idx = idx.reshape(-1)
+            x = self.x_train.index_select(0, flat_idx).view(*idx.shape, *self.x_train.shape[1:])
+            y = self.y_train.index_select(0, flat_idx).view(idx.shape)
         mask = mask.to(x.dtype)
         update = self._update(params, on_device)
         if isinstance(loss_grad, _MlpLossGrad):
