@@ -8,6 +8,7 @@ centralized, right after max-norm sync) are evaluated once and the result is cop
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -58,7 +59,9 @@ def distinct_rows(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     block = params[:, :256].contiguous().view(torch.int32).long()
     mixers = torch.arange(1, block.shape[1] + 1, device=params.device) * 0x9E3779B1 | 1  # odd
     keys = (block * mixers).sum(1)  # integer arithmetic: the same bits give the same key
-    _, group = torch.unique(keys, return_inverse=True)
+    distinct_keys, group = torch.unique(keys, return_inverse=True)
+    if len(distinct_keys) == n:  # no two rows share a key, so no two are equal (the usual case)
+        return every, every
     first = torch.full((n,), n, dtype=torch.long, device=params.device)
     first = first.scatter_reduce(0, group, every, reduce="amin")[group]
     owner = every.clone()
@@ -69,6 +72,18 @@ def distinct_rows(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         owner[candidates[same]] = first[candidates[same]]
     representatives, inverse = torch.unique(owner, return_inverse=True)
     return representatives, inverse
+
+
+_PROBED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], int]] = weakref.WeakKeyDictionary()
+
+
+def _outputs_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """:func:`~p2pl.core.probe.outputs_per_sample`, probed once per model and input shape (the
+    probe is a forward pass: ~0.1 ms, paid by every evaluation of a round before)."""
+    shapes = _PROBED.setdefault(model, {})
+    if input_shape not in shapes:
+        shapes[input_shape] = outputs_per_sample(model, input_shape)
+    return shapes[input_shape]
 
 
 @torch.no_grad()
@@ -94,7 +109,7 @@ def evaluate(
     representatives, inverse = distinct_rows(params)
     distinct = params[representatives] if len(representatives) < n_dev else params
     chosen = choose_strategy(model, strategy, tuple(x_test.shape[1:]))
-    per_sample = max(1, outputs_per_sample(model, tuple(x_test.shape[1:])))
+    per_sample = max(1, _outputs_per_sample(model, tuple(x_test.shape[1:])))
     budget = activation_budget(params.device)
     sample_chunk = max(1, min(sample_chunk, n_test, budget // per_sample))
     if device_chunk <= 0:
