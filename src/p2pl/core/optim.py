@@ -53,7 +53,10 @@ class Update:
     device's parameters and optimizer state (incl. Adam's step count) stay untouched.
 
     An update of rows stepped in place (``rows`` None or a slice) can be reused for the next
-    step of the same rows (``reusable``, then ``next_step``): its column views are built once.
+    step of the same rows (call ``next_step`` first): its column views are built once.
+    A step's decays that do not depend on the gradient (the momentum buffer's, Adam's second
+    moment's) run when it starts, over every stepping row at once, so every column block must
+    then be given its gradient.
     """
 
     def __init__(
@@ -73,16 +76,16 @@ class Update:
         self._adam: tuple[torch.Tensor, torch.Tensor] | None = None
         self.next_step()
 
-    @property
-    def reusable(self) -> bool:
-        """Whether the rows are updated in place, so this update can serve the next step too."""
-        return self.rows is None or isinstance(self.rows, slice)
-
     def next_step(self) -> None:
         """Start a step (the constructor starts the first): Adam counts it and takes its bias
         corrections."""
         cfg = self.cfg
-        if cfg.optimizer == "adam":
+        if cfg.optimizer == "momentum":
+            # The buffer's decay does not depend on the gradient: one pass over every stepping row
+            # (contiguous) rather than one per column block; ``columns`` adds the gradient.
+            self._blocks["momentum_buffer"].mul_(cfg.momentum)
+        elif cfg.optimizer == "adam":
+            self._blocks["exp_avg_sq"].mul_(cfg.betas[1])  # the same for the second moment
             self.tensors["step"] += 1
             steps = self.tensors["step"]
             bias1 = 1 - cfg.betas[0] ** steps
@@ -139,16 +142,16 @@ def _step_rows(
     if cfg.optimizer == "sgd":
         p.add_(g, alpha=-cfg.lr)
     elif cfg.optimizer == "momentum":
-        buf = st["momentum_buffer"]
+        buf = st["momentum_buffer"]  # already decayed by this step's Update.next_step: buf * momentum
         # torch starts the buffer at the first gradient; a zero buffer gives the same value.
-        buf.mul_(cfg.momentum).add_(g)
+        buf.add_(g)
         p.add_(buf, alpha=-cfg.lr)
     else:
         assert adam is not None
         step_size, bias2_sqrt = adam
         beta1, beta2 = cfg.betas
         st["exp_avg"].lerp_(g, 1 - beta1)
-        st["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        st["exp_avg_sq"].addcmul_(g, g, value=1 - beta2)  # decayed by beta2 in Update.next_step
         # g is no longer needed: reuse it for the denominator (no [n, P] allocation per step)
         denom = torch.sqrt(st["exp_avg_sq"], out=g).div_(bias2_sqrt).add_(cfg.eps)
         p.addcdiv_(st["exp_avg"] * step_size, denom, value=-1.0)
