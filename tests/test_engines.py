@@ -140,21 +140,23 @@ def test_fewer_samples_fewer_steps_and_no_sample_dropped(
     trainer = _trainer(exp, engine)
     recorder = _Recorder(trainer.x_train)
     trainer.x_train = recorder  # type: ignore[assignment]
-    masks: list[torch.Tensor] = []
+    used: list[int] = []
     if isinstance(trainer, VectorizedTrainer):
+        # Every feature of sample i holds i: the samples a step trains on, however they were
+        # gathered (step by step, or a whole epoch at once), are read off its inputs.
+        shape = recorder.real.shape
+        trainer.x_train = torch.arange(shape[0], dtype=torch.float32).view(-1, 1, 1, 1).expand(shape).contiguous()
         inner = trainer.loss_grad
 
         def spy(flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> Any:
-            masks.append(mask.bool())
+            used.extend(int(i) for i in x.flatten(2)[..., 0][mask.bool()].tolist())
             return inner(flat, x, y, mask)
 
         trainer.loss_grad = spy
     stats = trainer.train(exp.device_inits(), 1)
     sizes = exp.setting.data_sizes
     assert stats.steps.tolist() == [epochs * math.ceil(s / b) for s in sizes]
-    if masks:
-        used = [i for idx, m in zip(recorder.reads, masks, strict=True) for i in idx.reshape(m.shape)[m].tolist()]
-    else:
+    if not used:
         used = [i for idx in recorder.reads for i in idx.tolist()]
     expected = Counter({int(i): epochs for part in exp.parts for i in part})
     assert Counter(used) == expected  # every local sample used once per epoch, nothing else

@@ -78,6 +78,8 @@ def test_distinct_rows_groups_only_exactly_equal_rows() -> None:
     same = rows[:1].expand(6, -1)
     reps, inverse = distinct_rows(same)
     assert reps.tolist() == [0] and inverse.tolist() == [0] * 6
+    reps, inverse = distinct_rows(base)  # all distinct: every row its own group
+    assert reps.tolist() == inverse.tolist() == [0, 1, 2, 3]
 
 
 def test_identical_devices_are_evaluated_once_and_scattered() -> None:

@@ -17,10 +17,11 @@ import scipy.sparse as sp
 import torch
 
 from p2pl.config import ExperimentConfig, TrainingConfig
-from p2pl.core import optim, sparse_mix, train
+from p2pl.core import evaluate, optim, sparse_mix, train
 from p2pl.core.cooperate import Neighbourhoods
 from p2pl.core.evaluate import _scores
-from p2pl.core.schedule import Partition, epoch_plan, shuffle_keys
+from p2pl.core.parallel import run_jobs as _run
+from p2pl.core.schedule import Partition, epoch_plan, epoch_plans, shuffle_keys
 from p2pl.experiment import build_experiment
 
 WORKS: list[np.ndarray | None] = [None, np.array([1.0, 0.5, 0.0, 0.25, 1.0, 0.0, 0.75, 1.0, 0.1, 1.0]), None]
@@ -147,3 +148,33 @@ def test_only_the_bmm_strategy_steps_in_chunks(
     assert bmm.chunks(600) == (217, 2)  # chunks of 217, over two free cores
     assert bmm.chunks(300) == (217, 2)  # cache-sized chunks, also over the free cores
     assert vmap.chunks(10_000) == (10_000, 1)
+
+
+@pytest.mark.parametrize("devices", [2, 7])
+def test_evaluation_split_over_workers_is_bit_identical(
+    devices: int, tiny_config: Callable[..., ExperimentConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    exp = build_experiment(tiny_config())
+    params = exp.device_inits()[:devices]
+    x, y = exp.dataset.x_test, exp.dataset.y_test
+    one = evaluate.evaluate(exp.model, exp.spec, params, x, y)
+    monkeypatch.setattr(evaluate, "MIN_SPLIT_WORK", 0)
+    monkeypatch.setattr(evaluate, "free_cores", lambda device=None: 2)
+    jobs: list[int] = []
+    monkeypatch.setattr(
+        evaluate, "run_jobs", lambda run, chunks, workers: (jobs.append(len(chunks)), _run(run, chunks, workers))
+    )
+    split = evaluate.evaluate(exp.model, exp.spec, params, x, y)
+    assert jobs == [min(devices, 4)]  # two chunks per worker
+    assert torch.equal(one[0], split[0]) and torch.equal(one[1], split[1])
+
+
+def test_a_rounds_epoch_plans_computed_together_equal_each_epochs_own() -> None:
+    rng = np.random.default_rng(4)
+    parts = [rng.choice(100, size, replace=False) for size in (6, 3, 9, 1)]
+    partition = Partition(tuple(parts), (4, 9, 2, 7))
+    together = epoch_plans(partition, seed=5, round_index=3, epochs=[0, 1, 4], batch_size=4)
+    for epoch, plan in zip([0, 1, 4], together, strict=True):
+        alone = epoch_plan(partition, seed=5, round_index=3, epoch=epoch, batch_size=4)
+        assert torch.equal(plan.order, alone.order) and torch.equal(plan.valid, alone.valid)
+    assert not torch.equal(together[0].order, together[1].order)  # epochs shuffle differently

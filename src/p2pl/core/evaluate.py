@@ -8,6 +8,7 @@ centralized, right after max-norm sync) are evaluated once and the result is cop
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -17,12 +18,17 @@ from torch.func import functional_call, vmap
 from p2pl.core.parallel import free_cores, run_jobs
 from p2pl.core.params import ParamSpec
 from p2pl.core.probe import outputs_per_sample
-from p2pl.core.train import MIN_CHUNK_DEVICES, choose_strategy
+from p2pl.core.train import choose_strategy
 
 # Floats of activations alive at once on a CPU (2M floats = 8 MiB): chunks that stay in cache
 # were 1.4x faster than one 256 MiB chunk for 1,000 MLPs (BENCHMARKS.md), and a chunk this size
 # still makes each matmul large. On an accelerator the budget follows its free memory.
 ACTIVATION_BUDGET = 1 << 21
+
+# Multiply-adds (devices x parameters x test samples, about a forward's) from which an evaluation
+# is split over the free cores. Measured on the 2-core box (BENCHMARKS.md, "default round"):
+# SPLIT_NOTE
+MIN_SPLIT_WORK = 100_000_000
 
 Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (flat [n, P], x [b, ...]) -> logits [n, C, b]
 
@@ -53,7 +59,9 @@ def distinct_rows(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     block = params[:, :256].contiguous().view(torch.int32).long()
     mixers = torch.arange(1, block.shape[1] + 1, device=params.device) * 0x9E3779B1 | 1  # odd
     keys = (block * mixers).sum(1)  # integer arithmetic: the same bits give the same key
-    _, group = torch.unique(keys, return_inverse=True)
+    distinct_keys, group = torch.unique(keys, return_inverse=True)
+    if len(distinct_keys) == n:  # no two rows share a key, so no two are equal (the usual case)
+        return every, every
     first = torch.full((n,), n, dtype=torch.long, device=params.device)
     first = first.scatter_reduce(0, group, every, reduce="amin")[group]
     owner = every.clone()
@@ -64,6 +72,18 @@ def distinct_rows(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         owner[candidates[same]] = first[candidates[same]]
     representatives, inverse = torch.unique(owner, return_inverse=True)
     return representatives, inverse
+
+
+_PROBED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], int]] = weakref.WeakKeyDictionary()
+
+
+def _outputs_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """:func:`~p2pl.core.probe.outputs_per_sample`, probed once per model and input shape (the
+    probe is a forward pass: ~0.1 ms, paid by every evaluation of a round before)."""
+    shapes = _PROBED.setdefault(model, {})
+    if input_shape not in shapes:
+        shapes[input_shape] = outputs_per_sample(model, input_shape)
+    return shapes[input_shape]
 
 
 @torch.no_grad()
@@ -89,7 +109,7 @@ def evaluate(
     representatives, inverse = distinct_rows(params)
     distinct = params[representatives] if len(representatives) < n_dev else params
     chosen = choose_strategy(model, strategy, tuple(x_test.shape[1:]))
-    per_sample = max(1, outputs_per_sample(model, tuple(x_test.shape[1:])))
+    per_sample = max(1, _outputs_per_sample(model, tuple(x_test.shape[1:])))
     budget = activation_budget(params.device)
     sample_chunk = max(1, min(sample_chunk, n_test, budget // per_sample))
     if device_chunk <= 0:
@@ -98,11 +118,12 @@ def evaluate(
     n = distinct.shape[0]
     correct = torch.zeros(n, dtype=torch.float64, device=params.device)
     loss = torch.zeros(n, dtype=torch.float64, device=params.device)
-    # Over the free cores when there are enough devices for chunks worth a thread (see
-    # core.train.MIN_CHUNK_DEVICES), at least one chunk per core.
-    workers = free_cores(params.device) if chosen != "loop" and n >= 2 * MIN_CHUNK_DEVICES else 1
+    # Over the free cores when the evaluation is large enough for the hand-off to pay (see
+    # MIN_SPLIT_WORK), in at least two chunks per core: a core held by another process then
+    # delays one chunk, and the other workers take the rest (core.parallel.run_jobs).
+    workers = free_cores(params.device) if chosen != "loop" and n * spec.total * n_test >= MIN_SPLIT_WORK else 1
     if workers > 1:
-        device_chunk = min(device_chunk, -(-n // workers))
+        device_chunk = min(device_chunk, -(-n // (2 * workers)))
 
     def run(worker: int, lo: int) -> None:
         hi = min(n, lo + device_chunk)

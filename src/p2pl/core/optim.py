@@ -51,6 +51,12 @@ class Update:
     of rows is updated in place (views), an index tensor's rows are gathered into ``params`` /
     ``tensors`` here (the rows a loss is computed on) and written back by ``finish``; an idle
     device's parameters and optimizer state (incl. Adam's step count) stay untouched.
+
+    An update of rows stepped in place (``rows`` None or a slice) can be reused for the next
+    step of the same rows (call ``next_step`` first): its column views are built once.
+    A step's decays that do not depend on the gradient (the momentum buffer's, Adam's second
+    moment's) run when it starts, over every stepping row at once, so every column block must
+    then be given its gradient.
     """
 
     def __init__(
@@ -66,8 +72,20 @@ class Update:
         self.params = params if rows is None else params[rows]
         self.tensors = state.tensors if rows is None else {k: v[rows] for k, v in state.tensors.items()}
         self._blocks = {k: v for k, v in self.tensors.items() if k != "step"}
+        self._views: dict[tuple[int, int], tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
         self._adam: tuple[torch.Tensor, torch.Tensor] | None = None
-        if cfg.optimizer == "adam":
+        self.next_step()
+
+    def next_step(self) -> None:
+        """Start a step (the constructor starts the first): Adam counts it and takes its bias
+        corrections."""
+        cfg = self.cfg
+        if cfg.optimizer == "momentum":
+            # The buffer's decay does not depend on the gradient: one pass over every stepping row
+            # (contiguous) rather than one per column block; ``columns`` adds the gradient.
+            self._blocks["momentum_buffer"].mul_(cfg.momentum)
+        elif cfg.optimizer == "adam":
+            self._blocks["exp_avg_sq"].mul_(cfg.betas[1])  # the same for the second moment
             self.tensors["step"] += 1
             steps = self.tensors["step"]
             bias1 = 1 - cfg.betas[0] ** steps
@@ -77,10 +95,14 @@ class Update:
 
     def columns(self, lo: int, hi: int, grads: torch.Tensor) -> None:
         """Update columns ``[lo, hi)`` with ``grads [n, hi - lo]`` (scratch: may be overwritten)."""
-        whole = lo == 0 and hi == self.params.shape[1]
-        p = self.params if whole else self.params[:, lo:hi]
-        st = self._blocks if whole else {k: v[:, lo:hi] for k, v in self._blocks.items()}
-        _step_rows(self.cfg, p, grads, st, self._adam)
+        views = self._views.get((lo, hi))
+        if views is None:
+            if lo == 0 and hi == self.params.shape[1]:
+                views = (self.params, self._blocks)
+            else:
+                views = (self.params[:, lo:hi], {k: v[:, lo:hi] for k, v in self._blocks.items()})
+            self._views[(lo, hi)] = views
+        _step_rows(self.cfg, views[0], grads, views[1], self._adam)
 
     def finish(self) -> None:
         """Write gathered rows back (nothing to do when the rows stepped in place)."""
@@ -120,16 +142,16 @@ def _step_rows(
     if cfg.optimizer == "sgd":
         p.add_(g, alpha=-cfg.lr)
     elif cfg.optimizer == "momentum":
-        buf = st["momentum_buffer"]
+        buf = st["momentum_buffer"]  # already decayed by this step's Update.next_step: buf * momentum
         # torch starts the buffer at the first gradient; a zero buffer gives the same value.
-        buf.mul_(cfg.momentum).add_(g)
+        buf.add_(g)
         p.add_(buf, alpha=-cfg.lr)
     else:
         assert adam is not None
         step_size, bias2_sqrt = adam
         beta1, beta2 = cfg.betas
         st["exp_avg"].lerp_(g, 1 - beta1)
-        st["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        st["exp_avg_sq"].addcmul_(g, g, value=1 - beta2)  # decayed by beta2 in Update.next_step
         # g is no longer needed: reuse it for the denominator (no [n, P] allocation per step)
         denom = torch.sqrt(st["exp_avg_sq"], out=g).div_(bias2_sqrt).add_(cfg.eps)
         p.addcdiv_(st["exp_avg"] * step_size, denom, value=-1.0)

@@ -9,6 +9,7 @@ their kernels. Each job writes only its own rows, so results do not depend on th
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -28,7 +29,14 @@ def free_cores(device: torch.device | None = None) -> int:
     the CPU: an accelerator runs the jobs' kernels itself)."""
     if device is not None and device.type != "cpu":
         return 1
-    return max(1, (os.cpu_count() or 1) // max(1, torch.get_num_threads()))
+    return max(1, cpu_count() // max(1, torch.get_num_threads()))
+
+
+@functools.cache
+def cpu_count() -> int:
+    """The machine's CPUs, read once (``os.cpu_count`` reads a file under /sys on every call:
+    ~20 us, paid per training step before)."""
+    return os.cpu_count() or 1
 
 
 def _executor() -> ThreadPoolExecutor:
@@ -42,17 +50,36 @@ def _executor() -> ThreadPoolExecutor:
 
 
 def run_jobs(run: Callable[[int, T], None], jobs: Sequence[T], workers: int) -> None:
-    """``run(worker, job)`` for every job: worker ``w`` (``0 <= w < workers``) takes jobs ``w``,
-    ``w + workers``, ... in order, on its own thread (all in this thread when ``workers`` is 1),
-    so state kept per worker (scratch buffers) is never shared between threads."""
+    """``run(worker, job)`` for every job, over ``workers`` threads: the calling thread is worker 0
+    and ``workers - 1`` pool threads join it; each takes the next job nobody has taken yet, in
+    order. A worker whose core is held by another process then delays only the job it holds:
+    the others take the rest (with a fixed share per worker, the caller waited for the
+    slowest one). Each worker index is used by one thread at a time, so state kept per worker
+    (scratch buffers) is never shared between threads."""
     workers = max(1, min(workers, len(jobs)))
     if workers == 1 or threading.current_thread().name.startswith("p2pl"):  # never wait on the pool from it
         for job in jobs:
             run(0, job)
         return
+    taken = iter(range(len(jobs)))
+    lock = threading.Lock()
+    threads = torch.get_num_threads()
 
     def share(worker: int) -> None:
-        for job in jobs[worker::workers]:
-            run(worker, job)
+        # A thread's first torch ops ran MKL at the machine's default thread count (and gave other
+        # last bits than the caller's, for a 10 x 64 @ 64 x 360 product): use the caller's count.
+        if worker:
+            torch.set_num_threads(threads)
+        while True:
+            with lock:
+                index = next(taken, None)
+            if index is None:
+                return
+            run(worker, jobs[index])
 
-    list(_executor().map(share, range(workers)))  # re-raises a job's exception here
+    helpers = [_executor().submit(share, worker) for worker in range(1, workers)]
+    try:
+        share(0)
+    finally:
+        for helper in helpers:
+            helper.result()  # re-raises a job's exception here

@@ -10,6 +10,7 @@ holding only its own data all walk exactly the same batches.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -121,12 +122,23 @@ class EpochPlan:
 
 
 def epoch_plan(partition: Partition, seed: int, round_index: int, epoch: int, batch_size: int) -> EpochPlan:
+    return epoch_plans(partition, seed, round_index, [epoch], batch_size)[0]
+
+
+def epoch_plans(
+    partition: Partition, seed: int, round_index: int, epochs: Sequence[int], batch_size: int
+) -> list[EpochPlan]:
+    """:func:`epoch_plan` of each of ``epochs`` of a round, computed together: one hash and one
+    sort over every epoch's keys (a plan's own numpy calls were most of its cost)."""
     layout = partition._layout
-    order = layout.samples
-    if order.size:
-        keys = _keys(seed, round_index, epoch, layout.fixed_key)
-        if layout.padding is not None:  # padding sorts after every real sample (stable on ties)
-            keys[layout.padding] = np.iinfo(np.uint64).max
-        # A stable sort of each device's row of keys: equal keys keep their positions' order.
-        order = np.take_along_axis(order, np.argsort(keys, axis=1, kind="stable"), axis=1)
-    return EpochPlan(torch.from_numpy(order.copy()), torch.from_numpy(layout.sizes.copy()), batch_size, layout.valid)
+    sizes = torch.from_numpy(layout.sizes.copy())
+    if not layout.samples.size or not epochs:
+        return [EpochPlan(torch.from_numpy(layout.samples.copy()), sizes, batch_size, layout.valid) for _ in epochs]
+    bases = np.array([derive_seed(seed, "shuffle", round_index, epoch) for epoch in epochs], dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        keys = mix64(bases[:, None, None] ^ layout.fixed_key)  # [epochs, N, max_size]: _keys of each epoch
+    if layout.padding is not None:  # padding sorts after every real sample (stable on ties)
+        keys[:, layout.padding] = np.iinfo(np.uint64).max
+    # A stable sort of each device's row of keys: equal keys keep their positions' order.
+    order = np.take_along_axis(layout.samples[None], np.argsort(keys, axis=2, kind="stable"), axis=2)
+    return [EpochPlan(torch.from_numpy(rows), sizes, batch_size, layout.valid) for rows in order]

@@ -8,6 +8,7 @@ share of their steps.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ from p2pl.core import optim
 from p2pl.core.parallel import free_cores, run_jobs
 from p2pl.core.params import ParamSpec
 from p2pl.core.probe import outputs_per_sample
-from p2pl.core.schedule import EpochPlan, Partition, epoch_plan
+from p2pl.core.schedule import EpochPlan, Partition, epoch_plans
 from p2pl.errors import P2PLError, choose
 
 STRATEGIES = ("auto", "bmm", "vmap", "loop")
@@ -55,6 +56,10 @@ CHUNK_FLOATS = 1 << 20
 # and the GIL between ~1 ms halves, while other processes held the second core); chunks of a
 # 10,000-device step take ~5 ms each, where the hand-off is noise.
 MIN_CHUNK_DEVICES = 256
+# Largest epoch of samples (devices x samples x features) the bmm strategy gathers at once on
+# the CPU (4 MiB; the default experiment's epoch is 0.4 MiB); larger ones, such as 10,000 devices'
+# or an image dataset's, are gathered step by step.
+EPOCH_SAMPLE_FLOATS = 1 << 20
 
 
 def conv_outputs_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -136,6 +141,30 @@ class _Workspace:
 BlockSink = Callable[[int, int, torch.Tensor], None]  # (first column, end column, gradient block [n, width])
 
 
+@dataclass
+class _BoundLinear:
+    """One Linear layer of a bound parameter tensor: its views and where its gradient goes."""
+
+    index: int  # position in the model
+    weight: torch.Tensor  # [n, out, in] view of the parameters
+    weight_t: torch.Tensor  # [n, in, out] the same, transposed (forward)
+    bias: torch.Tensor  # [n, 1, out] view of the parameters
+    grad: torch.Tensor  # [n, out, in] scratch for the weight gradient
+    grad_rows: torch.Tensor  # ``grad`` as [n, out * in]
+    bias_cols: torch.Tensor  # the bias gradient's columns of the tail block
+    weight_cols: torch.Tensor | None  # the weight gradient's columns of the tail block (None: first layer)
+
+
+@dataclass
+class _Bound:
+    """Everything a step of one parameter tensor needs, built once (see ``_MlpLossGrad.bind``)."""
+
+    plan: list[_BoundLinear | None]  # the model's Linear (bound) and ReLU (None) layers, in order
+    tail: torch.Tensor  # [n, P - first weight's columns]: every gradient column after the first weight
+    tail_start: int
+    first: _BoundLinear
+
+
 class _MlpLossGrad:
     """A plain MLP's batched forward and hand-written backward: each weight gradient is one
     batched matmul in its own [n, out, in] layout into a reused buffer. ``__call__`` assembles
@@ -155,7 +184,7 @@ class _MlpLossGrad:
         if self.columns[f"{self.first_linear}.weight"][0] != 0:  # a plain MLP's parameters start with it
             raise P2PLError("the bmm strategy expects the first Linear's weight to lead the parameters")
         self.work = _Workspace()
-        self._views: dict[tuple[int, tuple[int, ...], tuple[int, ...]], dict[str, torch.Tensor]] = {}
+        self._bound: dict[tuple[int, tuple[int, ...], tuple[int, ...]], _Bound] = {}
         self._minus_one: torch.Tensor | None = None
         # Per layer, what a step needs (names and column offsets), so a step builds no strings:
         # (layer index, is a Linear, weight name, bias name)
@@ -166,21 +195,52 @@ class _MlpLossGrad:
         ]
         self._tail_start = self.columns[f"{self.first_linear}.weight"][1]
 
-    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``spec.unflatten(flat)``, kept while the same tensor comes back (the parameters when
-        every device steps): rebuilding them was 8 % of a step. A kept view holds its storage
-        alive, so no other tensor can take its address until ``release``."""
+    def bind(self, flat: torch.Tensor) -> _Bound:
+        """The views and gradient buffers of ``flat``, kept while the same tensor comes back (the
+        parameters, every step of a round): rebuilding views, transposes and buffer slices was
+        ~10 % of a step. A kept view holds its storage alive, so no other tensor can take its
+        address until ``release``."""
         key = (flat.data_ptr(), tuple(flat.shape), tuple(flat.stride()))
-        found = self._views.get(key)
+        found = self._bound.get(key)
         if found is None:
-            if len(self._views) >= 2:  # the parameters and the gradient buffer; nothing stale
-                self._views.clear()
-            found = self._views[key] = self.spec.unflatten(flat)
+            if len(self._bound) >= 2:  # the parameters and a gathered subset of rows; nothing stale
+                self._bound.clear()
+            found = self._bound[key] = self._make_bound(flat)
         return found
+
+    def _make_bound(self, flat: torch.Tensor) -> _Bound:
+        p = self.spec.unflatten(flat)
+        n, tail_start, columns = flat.shape[0], self._tail_start, self.columns
+        tail = self.work.get("tail", flat[:, tail_start:])
+
+        def cols(name: str) -> torch.Tensor:
+            lo, hi = columns[name]
+            return tail[:, lo - tail_start : hi - tail_start]
+
+        plan: list[_BoundLinear | None] = []
+        for i, linear, weight, bias in self._plan:
+            if not linear:
+                plan.append(None)
+                continue
+            grad = self.work.get(weight, p[weight])
+            plan.append(
+                _BoundLinear(
+                    index=i,
+                    weight=p[weight],
+                    weight_t=p[weight].transpose(1, 2),
+                    bias=p[bias].unsqueeze(1),
+                    grad=grad,
+                    grad_rows=grad.view(n, -1),
+                    bias_cols=cols(bias),
+                    weight_cols=None if i == self.first_linear else cols(weight),
+                )
+            )
+        first = next(layer for layer in plan if layer is not None and layer.index == self.first_linear)
+        return _Bound(plan, tail, tail_start, first)
 
     def release(self) -> None:
         """Drop the kept views (end of a round: the parameters are replaced by cooperation)."""
-        self._views.clear()
+        self._bound.clear()
 
     def __call__(
         self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
@@ -198,17 +258,17 @@ class _MlpLossGrad:
         """Forward and backward of every device; each gradient block goes to ``sink`` once the
         parameters it belongs to are no longer needed (so ``sink`` may update them in place).
         Returns the losses [n]."""
-        work, columns = self.work, self.columns
-        p = self.views(flat)
+        bound = self.bind(flat)
         h = x.flatten(2)  # [n, b, features]
-        inputs: dict[int, torch.Tensor] = {}  # each Linear's input, for its weight gradient
-        relu_out: dict[int, torch.Tensor] = {}  # each ReLU's output, for its backward
-        for i, linear, weight, bias in self._plan:
-            if linear:
-                inputs[i] = h
-                h = torch.baddbmm(p[bias].unsqueeze(1), h, p[weight].transpose(1, 2))
+        inputs: list[torch.Tensor] = []  # each Linear's input, for its weight gradient
+        relu_out: list[torch.Tensor] = []  # each ReLU's output, for its backward
+        for layer in bound.plan:
+            if layer is not None:
+                inputs.append(h)
+                h = torch.baddbmm(layer.bias, h, layer.weight_t)
             else:
-                h = relu_out[i] = torch.relu(h)
+                h = torch.relu(h)
+                relu_out.append(h)
         log_probs = torch.log_softmax(h, dim=2)  # [n, b, C]
         target = y.unsqueeze(2)
         per_sample = -log_probs.gather(2, target).squeeze(2)
@@ -218,29 +278,24 @@ class _MlpLossGrad:
         delta = log_probs.exp_()
         delta.scatter_add_(2, target, self._minus_ones(target))
         delta.mul_((mask / count.unsqueeze(1)).unsqueeze(2))
-        n, first, tail_start = flat.shape[0], self.first_linear, self._tail_start
         # The first layer's weight is the leading column block and most of the parameters: its
         # gradient goes to the sink as it comes out of its matmul. Every later column (that
         # layer's bias and the later layers) is gathered in one small contiguous block, so
         # the sink sees two blocks per step rather than two per layer.
-        tail = work.get("tail", flat[:, tail_start:])
-        weight_grad = tail  # (set by the first Linear met below, the last layer)
-        for i, linear, weight, bias in reversed(self._plan):
-            if not linear:
+        for layer in reversed(bound.plan):
+            if layer is None:
                 # autograd's own ReLU backward: one fused op (a bool mask and a fill were 10x slower)
-                delta = torch.ops.aten.threshold_backward(delta, relu_out[i], 0)
+                delta = torch.ops.aten.threshold_backward(delta, relu_out.pop(), 0)
                 continue
-            weight_grad = work.get(weight, p[weight])
-            torch.bmm(delta.transpose(1, 2), inputs[i], out=weight_grad)
-            lo, hi = columns[bias]
-            torch.sum(delta, 1, out=tail[:, lo - tail_start : hi - tail_start])
-            if i != first:
-                delta = torch.bmm(delta, p[weight])
-                lo, hi = columns[weight]
-                tail[:, lo - tail_start : hi - tail_start].copy_(weight_grad.view(n, -1))
+            x_in = inputs.pop()
+            torch.bmm(delta.transpose(1, 2), x_in, out=layer.grad)
+            torch.sum(delta, 1, out=layer.bias_cols)
+            if layer.weight_cols is not None:
+                delta = torch.bmm(delta, layer.weight)
+                layer.weight_cols.copy_(layer.grad_rows)
         # Only now are the parameters no longer needed: the sink may update them in place.
-        sink(0, tail_start, weight_grad.view(n, -1))
-        sink(tail_start, flat.shape[1], tail)
+        sink(0, bound.tail_start, bound.first.grad_rows)
+        sink(bound.tail_start, flat.shape[1], bound.tail)
         return losses
 
     def _minus_ones(self, like: torch.Tensor) -> torch.Tensor:
@@ -358,6 +413,11 @@ class VectorizedTrainer:
         self._helpers: list[LossGrad] = []  # workers 1.. of a step split over cores (own scratch)
         self.state = optim.init_state(cfg, len(partition.indices), spec.total)
         self.device = torch.device("cpu")
+        # This round's optimizer updates of rows stepped in place, by chunk (None: every row):
+        # their column views are built once per round, not once per step.
+        self._updates: dict[tuple[int, int] | None, optim.Update] = {}
+        self._full_round: tuple[np.ndarray, np.ndarray, list[tuple[int, int]]] | None = None
+        self._samples: tuple[torch.Tensor, torch.Tensor] | None = None  # this epoch's (see _epoch_samples)
 
     @property
     def num_devices(self) -> int:
@@ -369,6 +429,7 @@ class VectorizedTrainer:
         self.device = device
         self.x_train, self.y_train = self.x_train.to(device), self.y_train.to(device)
         self.state.tensors = {k: v.to(device) for k, v in self.state.tensors.items()}
+        self._updates.clear()
 
     def train(
         self,
@@ -404,35 +465,60 @@ class VectorizedTrainer:
     ) -> Generator[int, None, RoundStats]:
         """:meth:`train` one iteration at a time: yields each iteration's index after it ran and
         returns the round's stats (a Ray shard steps it between its driver's exchanges)."""
-        limits = step_limits(self.partition.sizes, self.cfg, work).numpy()
-        sizes = self.partition.sizes
-        per_epoch = (sizes + self.cfg.batch_size - 1) // self.cfg.batch_size  # steps of a full epoch
-        schedule = round_schedule(sizes, self.cfg, work) if span is None else span
+        limits, per_epoch, own_schedule = self._round_shape(work)
+        schedule = own_schedule if span is None else span
         taken = np.zeros(self.num_devices, dtype=np.int64)
         loss_sum = torch.zeros(self.num_devices, dtype=torch.float64)
-        plan: EpochPlan | None = None
+        self._updates.clear()  # views of the last round's parameters
+        epochs = sorted({epoch for epoch, _ in schedule})
+        plans = epoch_plans(self.partition, self.seed, round_index, epochs, self.cfg.batch_size)
+        plan_of = dict(zip(epochs, plans, strict=True))
         plan_epoch = -1
         for j, (epoch, t) in enumerate(schedule):
             # Bookkeeping in numpy: [N] torch ops and their syncs were a visible share of a step.
             active = (t < per_epoch) & (taken < limits)
             if active.any():
-                if plan is None or plan_epoch != epoch:
-                    plan, plan_epoch = (
-                        epoch_plan(self.partition, self.seed, round_index, epoch, self.cfg.batch_size),
-                        epoch,
-                    )
+                plan = plan_of[epoch]
+                if plan_epoch != epoch:
+                    self._samples, plan_epoch = self._epoch_samples(plan), epoch
                 rows = None if active.all() else torch.from_numpy(np.flatnonzero(active))
                 self._step(params, plan, t, rows, loss_sum)
                 taken += active
             yield j
+        self._samples = None
         for loss_grad in (self.loss_grad, *self._helpers):
             if isinstance(loss_grad, _MlpLossGrad):
                 loss_grad.release()
+        self._updates.clear()
         steps_taken = torch.from_numpy(taken)
         mean = torch.where(
             steps_taken > 0, loss_sum / steps_taken.clamp_min(1), torch.full_like(loss_sum, float("nan"))
         )
         return RoundStats(mean.float(), steps_taken)
+
+    def _round_shape(self, work: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+        """(steps each device takes this round, steps of a full epoch, this batch's own
+        :func:`round_schedule`); kept while every device does all its work (the usual round)."""
+        if work is None and self._full_round is not None:
+            return self._full_round
+        sizes = self.partition.sizes
+        limits = step_limits(sizes, self.cfg, work).numpy()
+        per_epoch = (sizes + self.cfg.batch_size - 1) // self.cfg.batch_size
+        shape = (limits, per_epoch, round_schedule(sizes, self.cfg, work))
+        if work is None:
+            self._full_round = shape
+        return shape
+
+    def _epoch_samples(self, plan: EpochPlan) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every device's inputs and labels for the whole epoch, in the plan's order (one gather
+        per epoch instead of two per step), where the bmm strategy steps them on the CPU and
+        they are small (see EPOCH_SAMPLE_FLOATS); None: each step gathers its own batch."""
+        features = math.prod(self.x_train.shape[1:])
+        if self.strategy != "bmm" or self.device.type != "cpu" or plan.order.numel() * features > EPOCH_SAMPLE_FLOATS:
+            return None
+        flat = plan.order.reshape(-1)
+        x = self.x_train.index_select(0, flat).view(*plan.order.shape, *self.x_train.shape[1:])
+        return x, self.y_train.index_select(0, flat).view(plan.order.shape)
 
     def _step(
         self, params: torch.Tensor, plan: EpochPlan, t: int, rows: torch.Tensor | None, loss_sum: torch.Tensor
@@ -485,17 +571,22 @@ class VectorizedTrainer:
     ) -> None:
         lo = t * plan.batch_size
         order, valid = plan.order, plan.valid
+        samples = self._samples
         if rows is not None:
             order, valid = order[rows], valid[rows]
-        idx, mask = order[:, lo : lo + width], valid[:, lo : lo + width]
         on_device = rows if not isinstance(rows, torch.Tensor) or self.device.type == "cpu" else rows.to(self.device)
-        if self.device.type != "cpu":  # the schedule is CPU bookkeeping: ship this step's part
-            idx, mask = idx.to(self.device), mask.to(self.device)
-        flat_idx = idx.reshape(-1)
-        x = self.x_train.index_select(0, flat_idx).view(*idx.shape, *self.x_train.shape[1:])
-        y = self.y_train.index_select(0, flat_idx).view(idx.shape)
+        if samples is not None and not isinstance(rows, torch.Tensor):  # the epoch's gathered samples
+            x_epoch, y_epoch = samples if rows is None else (samples[0][rows], samples[1][rows])
+            x, y, mask = x_epoch[:, lo : lo + width], y_epoch[:, lo : lo + width], valid[:, lo : lo + width]
+        else:
+            idx, mask = order[:, lo : lo + width], valid[:, lo : lo + width]
+            if self.device.type != "cpu":  # the schedule is CPU bookkeeping: ship this step's part
+                idx, mask = idx.to(self.device), mask.to(self.device)
+            flat_idx = idx.reshape(-1)
+            x = self.x_train.index_select(0, flat_idx).view(*idx.shape, *self.x_train.shape[1:])
+            y = self.y_train.index_select(0, flat_idx).view(idx.shape)
         mask = mask.to(x.dtype)
-        update = optim.Update(self.cfg, params, self.state, on_device)
+        update = self._update(params, on_device)
         if isinstance(loss_grad, _MlpLossGrad):
             losses = loss_grad.train_step(update.params, x, y, mask, update.columns)
         else:
@@ -509,6 +600,19 @@ class VectorizedTrainer:
         else:
             loss_sum[rows] += losses
 
+    def _update(self, params: torch.Tensor, rows: torch.Tensor | slice | None) -> optim.Update:
+        """The optimizer update for this step of ``rows``: the round's own for rows stepped in
+        place (``params`` is the same tensor all round), a new one for gathered rows."""
+        if isinstance(rows, torch.Tensor):
+            return optim.Update(self.cfg, params, self.state, rows)
+        key = None if rows is None else (rows.start, rows.stop)
+        update = self._updates.get(key)
+        if update is None:
+            update = self._updates[key] = optim.Update(self.cfg, params, self.state, rows)
+        else:
+            update.next_step()
+        return update
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The optimizer state on the CPU (for checkpoints; a copy only when it lives elsewhere)."""
         return {k: v.cpu() for k, v in self.state.tensors.items()}
@@ -516,3 +620,4 @@ class VectorizedTrainer:
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         for key in self.state.tensors:
             self.state.tensors[key] = tensors[key].to(self.device, copy=True)
+        self._updates.clear()  # they viewed the replaced tensors
