@@ -50,6 +50,7 @@ import torch
 from p2pl.config import CompressionConfig
 from p2pl.core.cooperate import Cooperation, Gossip, Neighbourhoods, gossip
 from p2pl.core.rng import derive_seed
+from p2pl.core.topk import top_k_indices
 from p2pl.errors import P2PLError, choose
 
 METHODS = ("none", "top-k", "random-k", "quantize", "choco")
@@ -395,7 +396,7 @@ class Compressor:
         assert self.state is not None, "Compressor.start was not called"
         base = self.state
         delta = rows - base
-        indices = torch.topk(delta.abs(), self.k, dim=1, sorted=False).indices.sort(dim=1).values
+        indices = top_k_indices(delta, self.k)
         chosen = delta if c.method == "choco" else rows
         index_type = _DTYPES[index_dtype(self.num_params)]
         arrays = {"indices": indices.to(index_type), **self._values_arrays(chosen.gather(1, indices), draws)}
