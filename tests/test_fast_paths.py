@@ -17,8 +17,8 @@ import scipy.sparse as sp
 import torch
 
 from p2pl.config import ExperimentConfig, TrainingConfig
-from p2pl.core import evaluate, optim, sparse_mix, train
-from p2pl.core.cooperate import Neighbourhoods
+from p2pl.core import cooperate, evaluate, optim, sparse_mix, train
+from p2pl.core.cooperate import Gossip, Neighbourhoods
 from p2pl.core.evaluate import _scores
 from p2pl.core.parallel import run_jobs as _run
 from p2pl.core.schedule import Partition, epoch_plan, epoch_plans, shuffle_keys
@@ -178,3 +178,39 @@ def test_a_rounds_epoch_plans_computed_together_equal_each_epochs_own() -> None:
         alone = epoch_plan(partition, seed=5, round_index=3, epoch=epoch, batch_size=4)
         assert torch.equal(plan.order, alone.order) and torch.equal(plan.valid, alone.valid)
     assert not torch.equal(together[0].order, together[1].order)  # epochs shuffle differently
+
+
+def _complete(n: int, weight: float, self_weight: float) -> Neighbourhoods:
+    dst, src = np.nonzero(~np.eye(n, dtype=bool))
+    return Neighbourhoods.from_edges(n, dst, src, np.full(len(dst), weight), np.full(n, self_weight))
+
+
+def test_a_complete_graph_with_one_weight_per_row_mixes_by_one_column_sum():
+    """Every receiver hears every other row with one weight: the column-sum form equals the dense
+    product up to float32 rounding, for all rows and for a shard's subset of them; any other shape
+    of W (a missing edge, two weights in a row, a repeated edge) takes the general product."""
+    from p2pl.core.sparse_mix import everyone_mean
+
+    n, width = 300, 50
+    g = torch.Generator().manual_seed(0)
+    pool = torch.randn(n, width, generator=g)
+    own = pool + 0.01 * torch.randn(n, width, generator=g)  # what a device holds need not be what it sent
+    hoods = _complete(n, 1 / n, 1 / n)
+    dense = torch.from_numpy(hoods.matrix(n).toarray())
+    expected = dense @ pool + own / n
+    got = everyone_mean(own, pool, hoods)
+    assert got is not None and torch.allclose(got, expected, rtol=0, atol=2e-6)
+    rows = np.array([5, 0, 299, 17])
+    shard = everyone_mean(own[rows], pool, hoods.subset(rows))
+    assert shard is not None and torch.equal(shard, got[rows])  # the same bits whatever the sharding
+    assert torch.allclose(cooperate._mean(own, pool, hoods, Gossip()), expected, rtol=0, atol=2e-6)
+
+    missing = Neighbourhoods.from_edges(n, hoods.dst[1:], hoods.src[1:], hoods.weight[1:], hoods.self_weight)
+    uneven = hoods.with_weights(np.where(np.arange(len(hoods.src)) == 7, 0.5 / n, 1 / n), hoods.self_weight)
+    repeated_src = hoods.src.copy()
+    repeated_src[1] = repeated_src[0]  # degree n - 1, but one row twice and another never
+    repeated = Neighbourhoods(hoods.indptr, repeated_src, hoods.weight, hoods.self_weight)
+    for other in (missing, uneven, repeated):
+        assert everyone_mean(own, pool, other) is None
+        want = torch.from_numpy(other.matrix(n).toarray()) @ pool + own / n
+        assert torch.allclose(cooperate._mean(own, pool, other, Gossip()), want, rtol=0, atol=2e-6)

@@ -49,7 +49,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from p2pl.core.sparse_mix import csr_mean
+from p2pl.core.sparse_mix import csr_mean, dense_mean, everyone_mean
 from p2pl.core.sparse_sums import sent_sums
 from p2pl.errors import P2PLError, choose
 
@@ -70,6 +70,11 @@ GATHER_BUDGET = 1 << 22
 KERNEL_MIN_VALUES = 1 << 20
 #: Below this many receivers x pool rows, W is applied as one dense matmul.
 DENSE_MAX_CELLS = 256 * 256
+#: Up to this many cells, a W with at least 1/DENSE_MIN_SHARE of its cells nonzero is applied
+#: dense too: a BLAS product beats the CSR walk from a few percent density on (a complete graph
+#: of 1,000 devices: 0.84 s a step as CSR, BENCHMARKS.md "dense neighbourhoods").
+DENSE_LIMIT_CELLS = 1 << 24
+DENSE_MIN_SHARE = 16
 
 
 # ----------------------------------------------------------------------------- neighbourhoods
@@ -216,10 +221,11 @@ def _mean(
             size=(r, s),
         )
         return torch.addcmul(w @ pool, self_w, own)
-    if r * s <= DENSE_MAX_CELLS:
-        dense = torch.zeros(r, s, dtype=own.dtype)
-        dense[torch.from_numpy(hoods.dst), torch.from_numpy(hoods.src)] = torch.from_numpy(hoods.weight).to(own.dtype)
-        return torch.addcmul(dense @ pool, self_w, own)
+    cells = r * s
+    if cells > DENSE_MAX_CELLS and (everyone := everyone_mean(own, pool, hoods)) is not None:
+        return everyone
+    if cells <= DENSE_MAX_CELLS or (cells <= DENSE_LIMIT_CELLS and len(hoods.src) * DENSE_MIN_SHARE >= cells):
+        return dense_mean(own, pool, hoods)
     # A CSR product walks each receiver's neighbours once: measured 7x faster than a torch
     # gather + index_add over the edge list at 10,000 devices (BENCHMARKS.md).
     return csr_mean(own, pool, hoods)
