@@ -26,7 +26,7 @@ from typing import TypeVar, cast
 import numba
 import numpy as np
 
-F = TypeVar("F", bound=Callable[..., None])
+F = TypeVar("F", bound=Callable[..., object])
 
 #: Stands in for "no sent mask" (one compiled signature for both cases).
 _NO_MASK = np.ones((1, 1), dtype=np.bool_)
@@ -37,7 +37,7 @@ BUFFER_VALUES = 1 << 13
 MAX_BLOCK = 256
 
 
-def _compiled(fastmath: bool | set[str] = False) -> Callable[[F], F]:
+def compiled(fastmath: bool | set[str] = False) -> Callable[[F], F]:
     """``numba.njit(nogil=True, cache=True)``; where numba finds no writable place for its cache
     (a read-only install and home), compiled anew in each process instead of failing."""
 
@@ -85,7 +85,7 @@ def selection_network(size: int, lo: int, hi: int) -> np.ndarray:
     return np.array(kept, dtype=np.int64).reshape(-1, 2)
 
 
-@_compiled()
+@compiled()
 def _middle_mean_kernel(own, pool, rows, neighbours, pairs, lo, hi, block, out, sent, masked):
     # Loops run over 1-D row views: indexing a 2-D array inside them kept the compiler from
     # using vector lanes (measured 3x slower loads).
@@ -161,7 +161,7 @@ def middle_mean(
 
 
 # Reassociating the float64 sum lets it run in vector lanes; the order is fixed at compile time.
-@_compiled(fastmath={"reassoc"})
+@compiled(fastmath={"reassoc"})
 def _distance_kernel(own, pool, dst, src, out, sent, masked):
     width = own.shape[1]
     for e in range(dst.shape[0]):

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from p2pl.core.order_stats import _compiled
+from p2pl.core.order_stats import compiled
 from p2pl.core.parallel import free_cores, run_jobs
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ __all__ = ["sent_sums"]
 _ROWS_PER_JOB = 64
 
 
-@_compiled()
+@compiled()
 def _sums(  # pragma: no cover - compiled
     pool: np.ndarray,
     sent_ptr: np.ndarray,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from p2pl.core.order_stats import _compiled
+from p2pl.core.order_stats import compiled
 from p2pl.core.parallel import free_cores, run_jobs
 
 __all__ = ["KERNEL_MIN_VALUES", "top_k_indices"]
@@ -29,7 +29,14 @@ KERNEL_MIN_VALUES = 1 << 20
 _ROWS_PER_JOB = 64
 
 
-@_compiled()
+@compiled()
+def _magnitude(value: float) -> float:  # pragma: no cover - compiled
+    """What the rule ranks: ``|value|``, with NaN above every number."""
+    key = abs(value)
+    return np.inf if key != key else key
+
+
+@compiled()
 def _top_k_rows(values: np.ndarray, k: int, out: np.ndarray, lo: int, hi: int) -> None:  # pragma: no cover - compiled
     heap = np.empty(k, dtype=np.float32)
     width = values.shape[1]
@@ -37,9 +44,7 @@ def _top_k_rows(values: np.ndarray, k: int, out: np.ndarray, lo: int, hi: int) -
         row = values[r]
         # 1. the k largest magnitudes in a min-heap: its root is the cut
         for i in range(k):
-            key = abs(row[i])
-            if key != key:
-                key = np.inf
+            key = _magnitude(row[i])
             j = i  # sift up
             while j > 0:
                 parent = (j - 1) // 2
@@ -49,9 +54,7 @@ def _top_k_rows(values: np.ndarray, k: int, out: np.ndarray, lo: int, hi: int) -
                 j = parent
             heap[j] = key
         for i in range(k, width):
-            key = abs(row[i])
-            if key != key:
-                key = np.inf
+            key = _magnitude(row[i])
             if key <= heap[0]:
                 continue
             j = 0  # replace the root, sift down
@@ -70,18 +73,14 @@ def _top_k_rows(values: np.ndarray, k: int, out: np.ndarray, lo: int, hi: int) -
         # 2. how many lie strictly above the cut; the rest of the k are ties at it, lowest first
         above = 0
         for i in range(width):
-            key = abs(row[i])
-            if key != key:
-                key = np.inf
+            key = _magnitude(row[i])
             if key > cut:
                 above += 1
         ties = k - above
         # 3. the indices, ascending
         n = 0
         for i in range(width):
-            key = abs(row[i])
-            if key != key:
-                key = np.inf
+            key = _magnitude(row[i])
             if key > cut:
                 out[r, n] = i
                 n += 1
