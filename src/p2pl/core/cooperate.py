@@ -72,7 +72,7 @@ KERNEL_MIN_VALUES = 1 << 20
 DENSE_MAX_CELLS = 256 * 256
 #: Up to this many cells, a W with at least 1/DENSE_MIN_SHARE of its cells nonzero is applied
 #: dense too: a BLAS product beats the CSR walk from a few percent density on (a complete graph
-#: of 1,000 devices: 0.84 s a step as CSR, BENCHMARKS.md "dense neighbourhoods").
+#: of 1,000 devices: 0.84 s a step as CSR; BENCHMARKS.md, "p2pl round vs a hand-written torch loop").
 DENSE_LIMIT_CELLS = 1 << 24
 DENSE_MIN_SHARE = 16
 
